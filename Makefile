@@ -1,0 +1,31 @@
+# compacter-jax: `make run` (the main job) and `make test`. Both install first when needed.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export COMPACTER_DATA_DIR ?= $(abspath ../shared/data)
+# Tests and examples run on the CPU with a few fake devices for data-parallel checks.
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: install run test test-fast bench notebooks clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m experiments.glue --config experiments/configs/glue.py --workdir runs/rte_compacterpp
+
+test: install
+	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest --nbmake --nbmake-timeout=300 notebooks
+
+bench: install
+	$(PY) -m benchmarks.efficiency --model random:t5-base --batch 8 --src-len 128 --tgt-len 8 --steps 5 --json benchmarks/results/cpu_t5-base.json
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,234 @@
+"""One efficiency measurement: one model + one PEFT method, in the current process.
+
+`benchmarks.efficiency` runs `measure(BenchConfig)` in a fresh subprocess per method, so the
+peak memory of one method never includes another's. What is measured (all in this process):
+
+* trainable_params: scalars in the trainable tree (`peft.count`).
+* compile_time_s: `jax.jit(train_step, donate_argnums=0).lower(...)` + `.compile()`, timed
+  separately (lower_time_s, also reported) from execution.
+* step_time_s: median wall time of `timed_steps` train steps after `warmup_steps`, each
+  ended by `block_until_ready`; examples_per_s = batch / step_time_s.
+* generation_time_s: median of `gen_repeats` greedy decodes of exactly tgt_len tokens on the
+  batch (eos disabled so random weights cannot stop early), after one compiling call.
+* peak_memory_mb: CPU: the process's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) after the
+  run, i.e. including parameter init and XLA compilation. Also train_peak_rss_mb: the peak RSS
+  of the timed steps alone (VmHWM reset through /proc/self/clear_refs after compilation;
+  null where the kernel refuses). GPU/TPU: `device.memory_stats()["peak_bytes_in_use"]`.
+* flops_per_step: `compiled.cost_analysis()["flops"]` (XLA's count of the optimised step);
+  mfu = flops_per_step / step_time_s / (peak_tflops * 1e12) when `peak_tflops` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compacter_jax import peft
+from compacter_jax.models import greedy_generate, shift_right
+from compacter_jax.train import TrainState, make_optimizer, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One measurement. `scan`: scan over layers where the method allows it (methods with
+    adapters in some blocks only are never scanned; `scanned` in the result says what ran)."""
+
+    model: str = "random:t5-base"
+    method: str = "compacter++"
+    batch: int = 8
+    src_len: int = 128
+    tgt_len: int = 8
+    steps: int = 5
+    warmup_steps: int = 2
+    gen_repeats: int = 3
+    dtype: str = "float32"
+    scan: bool = True
+    remat: bool = False
+    per_example_dropout: bool = True
+    peak_tflops: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("batch", "src_len", "tgt_len", "steps"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"--{f.replace('_', '-')} must be >= 1, got {getattr(self, f)}")
+        if self.warmup_steps < 0 or self.gen_repeats < 0:
+            raise ValueError("warmup_steps and gen_repeats must be >= 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, seed: int = 0
+               ) -> dict[str, np.ndarray]:
+    """A random full-length batch (DESIGN.md "Batches"): int32 ids in [2, vocab), no padding."""
+    rs = np.random.RandomState(seed)
+    labels = rs.randint(2, vocab, size=(batch, tgt_len)).astype(np.int32)
+    return {
+        "input_ids": rs.randint(2, vocab, size=(batch, src_len)).astype(np.int32),
+        "attention_mask": np.ones((batch, src_len), np.int32),
+        "labels": labels,
+        "decoder_input_ids": np.asarray(shift_right(labels)),
+        "decoder_attention_mask": np.ones((batch, tgt_len), np.int32),
+    }
+
+
+def apply_fn(model):
+    """The train step's model convention (as experiments/finetune.py)."""
+    def fn(params, batch, deterministic, rngs):
+        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                           batch["decoder_input_ids"], batch["decoder_attention_mask"],
+                           deterministic=deterministic, rngs=rngs)
+    return fn
+
+
+def _rss_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc/self/status, in MiB (None if unreadable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False when not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        import os
+        return f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
+    return f"{d.platform}: {d.device_kind}"
+
+
+def _timed(fn, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(cfg: BenchConfig) -> dict[str, Any]:
+    """Runs one measurement; returns the JSON row (see the module docstring)."""
+    peft_config = peft.get_method(cfg.method)
+    scanned = cfg.scan and not peft_config.layer_dependent
+    rng = jax.random.PRNGKey(cfg.seed)
+    t0 = time.perf_counter()
+    model, params = peft.from_pretrained_with_method(
+        cfg.model, peft_config, rng=rng, dtype=cfg.dtype, scan_layers=scanned, remat=cfg.remat)
+    trainable, frozen = peft.split(params, peft.label_params(params, peft_config))
+    del params  # trainable/frozen hold the same buffers: nothing is copied
+    n_trainable, n_frozen = peft.count(trainable), peft.count(frozen)
+    load_time = time.perf_counter() - t0
+    rss_loaded = _rss_mb("VmRSS")
+
+    tx, schedule = make_optimizer(peft.RECOMMENDED_LR[peft_config.method], 0, 10_000)
+    state = TrainState.create(trainable, tx, cfg.seed)
+    del trainable  # the state owns them now (donated each step)
+    step = make_train_step(apply_fn(model), tx, schedule=schedule,
+                           per_example_dropout=cfg.per_example_dropout)
+    host_batch = make_batch(cfg.batch, cfg.src_len, cfg.tgt_len, model.config.vocab_size,
+                            cfg.seed)
+    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    flops = _flops(compiled)
+    peak_reset = _reset_peak_rss()
+
+    def one_step():
+        nonlocal state
+        state, metrics = compiled(state, frozen, batch)
+        return state, metrics
+
+    warm = _timed(one_step, cfg.warmup_steps)
+    times = _timed(one_step, cfg.steps)
+    train_peak = _rss_mb("VmHWM") if peak_reset else None
+    loss = float(np.asarray(one_step()[1]["loss"]))
+
+    gen_compile, gen_time = None, None
+    if cfg.gen_repeats:
+        full = peft.merge(state.params, frozen)
+        gen = lambda: greedy_generate(model, full, batch["input_ids"],  # noqa: E731
+                                      batch["attention_mask"], max_new_tokens=cfg.tgt_len,
+                                      eos_id=-1)
+        gen_compile = _timed(gen, 1)[0]
+        gen_time = statistics.median(_timed(gen, cfg.gen_repeats))
+
+    dev = jax.devices()[0]
+    peak_device = None
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        peak_device = stats.get("peak_bytes_in_use")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    step_time = statistics.median(times)
+    peak_mb = peak_device / 2**20 if peak_device is not None else peak_rss
+    return {
+        "method": cfg.method,
+        "model": cfg.model,
+        "batch": cfg.batch, "src_len": cfg.src_len, "tgt_len": cfg.tgt_len,
+        "dtype": cfg.dtype, "scanned": scanned, "remat": cfg.remat,
+        "per_example_dropout": cfg.per_example_dropout,
+        "trainable_params": n_trainable, "total_params": n_trainable + n_frozen,
+        "step_time_s": step_time,
+        "step_times_s": times, "warmup_times_s": warm,
+        "examples_per_s": cfg.batch / step_time,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": "device_peak_bytes" if peak_device is not None else "host_peak_rss",
+        "host_peak_rss_mb": peak_rss,
+        "train_peak_rss_mb": train_peak,
+        "rss_after_load_mb": rss_loaded,
+        "compile_time_s": t2 - t0, "lower_time_s": t1 - t0,
+        "load_time_s": load_time,
+        "generation_time_s": gen_time, "generation_compile_s": gen_compile,
+        "flops_per_step": flops,
+        "mfu": (flops / step_time / (cfg.peak_tflops * 1e12)
+                if flops and cfg.peak_tflops > 0 else None),
+        "final_loss": loss,
+        "device": device_description(),
+        "jax_version": jax.__version__,
+        "framework": "jax",
+    }

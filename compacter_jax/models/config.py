@@ -1,0 +1,221 @@
+"""`T5Config`: the T5 hyper-parameters (HF `config.json` compatible) plus runtime options.
+
+Tying and output scaling are two separate flags, because transformers >= 5 forces
+`tie_word_embeddings: true` in every T5 config it writes and keeps the original meaning in
+`scale_decoder_outputs` (see docs spec §8):
+
+* T5 v1.0: tied lm_head, decoder output scaled by d_model**-0.5 before it.
+* T5 v1.1 / FLAN-T5: separate `lm_head`, no scaling.
+* transformers-5 fresh "v1.1-like" models: tied, not scaled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+FeedForwardProj = Literal["relu", "gated-gelu"]
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_FF_PROJS = ("relu", "gated-gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """T5 architecture + runtime options (frozen, hashable: usable as a static jit argument).
+
+    Runtime options (not part of HF config.json): `dtype` is the compute dtype ("float32" or
+    "bfloat16"; softmax, layer norm and logits stay float32), `param_dtype` the storage dtype,
+    `remat` wraps each block in `nn.remat`, `scan_layers` runs the blocks with `nn.scan`
+    (params stacked under `{encoder,decoder}/blocks` with a leading layer axis).
+    """
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: FeedForwardProj = "relu"
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    # runtime options
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    scan_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.feed_forward_proj not in _FF_PROJS:
+            raise ValueError(
+                f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
+                f"use one of {_FF_PROJS} (T5 v1.0: 'relu', v1.1/FLAN: 'gated-gelu')"
+            )
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(
+                    f"T5Config.{field}={getattr(self, field)!r}; use one of {sorted(_DTYPES)}"
+                )
+        for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
+                      "num_decoder_layers", "num_heads", "relative_attention_num_buckets",
+                      "relative_attention_max_distance"):
+            if int(getattr(self, field)) <= 0:
+                raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> Any:
+        """The jnp dtype of activations and matmuls."""
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self) -> Any:
+        """The jnp dtype parameters are created/stored in."""
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj == "gated-gelu"
+
+    def replace(self, **changes: Any) -> "T5Config":
+        return dataclasses.replace(self, **changes)
+
+    # -- HF config.json ----------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **runtime: Any) -> "T5Config":
+        """Builds a config from a HF T5 `config.json` dict; `runtime` sets dtype/remat/... .
+
+        Missing `scale_decoder_outputs` (transformers < 5 files) means "scaled iff tied".
+        Raises ValueError naming the field for unsupported values.
+        """
+        model_type = d.get("model_type", "t5")
+        if model_type not in ("t5", "mt5"):
+            raise ValueError(f"config.json model_type={model_type!r}: only T5 models are supported")
+        if not d.get("is_encoder_decoder", True):
+            raise ValueError("config.json is_encoder_decoder=false: only the encoder-decoder T5 "
+                             "(T5ForConditionalGeneration) is supported")
+        if d.get("is_decoder", False):
+            raise ValueError("config.json is_decoder=true: only the encoder-decoder T5 is "
+                             "supported")
+        ff = d.get("feed_forward_proj", "relu")
+        if ff not in _FF_PROJS:
+            raise ValueError(f"config.json feed_forward_proj={ff!r} is not supported; "
+                             f"supported: {_FF_PROJS}")
+        tie = d.get("tie_word_embeddings", True)
+        tie = True if tie is None else bool(tie)
+        scale = d.get("scale_decoder_outputs")
+        scale = tie if scale is None else bool(scale)
+        eos = d.get("eos_token_id", 1)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0]
+        pad = d.get("pad_token_id", 0)
+        pad = 0 if pad is None else pad
+        start = d.get("decoder_start_token_id")
+        start = pad if start is None else start
+        num_layers = int(d.get("num_layers", 6))
+        ndec = d.get("num_decoder_layers")
+        kwargs = dict(
+            vocab_size=int(d.get("vocab_size", 32128)),
+            d_model=int(d.get("d_model", 512)),
+            d_kv=int(d.get("d_kv", 64)),
+            d_ff=int(d.get("d_ff", 2048)),
+            num_layers=num_layers,
+            num_decoder_layers=num_layers if ndec is None else int(ndec),
+            num_heads=int(d.get("num_heads", 8)),
+            relative_attention_num_buckets=int(d.get("relative_attention_num_buckets", 32)),
+            relative_attention_max_distance=int(d.get("relative_attention_max_distance", 128)),
+            dropout_rate=float(d.get("dropout_rate", 0.1)),
+            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-6)),
+            feed_forward_proj=ff,
+            tie_word_embeddings=tie,
+            scale_decoder_outputs=scale,
+            pad_token_id=int(pad),
+            eos_token_id=int(eos),
+            decoder_start_token_id=int(start),
+        )
+        kwargs.update(runtime)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF `config.json` dict (loadable by transformers 4.x and 5.x)."""
+        gated = self.is_gated
+        return {
+            "architectures": ["T5ForConditionalGeneration"],
+            "model_type": "t5",
+            "is_encoder_decoder": True,
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_layers": self.num_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "num_heads": self.num_heads,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "dropout_rate": self.dropout_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "initializer_factor": 1.0,
+            "feed_forward_proj": self.feed_forward_proj,
+            "dense_act_fn": "gelu_new" if gated else "relu",
+            "is_gated_act": gated,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "scale_decoder_outputs": self.scale_decoder_outputs,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "use_cache": True,
+        }
+
+
+def _v10(d_model: int, d_ff: int, layers: int, heads: int) -> T5Config:
+    return T5Config(d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers,
+                    num_decoder_layers=layers, num_heads=heads, feed_forward_proj="relu",
+                    tie_word_embeddings=True, scale_decoder_outputs=True)
+
+
+def _v11(d_model: int, d_ff: int, layers: int, heads: int) -> T5Config:
+    return T5Config(d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=layers,
+                    num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False, scale_decoder_outputs=False)
+
+
+# Hyper-parameters of the public HF checkpoints (all with the 32,128-row embedding).
+PRESETS: dict[str, T5Config] = {
+    "t5-tiny": T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                        num_heads=2, feed_forward_proj="relu", tie_word_embeddings=True,
+                        scale_decoder_outputs=True),
+    "t5-small": _v10(512, 2048, 6, 8),
+    "t5-base": _v10(768, 3072, 12, 12),
+    "t5-large": _v10(1024, 4096, 24, 16),
+    "t5-v1_1-small": _v11(512, 1024, 8, 6),
+    "t5-v1_1-base": _v11(768, 2048, 12, 12),
+    "flan-t5-small": _v11(512, 1024, 8, 6),
+    "flan-t5-base": _v11(768, 2048, 12, 12),
+}
+
+# Hub repositories of the presets (looked up in the local HF cache only).
+HUB_IDS: dict[str, str] = {
+    "t5-small": "google-t5/t5-small",
+    "t5-base": "google-t5/t5-base",
+    "t5-large": "google-t5/t5-large",
+    "t5-v1_1-small": "google/t5-v1_1-small",
+    "t5-v1_1-base": "google/t5-v1_1-base",
+    "flan-t5-small": "google/flan-t5-small",
+    "flan-t5-base": "google/flan-t5-base",
+}
+
+
+def get_preset(name: str, **runtime: Any) -> T5Config:
+    """The preset `name` with runtime options (dtype, remat, scan_layers, ...) applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown T5 preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**runtime)

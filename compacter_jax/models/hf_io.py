@@ -1,0 +1,360 @@
+"""Load/save HF PyTorch T5 checkpoints (config.json + safetensors) without torch.
+
+Key mapping (torch Linear weights are [out, in]; Flax kernels [in, out]):
+
+    shared.weight                    shared/embedding
+    S.block.{i}.layer.{j}.A.q.weight  S/block_{i}/layer_{j}/A/q/kernel   (T; A: SelfAttention,
+                                      EncDecAttention, DenseReluDense with wi|wi_0|wi_1|wo)
+    S.block.{i}.layer.{j}.layer_norm.weight          S/block_{i}/layer_{j}/layer_norm/scale
+    S.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+                                     S/relative_attention_bias/embedding
+    S.final_layer_norm.weight        S/final_layer_norm/scale
+    lm_head.weight                   lm_head/kernel (T; untied models only)
+
+(S = encoder | decoder; T = transposed.)
+
+With scan_layers the blocks are `{stack}/blocks/...` with a leading layer axis (stacked here).
+Parameters that have no HF key (PEFT modules from hooks) are freshly initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from compacter_jax.models.config import HUB_IDS, PRESETS, T5Config
+from compacter_jax.models.hooks import NO_HOOKS, T5Hooks
+from compacter_jax.models.t5 import T5ForConditionalGeneration
+
+Path_ = tuple[str, ...]
+_BLOCK = re.compile(r"block_(\d+)$")
+_PROJ_PARENTS = ("SelfAttention", "EncDecAttention", "DenseReluDense")
+# Checkpoint keys that duplicate or are unused by a loaded model.
+_IGNORED = re.compile(
+    r"(encoder|decoder)\.embed_tokens\.weight$"
+    r"|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
+
+
+def flax_path_to_hf(path: Path_) -> tuple[str, bool] | None:
+    """(HF key, transpose?) of an unscanned Flax param path, or None for non-backbone params."""
+    if path == ("shared", "embedding"):
+        return "shared.weight", False
+    if path == ("lm_head", "kernel"):
+        return "lm_head.weight", True
+    if len(path) < 3 or path[0] not in ("encoder", "decoder"):
+        return None
+    stack, rest = path[0], path[1:]
+    if rest == ("relative_attention_bias", "embedding"):
+        return f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False
+    if rest == ("final_layer_norm", "scale"):
+        return f"{stack}.final_layer_norm.weight", False
+    m = _BLOCK.match(rest[0])
+    if not m or not rest[1].startswith("layer_"):
+        return None
+    prefix = f"{stack}.block.{m.group(1)}.layer.{rest[1][len('layer_'):]}"
+    tail = rest[2:]
+    if tail == ("layer_norm", "scale"):
+        return f"{prefix}.layer_norm.weight", False
+    if len(tail) == 3 and tail[0] in _PROJ_PARENTS and tail[2] == "kernel":
+        return f"{prefix}.{tail[0]}.{tail[1]}.weight", True
+    return None
+
+
+def _layer_paths(path: Path_, n_layers: int) -> list[Path_] | None:
+    """Per-layer unscanned paths of a scanned path `{stack}/blocks/...`, else None."""
+    if len(path) > 2 and path[0] in ("encoder", "decoder") and path[1] == "blocks":
+        return [(path[0], f"block_{i}") + path[2:] for i in range(n_layers)]
+    return None
+
+
+def _num_layers(config: T5Config, stack: str) -> int:
+    return config.num_layers if stack == "encoder" else config.num_decoder_layers
+
+
+def is_backbone_path(path: Path_, config: T5Config) -> bool:
+    """True if the (scanned or unscanned) param path is a T5 weight stored in HF checkpoints."""
+    per_layer = _layer_paths(path, _num_layers(config, path[0]) if path else 0)
+    return flax_path_to_hf(per_layer[0] if per_layer else path) is not None
+
+
+def params_to_hf_state_dict(params: Any, config: T5Config) -> dict[str, np.ndarray]:
+    """Backbone params (scanned or not) -> HF state dict of numpy arrays (PEFT params dropped)."""
+    out: dict[str, np.ndarray] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(jax.device_get(value))
+        per_layer = _layer_paths(path, _num_layers(config, path[0]))
+        items = zip(per_layer, value) if per_layer else [(path, value)]
+        for p, v in items:
+            hf = flax_path_to_hf(p)
+            if hf is not None:
+                key, transpose = hf
+                out[key] = np.ascontiguousarray(v.T if transpose else v)
+    return out
+
+
+def stack_blocks(params: Any) -> dict:
+    """Unscanned params (`{stack}/block_{i}/...`) -> scanned (`{stack}/blocks/...`, layer axis 0).
+
+    Applies to every leaf of the blocks, PEFT params included.
+    """
+    out = dict(params)
+    for stack in ("encoder", "decoder"):
+        if stack not in params:
+            continue
+        sub = dict(params[stack])
+        blocks = sorted((int(m.group(1)), k) for k in sub if (m := _BLOCK.match(k)))
+        if blocks:
+            layers = [sub.pop(k) for _, k in blocks]
+            sub["blocks"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+        out[stack] = sub
+    return out
+
+
+def unstack_blocks(params: Any) -> dict:
+    """Inverse of `stack_blocks`: `{stack}/blocks/...` -> `{stack}/block_{i}/...`."""
+    out = dict(params)
+    for stack in ("encoder", "decoder"):
+        if stack not in params or "blocks" not in params[stack]:
+            continue
+        sub = dict(params[stack])
+        blocks = sub.pop("blocks")
+        n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+        for i in range(n):
+            sub[f"block_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], blocks)
+        out[stack] = sub
+    return out
+
+
+class _Checkpoint:
+    """Lazy reader over one safetensors file or a sharded index."""
+
+    def __init__(self, directory: Path):
+        single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+        if single.is_file():
+            files = [single]
+            self.where = None
+        elif index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"corrupt checkpoint index {index}: {e}") from e
+            files = sorted({directory / f for f in weight_map.values()})
+            self.where = {k: directory / f for k, f in weight_map.items()}
+        else:
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {directory} "
+                "(PyTorch .bin checkpoints are not supported: re-save with safetensors)")
+        self.handles = {}
+        for f in files:
+            try:
+                self.handles[f] = safe_open(str(f), framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"cannot read safetensors file {f} (corrupt or truncated?): "
+                                 f"{e}") from e
+        self.keys: dict[str, tuple[Path, str]] = {}  # key -> (file, key stored in the file)
+        for f, h in self.handles.items():
+            for k in h.keys():
+                self.keys[k] = (f, k)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def get(self, key: str) -> np.ndarray:
+        f, stored = self.keys[key]
+        try:
+            return self.handles[f].get_tensor(stored)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read tensor {key!r} from {f} (corrupt file?): {e}") from e
+
+
+def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path} is not a directory with config.json")
+    repo_id = HUB_IDS.get(name_or_path, name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(
+            repo_id, revision=revision, local_files_only=local_files_only,
+            allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"])
+    except Exception as e:  # LocalEntryNotFoundError, offline / HTTP errors, bad repo id
+        raise FileNotFoundError(
+            f"model {repo_id!r} (revision {revision or 'main'}) is not in the local HF cache "
+            f"({type(e).__name__}: {e}). On a machine with internet run "
+            f"`hf download {repo_id} --include config.json '*.safetensors*'` (shares the cache "
+            f"via HF_HOME), or pass a local directory holding config.json and "
+            f"model.safetensors.") from e
+    return Path(local)
+
+
+def _load_config(directory: Path, **runtime: Any) -> T5Config:
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"missing {cfg_file}: a T5 checkpoint directory needs config.json")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt {cfg_file}: {e}") from e
+    return T5Config.from_hf_dict(d, **runtime)
+
+
+def _init_fn(model: T5ForConditionalGeneration):
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return lambda rng: model.init(rng, ids, jnp.ones_like(ids), ids)["params"]
+
+
+def _run_once(fn, *args):
+    """jit-compiles `fn` and runs it once (parameter init).
+
+    XLA:CPU spends most of an init's compile time optimising its many RNG kernels
+    (~0.5 s per leaf). For small outputs (< 20M numbers: tiny test models, PEFT params)
+    unoptimised code compiles ~5x faster and runs fast enough; values then differ from the
+    optimised build by float rounding only (~1 ulp).
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
+        return fn(*args)  # already inside a trace (jit, eval_shape): just trace through
+    out = jax.eval_shape(fn, *args)
+    size = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(out))
+    options = {"xla_backend_optimization_level": 0} if size < 20_000_000 else None
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+
+
+def init_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
+    """Random params of `model` (all of them, backbone and PEFT)."""
+    return _run_once(_init_fn(model), rng)
+
+
+def _init_subset(model: T5ForConditionalGeneration, rng: jax.Array,
+                 paths: list[Path_]) -> dict[Path_, jax.Array]:
+    """Initialises only the given leaves; XLA drops the rest of the init (cheap to compile)."""
+    init = _init_fn(model)
+
+    def f(r):
+        flat = traverse_util.flatten_dict(init(r))
+        return {"/".join(p): flat[p] for p in paths}
+
+    out = _run_once(f, rng) if paths else {}
+    return {p: out["/".join(p)] for p in paths}
+
+
+def init_hook_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
+    """Freshly initialised params of `model` that are not T5 backbone weights (PEFT params)."""
+    abstract = traverse_util.flatten_dict(jax.eval_shape(_init_fn(model), rng))
+    paths = [p for p in abstract if not is_backbone_path(p, model.config)]
+    return traverse_util.unflatten_dict(_init_subset(model, rng, paths))
+
+
+def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str = "float32",
+                    param_dtype: str = "float32", scan_layers: bool = False, remat: bool = False,
+                    rng: jax.Array | None = None, revision: str | None = None,
+                    local_files_only: bool = True) -> tuple[T5ForConditionalGeneration, dict]:
+    """(model, params) from a local HF checkpoint dir, a cached Hub id or `random:<preset>`.
+
+    Every backbone param comes from the checkpoint; params of `hooks` are initialised with
+    `rng` (default PRNGKey(0)). Errors name the missing key / bad shape / unreadable file.
+    """
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
+    if name_or_path.startswith("random:"):
+        preset = name_or_path[len("random:"):]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
+                             f"known: {sorted(PRESETS)}")
+        model = T5ForConditionalGeneration(PRESETS[preset].replace(**runtime), hooks)
+        return model, init_params(model, rng)
+
+    directory = _resolve_dir(name_or_path, revision, local_files_only)
+    config = _load_config(directory, **runtime)
+    ckpt = _Checkpoint(directory)
+    if "shared.weight" not in ckpt and "encoder.embed_tokens.weight" in ckpt:
+        ckpt.keys["shared.weight"] = ckpt.keys["encoder.embed_tokens.weight"]
+    # transformers 5 writes tie_word_embeddings=true even for untied models: a distinct
+    # lm_head.weight in the file is what makes a model untied.
+    if "lm_head.weight" in ckpt and config.tie_word_embeddings:
+        if not np.array_equal(ckpt.get("lm_head.weight"), _get(ckpt, "shared.weight")):
+            config = config.replace(tie_word_embeddings=False)
+    model = T5ForConditionalGeneration(config, hooks)
+    abstract = traverse_util.flatten_dict(jax.eval_shape(_init_fn(model), rng))
+
+    loaded: dict[Path_, Any] = {}
+    fresh: list[Path_] = []
+    used: set[str] = set()
+    for path, spec in abstract.items():
+        if not is_backbone_path(path, config):
+            fresh.append(path)
+            continue
+        per_layer = _layer_paths(path, _num_layers(config, path[0]))
+        arrays = []
+        for p in per_layer or [path]:
+            key, transpose = flax_path_to_hf(p)
+            arr = _get(ckpt, key)
+            arr = arr.T if transpose else arr
+            arrays.append(arr)
+            used.add(key)
+            expected = spec.shape[1:] if per_layer else spec.shape
+            if tuple(arr.shape) != tuple(expected):
+                found = arr.T.shape if transpose else arr.shape
+                want = tuple(reversed(expected)) if transpose else tuple(expected)
+                raise ValueError(f"shape mismatch for {key!r} in {directory}: expected {want}, "
+                                 f"found {tuple(found)} (config.json does not match the weights?)")
+        value = np.stack(arrays) if per_layer else arrays[0]
+        loaded[path] = jnp.asarray(value, dtype=spec.dtype)
+    unexpected = sorted(k for k in ckpt.keys if k not in used and not _IGNORED.search(k)
+                        and not (k == "lm_head.weight" and config.tie_word_embeddings))
+    if unexpected:
+        warnings.warn(f"{directory}: checkpoint keys not used by the model: {unexpected[:10]}")
+    if fresh:
+        loaded.update(_init_subset(model, rng, fresh))
+    return model, traverse_util.unflatten_dict(loaded)
+
+
+def _get(ckpt: _Checkpoint, key: str) -> np.ndarray:
+    if key not in ckpt:
+        raise ValueError(f"checkpoint is missing weight {key!r} (files: "
+                       f"{sorted({str(f) for f in ckpt.handles})}); config.json and the weights "
+                       "do not match")
+    return ckpt.get(key)
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(path: str | os.PathLike, config: T5Config, params: Any) -> Path:
+    """Writes config.json + model.safetensors (backbone only) loadable by HF transformers.
+
+    Tied models store only shared.weight; untied ones also lm_head.weight. Returns the dir.
+    """
+    out = Path(path).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    state = params_to_hf_state_dict(params, config)
+    missing = [k for k in ("shared.weight",) + (() if config.tie_word_embeddings
+                                                else ("lm_head.weight",)) if k not in state]
+    if missing:
+        raise ValueError(f"params lack backbone weights {missing}; pass the full param tree")
+    _atomic_write(out / "model.safetensors",
+                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return out

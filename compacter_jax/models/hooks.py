@@ -1,0 +1,82 @@
+"""Insertion points of the Flax T5: how PEFT methods plug in without forking the model.
+
+The T5 modules call a `T5Hooks` object at four places. The default implementation inserts
+nothing, so `T5ForConditionalGeneration(config)` is the plain backbone. PEFT methods
+(`compacter_jax.peft`) subclass it.
+
+Call sites, all inside linen `@nn.compact` methods (so modules returned by a hook are
+created as children of the calling module and named by the `name` argument):
+
+1. `root_module(name="peft_root")` — once, in the root model. Returns a module (or None)
+   that is called with no arguments and returns a pytree `shared` (e.g. Compacter's one
+   PHM rule). `shared` is passed to every adapter and projection delta below
+   (`None` when there is no root module).
+2. `sublayer_adapter(site, d_model, name="adapter")` — in every T5 sublayer (self-attention,
+   cross-attention, feed-forward). Returns a module or None. Called as
+   `adapter(h, shared) -> h'` on the sublayer output `h: [batch, len, d_model]`, *before*
+   T5's dropout and residual:  out = x + Dropout(adapter(Sublayer(LayerNorm(x)))).
+3. `projection_delta(site, projection, in_features, out_features, name)` — beside every
+   linear projection of a sublayer (`projection` in {"q", "k", "v", "o", "wi", "wi_0",
+   "wi_1", "wo"}). Returns a module or None. Called as `delta(x, shared) -> [..., out]`
+   which is *added* to the frozen projection `x @ W` (LoRA's low-rank update, BitFit's bias).
+   Also called with site.sublayer == "lm_head", projection "lm_head".
+4. `soft_prompt(d_model, name="prompt")` — in the encoder, after the token embedding.
+   Returns a module or None, called as `prompt(embeds, mask) -> (embeds', mask')` where
+   embeds: [batch, len, d_model] and mask: [batch, len] (1 = keep). Used by prompt tuning.
+
+When T5 layers are scanned (`T5Config.scan_layers`), `site.layer` is None and the hook must
+place the same modules in every layer; hooks whose placement depends on the layer index
+return False from `uniform_over_layers()` and the model refuses to scan with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import flax.linen as nn
+
+Stack = Literal["encoder", "decoder"]
+Sublayer = Literal["self_attention", "cross_attention", "feed_forward", "lm_head"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where a hook is being asked to insert something.
+
+    Attributes:
+      stack: "encoder" or "decoder" ("decoder" for the lm_head).
+      layer: block index 0..num_layers-1, or None when layers are scanned (or for lm_head).
+      sublayer: "self_attention", "cross_attention", "feed_forward" or "lm_head".
+      num_layers: number of blocks in this stack.
+    """
+
+    stack: Stack
+    layer: int | None
+    sublayer: Sublayer
+    num_layers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Hooks:
+    """No-op hooks: the plain T5 backbone. Subclass (as a frozen dataclass) to add PEFT."""
+
+    def root_module(self, name: str = "peft_root") -> nn.Module | None:
+        return None
+
+    def sublayer_adapter(self, site: Site, d_model: int, name: str = "adapter") -> nn.Module | None:
+        return None
+
+    def projection_delta(
+        self, site: Site, projection: str, in_features: int, out_features: int, name: str
+    ) -> nn.Module | None:
+        return None
+
+    def soft_prompt(self, d_model: int, name: str = "prompt") -> nn.Module | None:
+        return None
+
+    def uniform_over_layers(self) -> bool:
+        return True
+
+
+NO_HOOKS = T5Hooks()

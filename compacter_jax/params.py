@@ -1,0 +1,145 @@
+"""Parameter report of the PEFT methods on a T5 model, without allocating any weights.
+
+    python -m compacter_jax.params --model t5-base --method compacter++ [--json]
+    python -m compacter_jax.params --model random:t5-base --method all
+    python -m compacter_jax.params --model /path/to/checkpoint_dir --method all   (reads config.json)
+    python -m compacter_jax.params --method compacter --set reduction_factor=16 --set n=8
+
+Counts come from `jax.eval_shape` of the model's init. `percent` = trainable / backbone size,
+where the backbone is every T5 weight of the checkpoint (embedding included, PEFT params
+excluded): 222,903,552 for t5-base with its 32,128-row embedding. The paper divides by
+222,882,048 (vocabulary resized to 32,100); both give the same rounded percentages (spec §4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+
+from compacter_jax.models.config import PRESETS as T5_PRESETS
+from compacter_jax.models.config import T5Config
+from compacter_jax.models.hf_io import is_backbone_path
+from compacter_jax.peft import build_model, get_method, method_names, trainable_count
+from compacter_jax.peft.methods import PeftConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamReport:
+    """Counts of one method on one model. percent = 100 * trainable / backbone."""
+
+    method: str
+    trainable: int
+    peft: int          # parameters the method adds to the backbone
+    total: int         # backbone + peft
+    backbone: int
+    percent: float
+
+
+def resolve_model(spec: str) -> T5Config:
+    """A T5Config from a preset name, `random:<preset>`, or a directory with config.json."""
+    name = spec[len("random:"):] if spec.startswith("random:") else spec
+    if name in T5_PRESETS:
+        return T5_PRESETS[name]
+    cfg_file = Path(spec).expanduser() / "config.json"
+    if cfg_file.is_file():
+        return T5Config.from_hf_dict(json.loads(cfg_file.read_text()))
+    raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(sorted(T5_PRESETS))}, "
+                     "optionally prefixed 'random:') nor a directory holding config.json")
+
+
+def param_shapes(t5_config: T5Config, peft_config: PeftConfig) -> dict:
+    """The param tree of T5 + method as ShapeDtypeStructs (no memory allocated)."""
+    model = build_model(t5_config, peft_config)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return jax.eval_shape(lambda rng: model.init(rng, ids, jnp.ones_like(ids), ids)["params"],
+                          jax.random.PRNGKey(0))
+
+
+def report(t5_config: T5Config, peft_config: PeftConfig) -> ParamReport:
+    shapes = param_shapes(t5_config, peft_config)
+    flat = traverse_util.flatten_dict(shapes)
+    sizes = {p: _numel(v) for p, v in flat.items()}
+    backbone = sum(n for p, n in sizes.items() if is_backbone_path(p, t5_config))
+    total = sum(sizes.values())
+    trainable = trainable_count(shapes, peft_config)
+    return ParamReport(method=peft_config.method, trainable=trainable, peft=total - backbone,
+                       total=total, backbone=backbone, percent=100.0 * trainable / backbone)
+
+
+def _numel(x: Any) -> int:
+    n = 1
+    for s in x.shape:
+        n *= int(s)
+    return n
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["n=8", "positions=('feed_forward',)"] -> {"n": 8, ...} (Python literals, else str)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def format_table(rows: list[ParamReport], skipped: dict[str, str]) -> str:
+    head = f"{'method':<14} {'trainable':>13} {'total':>13} {'% of backbone':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.method:<14} {r.trainable:>13,} {r.total:>13,} {r.percent:>14.3f}")
+    if rows:
+        lines.append(f"backbone: {rows[0].backbone:,} parameters (percent denominator)")
+    for name, why in skipped.items():
+        lines.append(f"{name}: not applicable to this model ({why})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Trainable/total parameters of PEFT methods on T5.")
+    ap.add_argument("--model", default="t5-base",
+                    help="preset (t5-base, random:t5-base, ...) or checkpoint dir with config.json")
+    ap.add_argument("--method", default="all", help=f"'all' or one of: {', '.join(method_names())}")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PeftConfig field of every method (repeatable)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    rows: list[ParamReport] = []
+    skipped: dict[str, str] = {}   # with --method all: presets whose sizes do not fit the model
+    try:
+        overrides = parse_overrides(args.set)
+        t5_config = resolve_model(args.model)
+        if args.method != "all":
+            rows.append(report(t5_config, get_method(args.method, **overrides)))
+        else:
+            for name in method_names():
+                try:
+                    rows.append(report(t5_config, get_method(name, **overrides)))
+                except ValueError as e:
+                    skipped[name] = str(e)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = [dataclasses.asdict(r) for r in rows]
+        print(json.dumps({"model": args.model, "methods": out, "skipped": skipped}, indent=1))
+    else:
+        print(format_table(rows, skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

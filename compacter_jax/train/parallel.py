@@ -1,0 +1,218 @@
+"""Data-parallel strategies with one interface: `jit` over a device mesh (default) and `pmap`.
+
+Both give the same numbers (see `step.py`: global token sums, per-example dropout keys):
+
+    strategy = make_strategy("jit")                 # or "pmap"
+    state = strategy.replicate(state)               # TrainState, same on every device
+    frozen = strategy.put_frozen(frozen)            # replicated (or FSDP-sharded under jit)
+    step = strategy.compile_train_step(train_step)  # state buffers are donated
+    state, metrics = step(state, frozen, strategy.shard_batch(host_batch))
+    host_state = strategy.unreplicate(state)        # numpy tree, e.g. for checkpoints
+
+`shard_batch` takes this *process's* rows of the global batch (numpy, leading dim divisible by
+the number of local devices); with several processes the global batch is their concatenation
+in process order. Call `init_distributed()` first on multi-host jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, auto_detect: bool = False) -> bool:
+    """Starts multi-process JAX when asked to; returns True if running distributed.
+
+    Initialises when an argument is given, when `JAX_COORDINATOR_ADDRESS` is set, or with
+    `auto_detect=True` (SLURM/MPI/TPU/K8s cluster detection). Otherwise a no-op, so the same
+    entry point runs on one machine. Must be called before any other JAX call.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    explicit = any(a is not None for a in (coordinator_address, num_processes, process_id))
+    if explicit or auto_detect or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    return False
+
+
+def _host(x: Any) -> np.ndarray:
+    """A host numpy copy of a leaf (a jax array's first addressable shard if distributed)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.array(x)  # copy: never alias a buffer that a later step may donate
+
+
+def _put(x: Any, shape: tuple[int, ...], sharding: NamedSharding,
+         data: Callable[[np.ndarray, Any], np.ndarray]) -> jax.Array:
+    host = _host(x)
+    return jax.make_array_from_callback(shape, sharding, lambda idx: data(host, idx))
+
+
+class Strategy:
+    """Common interface; see the module docstring. `num_devices` counts global devices."""
+
+    name: str
+    mesh: Mesh
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def num_local_devices(self) -> int:
+        return sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
+    def _check_batch(self, batch: Mapping[str, Any]) -> None:
+        local = self.num_local_devices
+        for key, value in batch.items():
+            rows = np.shape(value)[0] if np.ndim(value) else 0
+            if rows == 0 or rows % local:
+                raise ValueError(
+                    f"batch[{key!r}] has {rows} rows on this process, not a positive multiple "
+                    f"of its {local} devices; make the per-process batch size divisible by "
+                    f"{local}")
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """This process's rows `{key: [B_local, ...]}` -> global device arrays (jit:
+        `[B_global, ...]` sharded on rows; pmap: `[n_devices, B_global / n_devices, ...]`)."""
+        raise NotImplementedError
+
+    def replicate(self, tree: Any) -> Any:
+        """A host (or single-device) tree -> the same values on every device."""
+        raise NotImplementedError
+
+    def put_frozen(self, tree: Any) -> Any:
+        """Places the frozen backbone (replicated unless the strategy shards it)."""
+        return self.replicate(tree)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """A replicated device tree (state, metrics) -> numpy copies of one replica."""
+        raise NotImplementedError
+
+    def compile_train_step(self, train_step: Callable, donate: bool = True) -> Callable:
+        """`train_step(state, frozen, batch, axis_name=None)` -> compiled
+        `(state, frozen, batch) -> (state, metrics)`; the input state is donated."""
+        raise NotImplementedError
+
+    def compile_eval_step(self, eval_step: Callable) -> Callable:
+        """`eval_step(params, frozen, batch, axis_name=None)` -> compiled, global sums."""
+        raise NotImplementedError
+
+
+class JitStrategy(Strategy):
+    """`jax.jit` over a 1-D mesh ("data"): batch rows sharded, state replicated; XLA inserts
+    the gradient all-reduce. `shard_frozen=True` shards each large frozen leaf over "data"
+    on its largest divisible dimension (FSDP-style, for backbones that don't fit per device);
+    XLA all-gathers them where used."""
+
+    name = "jit"
+
+    def __init__(self, devices: Sequence[jax.Device] | None = None, shard_frozen: bool = False,
+                 min_shard_elements: int = 2**16):
+        devices = list(devices) if devices is not None else jax.devices()
+        self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,),
+                                  devices=devices)
+        self.shard_frozen = shard_frozen
+        self.min_shard_elements = min_shard_elements
+        self.replicated = NamedSharding(self.mesh, P())
+        self.rows = NamedSharding(self.mesh, P(AXIS))
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        self._check_batch(batch)
+        return {k: jax.make_array_from_process_local_data(self.rows, np.asarray(v))
+                for k, v in batch.items()}
+
+    def replicate(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(
+            lambda x: _put(x, np.shape(x), self.replicated, lambda h, idx: h[idx]), tree)
+
+    def _frozen_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        n = self.num_devices
+        if n == 1 or int(np.prod(shape)) < self.min_shard_elements:
+            return self.replicated
+        dims = [d for d in np.argsort(shape)[::-1] if shape[d] % n == 0]
+        if not dims:
+            return self.replicated
+        spec = [None] * len(shape)
+        spec[int(dims[0])] = AXIS
+        return NamedSharding(self.mesh, P(*spec))
+
+    def put_frozen(self, tree: Any) -> Any:
+        if not self.shard_frozen:
+            return self.replicate(tree)
+        return jax.tree_util.tree_map(
+            lambda x: _put(x, np.shape(x), self._frozen_sharding(np.shape(x)),
+                           lambda h, idx: h[idx]), tree)
+
+    def unreplicate(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(_host, tree)
+
+    def compile_train_step(self, train_step: Callable, donate: bool = True) -> Callable:
+        return jax.jit(train_step, donate_argnums=(0,) if donate else (),
+                       out_shardings=(self.replicated, self.replicated))
+
+    def compile_eval_step(self, eval_step: Callable) -> Callable:
+        return jax.jit(eval_step, out_shardings=self.replicated)
+
+
+class PmapStrategy(Strategy):
+    """`jax.pmap` over all devices with axis "data": every leaf carries a leading device axis;
+    the steps reduce token sums and gradients with `psum` (pass `axis_name`)."""
+
+    name = "pmap"
+
+    def __init__(self, devices: Sequence[jax.Device] | None = None):
+        self.devices = list(devices) if devices is not None else jax.devices()
+        self.mesh = Mesh(np.array(self.devices), (AXIS,), axis_types=(AxisType.Auto,))
+        self.stacked = NamedSharding(self.mesh, P(AXIS))
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        self._check_batch(batch)
+        local = self.num_local_devices
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            v = v.reshape((local, v.shape[0] // local) + v.shape[1:])
+            out[k] = jax.make_array_from_process_local_data(self.stacked, v)
+        return out
+
+    def replicate(self, tree: Any) -> Any:
+        n = self.num_devices
+        return jax.tree_util.tree_map(
+            lambda x: _put(x, (n,) + np.shape(x), self.stacked, lambda h, idx: h[None]), tree)
+
+    def unreplicate(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: np.array(np.asarray(x.addressable_data(0))[0]),
+                                      tree)
+
+    def compile_train_step(self, train_step: Callable, donate: bool = True) -> Callable:
+        return jax.pmap(functools.partial(train_step, axis_name=AXIS), axis_name=AXIS,
+                        devices=self.devices, donate_argnums=(0,) if donate else ())
+
+    def compile_eval_step(self, eval_step: Callable) -> Callable:
+        return jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS,
+                        devices=self.devices)
+
+
+def make_strategy(name: str = "jit", devices: Sequence[jax.Device] | None = None,
+                  shard_frozen: bool = False, min_shard_elements: int = 2**16) -> Strategy:
+    """"jit" (recommended; pmap is in maintenance mode) or "pmap" over `devices` (default
+    all). `shard_frozen` (jit only) shards frozen leaves of >= `min_shard_elements`."""
+    if name == "jit":
+        return JitStrategy(devices, shard_frozen=shard_frozen,
+                           min_shard_elements=min_shard_elements)
+    if name == "pmap":
+        if shard_frozen:
+            raise ValueError("shard_frozen needs strategy 'jit'; pmap replicates every leaf")
+        return PmapStrategy(devices)
+    raise ValueError(f"unknown parallel strategy {name!r}; use 'jit' or 'pmap'")

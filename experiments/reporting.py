@@ -1,0 +1,133 @@
+"""What a fine-tuning run leaves behind: metrics.jsonl, TensorBoard events, a progress bar,
+a closing summary table and a learning-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                    if isinstance(v, (int, float)))
+
+
+class MetricsWriter:
+    """Appends one JSON object per event to DIR/metrics.jsonl (keys: `step` and metric names
+    such as `train/loss`, `validation/accuracy`) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: Path):
+        from tensorboardX import SummaryWriter  # TensorBoard events without TensorFlow
+
+        self.path = Path(workdir) / METRICS_FILE
+        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": int(step), "time": round(time.time(), 3),
+                  **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in metrics.items():
+            if math.isfinite(float(v)):
+                self.tb.add_scalar(k, float(v), int(step))
+        self.tb.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        """All events; after a resume, a step's later record replaces the earlier one with
+        the same metric names (the steps after the last checkpoint ran twice)."""
+        if not self.path.exists():
+            return []
+        latest: dict[tuple, dict] = {}
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                key = (record["step"], tuple(sorted(k for k in record if k not in ("step", "time"))))
+                latest[key] = record
+        return sorted(latest.values(), key=lambda r: (r["step"], r["time"]))
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+class Progress:
+    """A tqdm bar over training steps showing the loss and throughput (examples/s)."""
+
+    def __init__(self, total_steps: int, batch_size: int):
+        self.bar = tqdm.tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        self.batch_size = batch_size
+        self.last_time = time.perf_counter()
+        self.last_step: int | None = None
+
+    def update(self, step: int, window: list[dict]) -> None:
+        now = time.perf_counter()
+        if self.last_step is None:  # first call after (re)start: jump to the resumed step
+            self.bar.n = step - len(window)
+            self.last_step = self.bar.n
+        done = step - self.last_step
+        rate = done * self.batch_size / max(now - self.last_time, 1e-9)
+        self.bar.update(done)
+        self.bar.set_postfix(loss=f"{np.mean([m['loss'] for m in window]):.4f}",
+                             ex_per_s=f"{rate:.1f}")
+        self.last_time, self.last_step = now, step
+
+    def note(self, message: str) -> None:
+        self.bar.write(message)
+        self.last_time = time.perf_counter()  # evaluation time is not training throughput
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def write_summary(workdir: Path, summary: dict[str, Any]) -> str:
+    """Writes DIR/summary.json and returns (and prints) a closing table."""
+    (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    rows = [("task", summary["task"]), ("method", summary["method"]),
+            ("model", summary["model"]),
+            ("trainable params", f"{summary['trainable_params']:,} of "
+             f"{summary['total_params']:,} "
+             f"({100 * summary['trainable_params'] / summary['total_params']:.3f}%)"),
+            ("steps (best at)", f"{summary['steps']} ({summary['best_step']})")]
+    for split in ("validation", "test"):
+        metrics = {k.split("/", 1)[-1]: v for k, v in summary.get(split, {}).items()
+                   if k not in ("step", "time")}
+        if metrics:
+            rows.append((split, format_metrics(metrics)))
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
+    print(table, flush=True)
+    return table
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Train loss and validation score against steps, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    evals = [h for h in history if "validation/score" in h]
+    for key in sorted({k for h in evals for k in h if k.startswith("validation/")}
+                      - {"validation/num_invalid"}):
+        points = [(h["step"], h[key]) for h in evals if key in h]
+        ax_eval.plot(*zip(*points), marker="o", label=key.split("/", 1)[1])
+    ax_eval.set(xlabel="step", ylabel="metric (0-100)", title="validation")
+    if evals:
+        ax_eval.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

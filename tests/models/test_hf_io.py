@@ -1,0 +1,170 @@
+"""Checkpoint I/O without torch: random presets, PEFT params, scan, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import flax.traverse_util as traverse_util
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from t5_reference import random_params
+
+from compacter_jax.models import (T5Config, T5Hooks, from_pretrained, save_pretrained,
+                                  stack_blocks)
+from compacter_jax.models.hf_io import is_backbone_path
+from compacter_jax.models.t5 import T5ForConditionalGeneration
+
+CFG = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=1,
+               num_heads=2, relative_attention_num_buckets=8,
+               relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+               tie_word_embeddings=False, scale_decoder_outputs=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    params = random_params(T5ForConditionalGeneration(CFG))
+    path = tmp_path_factory.mktemp("ckpt")
+    save_pretrained(path, CFG, params)
+    return path, params
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _equal(a, b):
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_save_then_load_is_exact_and_scan_stacks(checkpoint):
+    path, params = checkpoint
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["feed_forward_proj"] == "gated-gelu"
+    tensors = load_file(path / "model.safetensors")
+    assert tensors["encoder.block.1.layer.0.SelfAttention.q.weight"].shape == (8, 16)  # [out,in]
+    assert tensors["lm_head.weight"].shape == (64, 16)
+    model, loaded = from_pretrained(str(path))
+    assert model.config == CFG and _equal(loaded, params)
+    model, scanned = from_pretrained(str(path), scan_layers=True, dtype="bfloat16")
+    assert model.config.scan_layers and model.config.dtype == "bfloat16"
+    q = scanned["encoder"]["blocks"]["layer_0"]["SelfAttention"]["q"]["kernel"]
+    np.testing.assert_array_equal(q[1], params["encoder"]["block_1"]["layer_0"]["SelfAttention"]
+                                  ["q"]["kernel"])
+    assert q.dtype == np.float32  # params stay float32 with bf16 compute
+
+
+def test_random_preset():
+    model, params = from_pretrained("random:t5-tiny", rng=jax.random.PRNGKey(1))
+    assert model.config.d_model == 64 and params["shared"]["embedding"].shape == (32128, 64)
+    with pytest.raises(ValueError, match="unknown preset"):
+        from_pretrained("random:t5-gigantic")
+
+
+def test_backbone_path_classification():
+    assert is_backbone_path(("encoder", "blocks", "layer_1", "layer_norm", "scale"), CFG)
+    assert is_backbone_path(("decoder", "block_0", "layer_1", "EncDecAttention", "o", "kernel"),
+                            CFG)
+    assert not is_backbone_path(("encoder", "block_0", "layer_1", "adapter", "down", "kernel"),
+                                CFG)
+    assert not is_backbone_path(("encoder", "block_0", "layer_0", "SelfAttention", "q_delta",
+                                 "bias"), CFG)
+    assert not is_backbone_path(("peft_root", "rule"), CFG)
+    assert not is_backbone_path(("encoder", "prompt", "embedding"), CFG)
+
+
+def test_missing_config_json(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    (d / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(d))
+
+
+def test_missing_weights_file(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_pretrained(str(d))
+
+
+def test_missing_weight_key_is_named(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    tensors = load_file(d / "model.safetensors")
+    del tensors["decoder.block.0.layer.2.DenseReluDense.wi_1.weight"]
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"decoder\.block\.0\.layer\.2\.DenseReluDense\.wi_1"):
+        from_pretrained(str(d))
+
+
+def test_shape_mismatch_names_key_and_shapes(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    tensors = load_file(d / "model.safetensors")
+    tensors["encoder.block.0.layer.0.SelfAttention.k.weight"] = np.zeros((8, 15), np.float32)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"SelfAttention\.k\.weight.*\(8, 16\).*\(8, 15\)"):
+        from_pretrained(str(d))
+
+
+def test_corrupt_safetensors_names_file(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        from_pretrained(str(d))
+
+
+def test_unsupported_feed_forward_proj(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["feed_forward_proj"] = "swish"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="feed_forward_proj"):
+        from_pretrained(str(d))
+
+
+def test_uncached_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not in the local HF cache"):
+        from_pretrained("t5-small")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(str(tmp_path / "nope"))
+
+
+class _Bias(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, shared):
+        return self.param("bias", nn.initializers.normal(1.0), (self.features,)) + 0 * x[..., :1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _BiasHooks(T5Hooks):
+    def projection_delta(self, site, projection, in_features, out_features, name):
+        return _Bias(out_features, name=name) if projection == "wo" else None
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_hook_params_are_fresh_and_backbone_from_checkpoint(checkpoint, scan):
+    path, params = checkpoint
+    model, loaded = from_pretrained(str(path), hooks=_BiasHooks(), scan_layers=scan,
+                                    rng=jax.random.PRNGKey(5))
+    flat = traverse_util.flatten_dict(loaded, sep="/")
+    deltas = {k: v for k, v in flat.items() if "wo_delta" in k}
+    assert len(deltas) == (2 if scan else 3)  # one per stack when scanned, else per block
+    assert all(float(np.abs(v).max()) > 0 for v in deltas.values())  # initialised, not zeros
+    backbone = {k: v for k, v in flat.items() if k not in deltas}
+    expected = traverse_util.flatten_dict(stack_blocks(params) if scan else params, sep="/")
+    assert backbone.keys() == expected.keys()
+    assert all(np.array_equal(backbone[k], expected[k]) for k in expected)
+    # saving drops the hook params
+    assert set(load_file(save_pretrained(path.parent / f"hooked{scan}", model.config, loaded)
+                         / "model.safetensors")) == set(load_file(path / "model.safetensors"))

@@ -1,0 +1,197 @@
+"""Labels by path, the trainable/frozen split in a train step, the optimizer safety net, and a
+jaxpr check that no gradient is computed for frozen weights."""
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.extend import core as jex_core
+
+from compacter_jax.models import get_preset
+from compacter_jax.peft import (FROZEN, TRAINABLE, build_model, count, get_method, label_params,
+                                make_optimizer, merge, split, trainable_count)
+
+# Untied lm_head so the test can check that it stays frozen.
+TINY = get_preset("t5-tiny").replace(vocab_size=64, tie_word_embeddings=False,
+                                     scale_decoder_outputs=False)
+METHOD = get_method("compacter", reduction_factor=8)
+B, S, T = 2, 6, 4
+
+
+def _batch(seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    ids = jax.random.randint(k1, (B, S), 1, TINY.vocab_size)
+    labels = jax.random.randint(k2, (B, T), 1, TINY.vocab_size)
+    dec = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), labels[:, :-1]], axis=1)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": labels,
+            "decoder_input_ids": dec}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = build_model(TINY, METHOD)
+    b = _batch()
+    shapes = jax.eval_shape(lambda r: model.init(r, b["input_ids"], b["attention_mask"],
+                                                 b["decoder_input_ids"])["params"],
+                            jax.random.PRNGKey(0))
+    # Random values from numpy (no init compilation); non-zero everywhere so that every
+    # gradient path is exercised; layer-norm scales near 1.
+    rng = np.random.default_rng(0)
+    params = traverse_util.unflatten_dict({
+        p: jnp.asarray((p[-1] == "scale") + rng.normal(0, 0.1, s.shape), jnp.float32)
+        for p, s in traverse_util.flatten_dict(shapes).items()})
+    return model, params, label_params(params, METHOD)
+
+
+def _loss_fn(model):
+    def loss(params, batch):
+        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                             batch["decoder_input_ids"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    return loss
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_labels_by_path(setup):
+    _, params, labels = setup
+    flat = _flat(labels)
+    trainable = {p for p, v in flat.items() if v == TRAINABLE}
+    for p in trainable:
+        assert ("/adapter/" in p or p.startswith("peft_root/") or p.endswith("layer_norm/scale"))
+    norms = [p for p in flat if p.endswith("layer_norm/scale")]
+    assert len(norms) == 2 * 2 + 1 + 2 * 3 + 1 and set(norms) <= trainable
+    assert {"encoder/final_layer_norm/scale", "decoder/final_layer_norm/scale"} <= trainable
+    assert flat["lm_head/kernel"] == FROZEN and flat["shared/embedding"] == FROZEN
+    assert flat["peft_root/phm_rule"] == TRAINABLE
+    assert all(flat[p] == FROZEN for p in flat if p.endswith("/kernel") and "adapter" not in p)
+    n_ln = 12 * 64
+    n_adapters = sum(int(np.prod(v.shape)) for p, v in _flat(params).items()
+                     if "adapter" in p or "peft_root" in p)
+    assert trainable_count(params, labels) == trainable_count(params, METHOD) == n_ln + n_adapters
+    # Other methods.
+    full = _flat(label_params(params, get_method("full")))
+    assert set(full.values()) == {TRAINABLE}
+    no_ln = _flat(label_params(params, METHOD.replace(train_layer_norms=False)))
+    assert all(no_ln[p] == FROZEN for p in norms)
+    shapes = {"encoder": {"prompt": {"embedding": jax.ShapeDtypeStruct((3, 8), jnp.float32)},
+                          "final_layer_norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}},
+              "decoder": {"block_0": {"layer_0": {"SelfAttention": {
+                  "q": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)},
+                  "q_delta": {"bias": jax.ShapeDtypeStruct((8,), jnp.float32)}}}}}}
+    # Labels follow the paths: whatever PEFT module a tree holds is trainable, LNs only if asked.
+    for method in ("prompt_tuning", "bitfit", "lora"):
+        flat = _flat(label_params(shapes, get_method(method)))
+        assert sorted(p for p, v in flat.items() if v == TRAINABLE) == [
+            "decoder/block_0/layer_0/SelfAttention/q_delta/bias", "encoder/prompt/embedding"]
+    assert count(shapes) == 24 + 8 + 64 + 8
+
+
+def test_train_step_updates_only_trainable_and_state_is_trainable_only(setup):
+    model, params, labels = setup
+    trainable, frozen = split(params, labels)
+    frozen_before = jax.tree_util.tree_map(np.array, frozen)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    opt_state = tx.init(trainable)
+    loss = _loss_fn(model)
+
+    @jax.jit
+    def step(trainable, frozen, opt_state, batch):
+        value, grads = jax.value_and_grad(lambda t: loss(merge(t, frozen), batch))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return merge(trainable, frozen), opt_state, value
+
+    losses = []
+    start = trainable
+    for i in range(3):
+        new_params, opt_state, value = step(trainable, frozen, opt_state, _batch(i))
+        trainable, frozen = split(new_params, labels)
+        losses.append(float(value))
+    assert np.all(np.isfinite(losses))
+    for path, value in _flat(frozen).items():         # frozen leaves: bit-identical
+        np.testing.assert_array_equal(np.asarray(value), _flat(frozen_before)[path])
+    moved = [p for p, v in _flat(trainable).items()
+             if not np.array_equal(np.asarray(v), np.asarray(_flat(start)[p]))]
+    assert len(moved) == len(_flat(start))           # every trainable leaf moved
+    # Optimizer state: moments shaped exactly like the trainable tree, nothing else.
+    adam = opt_state[0]
+    assert jax.tree_util.tree_structure(adam.mu) == jax.tree_util.tree_structure(start)
+    state_size = count(opt_state)
+    assert state_size == 2 * count(start) + 1        # mu, nu + the step count
+
+
+def test_safety_net_optimizer_freezes_the_full_tree(setup):
+    model, params, labels = setup
+    loss = _loss_fn(model)
+    grads = jax.jit(jax.grad(loss))(params, _batch())
+    frozen_flat = {p for p, v in _flat(labels).items() if v == FROZEN}
+    # A plain optimizer on the whole tree moves frozen weights (weight decay and gradients) ...
+    naive = optax.adamw(1e-2, weight_decay=0.1)
+    upd, _ = jax.jit(naive.update)(grads, naive.init(params), params)
+    assert any(np.any(np.asarray(_flat(upd)[p]) != 0) for p in frozen_flat)
+    # ... the multi_transform net does not, and keeps no state for frozen leaves.
+    tx = make_optimizer(METHOD, naive)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        upd, state = update(grads, state, params)
+        new = optax.apply_updates(params, upd)
+    for p in frozen_flat:
+        np.testing.assert_array_equal(np.asarray(_flat(new)[p]), np.asarray(_flat(params)[p]))
+    assert any(not np.array_equal(_flat(new)[p], _flat(params)[p])
+               for p in _flat(labels) if p not in frozen_flat)
+    assert count(state) == 2 * trainable_count(params, labels) + 1
+    assert count(make_optimizer(labels, naive).init(params)) == count(state)
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Occurrences of primitive `name` in a jaxpr, including nested (pjit, remat, ...) ones."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    n += _count_primitive(sub.jaxpr, name)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    n += _count_primitive(sub, name)
+    return n
+
+
+def test_no_gradient_is_computed_for_frozen_weights(setup):
+    """The step differentiates only the trainable tree: its jaxpr has no weight-gradient
+    matmuls (x^T @ dy) for frozen kernels. A step that differentiates the whole tree and
+    then drops the frozen part is the contrast: it has at least one more dot_general per
+    frozen kernel, which this check detects."""
+    model, params, labels = setup
+    trainable, frozen = split(params, labels)
+    loss = _loss_fn(model)
+    batch = _batch()
+
+    def grads_trainable_only(trainable, frozen, batch):
+        return jax.grad(lambda t: loss(merge(t, frozen), batch))(trainable)
+
+    def grads_all_then_dropped(trainable, frozen, batch):
+        g = jax.grad(lambda p: loss(p, batch))(merge(trainable, frozen))
+        return split(g, labels)[0]
+
+    def dots(fn):
+        return _count_primitive(jax.make_jaxpr(fn)(trainable, frozen, batch).jaxpr,
+                                "dot_general")
+
+    forward = _count_primitive(jax.make_jaxpr(lambda t, f, b: loss(merge(t, f), b))(
+        trainable, frozen, batch).jaxpr, "dot_general")
+    good, bad = dots(grads_trainable_only), dots(grads_all_then_dropped)
+    # Each frozen kernel (q, k, v, o, wi, wo, lm_head) is used in one matmul; its weight
+    # gradient would be one more dot_general. Embedding tables are gathers (no dot).
+    frozen_kernels = sum(1 for p in _flat(frozen) if p.endswith("kernel"))
+    assert frozen_kernels == 2 * 6 + 2 * 10 + 1
+    print(f"dot_general: forward {forward}, grad(trainable) {good}, grad(all) {bad}, "
+          f"frozen kernels {frozen_kernels}")
+    assert bad - good >= frozen_kernels
+    assert good > forward      # it does differentiate (through frozen layers to adapters)

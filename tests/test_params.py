@@ -1,0 +1,79 @@
+"""Parameter budget of spec §4 on T5-base, from jax.eval_shape (no weights allocated)."""
+
+import json
+
+import pytest
+
+from compacter_jax import params as params_cli
+from compacter_jax.models.config import PRESETS
+from compacter_jax.peft import get_method
+
+T5_BASE = PRESETS["t5-base"]
+BACKBONE = 222_903_552          # 32,128-row embedding (the paper's 222,882,048 has 32,100)
+
+# Spec §4: trainable parameters (adapters + the 47,616 layer-norm scales) and paper percent.
+SPEC = {
+    "adapter": (1_855_104, 0.832),
+    "pfeiffer": (951_360, 0.427),
+    "adapterdrop": (1_101_984, 0.494),
+    "lowrank": (161_664, 0.073),
+    "phm_adapter": (398_976, 0.179),
+    "compacter": (161_728, 0.073),
+    "compacter++": (104_704, 0.047),
+    "prompt_tuning": (76_800, 0.034),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SPEC))
+def test_spec_parameter_counts_on_t5_base(method):
+    r = params_cli.report(T5_BASE, get_method(method))
+    trainable, percent = SPEC[method]
+    assert r.trainable == trainable
+    assert r.backbone == BACKBONE and r.total == BACKBONE + r.peft
+    assert round(r.percent, 3) == percent
+    assert round(100 * trainable / 222_882_048, 3) == percent     # the paper's denominator
+    if method != "prompt_tuning":
+        assert r.peft == trainable - 47_616                        # layer norms are backbone
+
+
+def test_other_methods_on_t5_base():
+    full = params_cli.report(T5_BASE, get_method("full"))
+    assert (full.trainable, full.peft, full.percent) == (BACKBONE, 0, 100.0)
+    # BitFit: a bias per projection output (q,k,v,o: 768 each; wi 3072, wo 768) + lm_head.
+    per_enc, per_dec = 4 * 768 + 3072 + 768, 8 * 768 + 3072 + 768
+    bitfit = params_cli.report(T5_BASE, get_method("bitfit"))
+    assert bitfit.trainable == 12 * (per_enc + per_dec) + 32_128 == 234_880
+    # LoRA r=8 on q and v of every self- and cross-attention: 12 * 6 matrices of 2*8*768.
+    assert params_cli.report(T5_BASE, get_method("lora")).trainable == 72 * 2 * 8 * 768
+
+
+def test_cli_json_and_table(capsys, tmp_path):
+    assert params_cli.main(["--model", "random:t5-base", "--method", "compacter++", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["methods"][0]["trainable"] == 104_704
+    assert out["methods"][0]["backbone"] == BACKBONE
+    # A checkpoint directory: only config.json is read.
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["t5-tiny"].to_hf_dict()))
+    assert params_cli.main(["--model", str(tmp_path), "--method", "all"]) == 0
+    table = capsys.readouterr().out
+    assert "prompt_tuning" in table and "% of backbone" in table
+    # d_model 64 / 32 = 2 is not divisible by n = 4: reported, not silently skipped.
+    assert "compacter++: not applicable to this model" in table
+
+
+def test_cli_overrides(capsys):
+    # Compacter++ at reduction factor 16 on T5-base: bottleneck 48 -> per adapter
+    # down 4*192 + 4*12 + 48, up 4*12 + 4*192 + 768, 24 adapters + one rule + layer norms.
+    assert params_cli.main(["--method", "compacter++", "--set", "reduction_factor=16",
+                            "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["methods"][0]
+    assert out["trainable"] == 24 * (864 + 1584) + 64 + 47_616
+    assert params_cli.main(["--method", "compacter", "--set", "phm_dim=4"]) == 2
+    assert "unknown PeftConfig field(s) ['phm_dim']" in capsys.readouterr().err
+
+
+def test_cli_errors(capsys):
+    assert params_cli.main(["--model", "t5-huge", "--method", "compacter"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    assert params_cli.main(["--model", "t5-base", "--method", "compactor"]) == 2
+    assert "valid names" in capsys.readouterr().err
