@@ -64,8 +64,8 @@ def run_all(base: BenchConfig, methods: list[str], timeout: float | None = None,
             log(f"[{method}] FAILED: {row['error']}")
         else:
             log(f"[{method}] {row['trainable_params']:,} trainable, step "
-                f"{row['step_time_s']:.3f} s, peak {row['peak_memory_mb']:.0f} MB, compile "
-                f"{row['compile_time_s']:.1f} s, generation {row['generation_time_s']} s "
+                f"{row['step_time_s']:.3f} s ({row['step_cpu_s']:.2f} CPU s), peak {row['peak_memory_mb']:.0f} MB, compile "
+                f"{row['compile_time_s']:.1f} s, generation {row['generation_time_s'] or 0:.3f} s "
                 f"(child {row['child_wall_s']:.0f} s)")
     return rows
 
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=True, help="train step's per-example dropout keys (vmap)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="device peak TFLOP/s of --dtype, for the MFU column (0 = no MFU)")
+    p.add_argument("--reduction-factor", type=int, default=None,
+                   help="override the adapter methods' reduction factor (e.g. 8 for t5-tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     p.add_argument("--json", default=None, help="output JSON (also .md and .png beside it)")
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                            tgt_len=args.tgt_len, steps=args.steps, warmup_steps=args.warmup,
                            gen_repeats=args.gen_repeats, dtype=args.dtype, scan=args.scan,
                            remat=args.remat, per_example_dropout=args.per_example_dropout,
-                           peak_tflops=args.peak_tflops, seed=args.seed)
+                           peak_tflops=args.peak_tflops,
+                           reduction_factor=args.reduction_factor, seed=args.seed)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     rows = run_all(base, methods, timeout=args.timeout)

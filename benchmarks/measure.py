@@ -14,8 +14,13 @@ peak memory of one method never includes another's. What is measured (all in thi
   run, i.e. including parameter init and XLA compilation. Also train_peak_rss_mb: the peak RSS
   of the timed steps alone (VmHWM reset through /proc/self/clear_refs after compilation;
   null where the kernel refuses). GPU/TPU: `device.memory_stats()["peak_bytes_in_use"]`.
-* flops_per_step: `compiled.cost_analysis()["flops"]` (XLA's count of the optimised step);
-  mfu = flops_per_step / step_time_s / (peak_tflops * 1e12) when `peak_tflops` is given.
+* model_flops_per_step: 3 x the forward matmul FLOPs of the T5 (`t5_forward_flops`), the
+  usual "model FLOPs" convention (same for every method, so PEFT methods, which skip the
+  weight gradients, get credit for work they do not do); mfu = model_flops_per_step /
+  step_time_s / (peak_tflops * 1e12) when `peak_tflops` is given.
+  xla_flops_per_step: `compiled.cost_analysis()["flops"]`. XLA counts a while-loop body once,
+  so with scanned layers it covers one block per stack: comparable between methods, not a
+  total.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class BenchConfig:
     remat: bool = False
     per_example_dropout: bool = True
     peak_tflops: float = 0.0
+    reduction_factor: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +127,20 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
+def t5_forward_flops(cfg, batch: int, src_len: int, tgt_len: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one T5 forward pass: projections, attention
+    scores and values, feed-forward and the lm_head (PEFT modules and soft prompts ignored)."""
+    d, inner, ff, v = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
+    n_ff = 3 if cfg.is_gated else 2
+    es, dt = batch * src_len, batch * tgt_len
+    enc = cfg.num_layers * (es * (4 * d * inner + n_ff * d * ff)
+                            + 2 * batch * src_len * src_len * inner)
+    dec = cfg.num_decoder_layers * (
+        dt * (4 * d * inner + 2 * d * inner + n_ff * d * ff) + es * 2 * d * inner
+        + 2 * batch * tgt_len * tgt_len * inner + 2 * batch * tgt_len * src_len * inner)
+    return 2.0 * (enc + dec + dt * d * v)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -139,18 +159,24 @@ def device_description() -> str:
     return f"{d.platform}: {d.device_kind}"
 
 
-def _timed(fn, n: int) -> list[float]:
+def _timed(fn, n: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of n calls; appends each call's process CPU seconds (all threads) to
+    `cpu`, which is less sensitive than wall time to other processes on a shared machine."""
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return times
 
 
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Runs one measurement; returns the JSON row (see the module docstring)."""
     peft_config = peft.get_method(cfg.method)
+    if cfg.reduction_factor and peft_config.has_adapters:  # e.g. t5-tiny: 64 // 32 = 2 < n
+        peft_config = peft_config.replace(reduction_factor=cfg.reduction_factor)
     scanned = cfg.scan and not peft_config.layer_dependent
     rng = jax.random.PRNGKey(cfg.seed)
     t0 = time.perf_counter()
@@ -171,11 +197,11 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
                             cfg.seed)
     batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
     t1 = time.perf_counter()
     compiled = lowered.compile()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     flops = _flops(compiled)
     peak_reset = _reset_peak_rss()
 
@@ -185,7 +211,8 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         return state, metrics
 
     warm = _timed(one_step, cfg.warmup_steps)
-    times = _timed(one_step, cfg.steps)
+    cpu_times: list[float] = []
+    times = _timed(one_step, cfg.steps, cpu_times)
     train_peak = _rss_mb("VmHWM") if peak_reset else None
     loss = float(np.asarray(one_step()[1]["loss"]))
 
@@ -205,28 +232,33 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         peak_device = stats.get("peak_bytes_in_use")
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     step_time = statistics.median(times)
+    model_flops = 3 * t5_forward_flops(model.config, cfg.batch, cfg.src_len, cfg.tgt_len)
     peak_mb = peak_device / 2**20 if peak_device is not None else peak_rss
     return {
         "method": cfg.method,
         "model": cfg.model,
         "batch": cfg.batch, "src_len": cfg.src_len, "tgt_len": cfg.tgt_len,
+        "reduction_factor": peft_config.reduction_factor if peft_config.has_adapters else None,
         "dtype": cfg.dtype, "scanned": scanned, "remat": cfg.remat,
         "per_example_dropout": cfg.per_example_dropout,
         "trainable_params": n_trainable, "total_params": n_trainable + n_frozen,
         "step_time_s": step_time,
         "step_times_s": times, "warmup_times_s": warm,
+        "step_cpu_s": statistics.median(cpu_times),
         "examples_per_s": cfg.batch / step_time,
         "peak_memory_mb": peak_mb,
         "peak_memory_kind": "device_peak_bytes" if peak_device is not None else "host_peak_rss",
         "host_peak_rss_mb": peak_rss,
         "train_peak_rss_mb": train_peak,
         "rss_after_load_mb": rss_loaded,
-        "compile_time_s": t2 - t0, "lower_time_s": t1 - t0,
+        "compile_time_s": t2 - t0, "lower_time_s": t1 - t0, "compile_cpu_s": c2 - c0,
         "load_time_s": load_time,
         "generation_time_s": gen_time, "generation_compile_s": gen_compile,
-        "flops_per_step": flops,
-        "mfu": (flops / step_time / (cfg.peak_tflops * 1e12)
-                if flops and cfg.peak_tflops > 0 else None),
+        "model_flops_per_step": model_flops,
+        "xla_flops_per_step": flops,
+        "achieved_tflops": model_flops / step_time / 1e12,
+        "mfu": (model_flops / step_time / (cfg.peak_tflops * 1e12)
+                if cfg.peak_tflops > 0 else None),
         "final_loss": loss,
         "device": device_description(),
         "jax_version": jax.__version__,

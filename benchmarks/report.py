@@ -26,17 +26,18 @@ def markdown_table(rows: list[Row], reference: str = "full") -> str:
     """One line per method: absolute numbers and ratios against `reference` (full FT)."""
     ref = _reference(rows, reference)
     head = ("| method | trainable params | % of total | step time (s) | step / full | "
-            "examples/s | peak mem (MB) | mem / full | train-phase RSS (MB) | compile (s) | "
+            "step CPU-s | CPU / full | examples/s | peak mem (MB) | mem / full | train-phase RSS (MB) | compile (s) | "
             "generation (s) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * 11)
             continue
         pct = 100.0 * r["trainable_params"] / r["total_params"] if r.get("total_params") else None
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {_num(pct, '.3f')} | "
             f"{r['step_time_s']:.3f} | {_ratio(r, ref, 'step_time_s')} | "
+            f"{_num(r.get('step_cpu_s'), '.2f')} | {_ratio(r, ref, 'step_cpu_s')} | "
             f"{r['examples_per_s']:.2f} | {r['peak_memory_mb']:.0f} | "
             f"{_ratio(r, ref, 'peak_memory_mb')} | {_num(r.get('train_peak_rss_mb'), '.0f')} | "
             f"{r['compile_time_s']:.1f} | {_num(r.get('generation_time_s'), '.3f')} |")

@@ -176,8 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tokenizer = load_tokenizer(config.tokenizer or None)
     encoded = load_data(config, task, tokenizer)
 
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, dropout_rng = jax.random.split(rng)
+    # A random backbone is a function of the seed alone, so an exported adapter can be put
+    # back onto the same random weights (load_adapter reads `init_seed`).
+    init_rng = jax.random.PRNGKey(config.seed)
+    dropout_rng = jax.random.fold_in(init_rng, 1)
     model, params, model_name = load_model(config, peft_config, init_rng)
     labels = peft.label_params(params, peft_config)
     trainable, frozen = peft.split(params, labels)
@@ -250,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
                                   and any(k.startswith("validation/") for k in h)), {})
     peft.save_adapter(workdir / "adapter", best_params, peft_config, model=model_name,
-                      task=task.name, step=best_step,
+                      task=task.name, step=best_step, init_seed=config.seed,
                       max_source_length=config.max_source_length,
                       max_target_length=config.max_target_length)
     reporting.write_summary(workdir, summary)

@@ -108,12 +108,14 @@ def write_summary(workdir: Path, summary: dict[str, Any]) -> str:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train loss and validation score against steps, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Train loss and validation score against steps, as a PNG (no pyplot: the caller's
+    matplotlib backend, e.g. a notebook's inline one, is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_eval = fig.subplots(1, 2)
     train = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
     if train:
         ax_loss.plot(*zip(*train), label="train loss")
@@ -129,5 +131,4 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> P
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

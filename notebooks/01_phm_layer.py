@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -31,24 +33,8 @@
 
 # %%
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
-
-
-def find_repo_root() -> Path | None:
-    """The compacter-jax checkout around the current directory (nbmake runs notebooks with
-    cwd = notebooks/), or None when the notebook was copied elsewhere."""
-    for p in (Path.cwd(), *Path.cwd().parents):
-        if (p / "compacter_jax" / "__init__.py").is_file() and (p / "pyproject.toml").is_file():
-            return p
-    return None
-
-
-ROOT = find_repo_root()
-if ROOT is not None and str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # use this checkout even if the package is not installed
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +44,6 @@ import numpy as np
 from compacter_jax.peft import phm
 from compacter_jax.peft.layers import PHMLinear
 
-jax.config.update("jax_enable_x64", False)
 print("jax", jax.__version__, "on", jax.devices()[0].platform)
 
 # %% [markdown]
@@ -141,11 +126,10 @@ print("B_i = s_i t_i^T for every i; ranks:", [int(np.linalg.matrix_rank(b)) for 
 
 # %%
 n2, k2, d2 = 4, 32, 32
-key_rule, key_l, key_r = jax.random.split(jax.random.PRNGKey(0), 3)
-W_lr = phm.kronecker_sum(jax.random.normal(key_rule, (n2, n2, n2)),
-                         phm.low_rank_factors(jax.random.normal(key_l, (n2, k2 // n2, 1)),
-                                              jax.random.normal(key_r, (n2, 1, d2 // n2))))
-rank_lr = int(np.linalg.matrix_rank(np.asarray(W_lr, np.float64)))
+rule2 = rng.normal(size=(n2, n2, n2))
+B2 = rng.normal(size=(n2, k2 // n2, 1)) @ rng.normal(size=(n2, 1, d2 // n2))  # rank-1 B_i
+W_lr = sum(np.kron(rule2[i], B2[i]) for i in range(n2))  # float64: exact rank, not float32 noise
+rank_lr = int(np.linalg.matrix_rank(W_lr))
 print(f"rank of a {k2}x{d2} LPHM weight (n={n2}, r=1): {rank_lr} (bound n^2*r = {n2 * n2})")
 assert rank_lr <= n2 * n2
 
@@ -234,8 +218,9 @@ for m in (1, 2, 4, 8, 12, 24):
 # %% [markdown]
 # Full-`B` PHM divides the dense count by `n`, until the `n³` of the rule takes over (the
 # PHM-Adapter uses `n = 12`). The rank-one LPHM count is `k + d + n³`, almost independent of
-# `n` while `n³` is small: 816 for `768 → 24` at `n = 4` (with a shared rule, 792 per layer
-# + 64 once; plus the 24 biases that is the 816 of spec §4).
+# `n` while `n³` is small. Compacter's down projection of T5-base (`768 → 24`, `n = 4`) has
+# 768 + 24 = 792 factor parameters and 24 biases, the 816 of spec §4; its 64 rule parameters
+# are shared with every other adapter of the model.
 
 # %% [markdown]
 # ## 5. Two ways to compute `x @ W`
@@ -271,14 +256,19 @@ for name, fac in [("low rank (LPHM)", (left, right)), ("full B (PHM)", full_fact
           "gradients agree")
 
 # %%
-print(f"multiply-adds of x @ W for {k} → {d}, n={n}, r={r}:")
-for t in (1, 16, 256, 4096):
-    costs = phm.path_costs(t, k, d, n, r)
-    print(f"  {t:5d} tokens: materialised {costs['materialized']:>11,}  "
-          f"factored {costs['factored']:>10,}  -> auto picks {phm.choose_path(t, k, d, n, r)}")
+print(f"auto takes the factored path when it needs {phm.FACTORED_ADVANTAGE:g}x fewer multiply-adds")
+for n_, r_ in [(4, 1), (12, 2)]:
+    print(f"x @ W for {k} → {d}, n={n_}, r={r_}:")
+    for t in (1, 256, 4096):
+        costs = phm.path_costs(t, k, d, n_, r_)
+        print(f"  {t:5d} tokens: materialised {costs['materialized']:>11,}  "
+              f"factored {costs['factored']:>11,}  -> auto: {phm.choose_path(t, k, d, n_, r_)}")
 
 # %% [markdown]
-# The factored path wins once there are enough tokens to amortise nothing (it never builds
-# `W`); for a handful of tokens building the small `W` once is cheaper. Full-`B` layers always
-# materialise: both paths need `k·d` multiply-adds per token there. The numbers behind the
-# threshold are in `benchmarks/phm_paths.py`.
+# With Compacter's shapes (`n = 4`, `r = 1`) the factored path needs at least 5.7× fewer
+# multiply-adds at every batch size, so `auto` always takes it. With `n = 12` and `r = 2` the
+# per-token `r·n·(k + d) + r·n³` exceeds the `k·d` of a dense matmul: only for a few tokens,
+# where building `W` dominates, is the factored path cheaper, and `auto` materialises `W`
+# otherwise. Full-`B` layers
+# always materialise: both paths need `k·d` multiply-adds per token there. The timings behind
+# the threshold are in `benchmarks/phm_paths.py`.

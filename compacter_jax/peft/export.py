@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -35,6 +36,7 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
                  scan_layers: bool = False) -> tuple[Any, dict]:
     """(model, params): `backbone` (checkpoint dir, cached Hub id or `random:<preset>`;
     default: the model recorded in the export) with the exported PEFT params put in place.
+    A `random:` backbone is drawn from the export's `init_seed` (default 0), as in training.
 
     Raises ValueError when the export does not fit the backbone (a missing or extra path,
     or a shape mismatch), naming the parameter.
@@ -50,7 +52,9 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
     backbone = backbone or meta.get("model")
     if not backbone:
         raise ValueError(f"{path}: no backbone recorded; pass backbone=<checkpoint or preset>")
-    model, params = from_pretrained_with_method(backbone, config, dtype=dtype,
+    # random:<preset> backbones are re-drawn from the seed they were trained on.
+    rng = jax.random.PRNGKey(int(meta.get("init_seed", 0)))
+    model, params = from_pretrained_with_method(backbone, config, rng, dtype=dtype,
                                                 scan_layers=scan_layers)
     if scan_layers:
         trained = stack_blocks(trained)

@@ -1,0 +1,73 @@
+"""Smoke test of the efficiency harness (subprocess per method) on random:t5-tiny, 2 steps.
+
+No timing assertions: only that every documented field is there and consistent. ~1 min on
+2 shared cores (two children, each compiling a tiny train step and greedy decoding).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import efficiency, report
+from benchmarks.measure import BenchConfig
+
+REQUIRED = ("method", "trainable_params", "step_time_s", "peak_memory_mb", "compile_time_s",
+            "examples_per_s", "generation_time_s", "model", "batch", "src_len", "tgt_len",
+            "dtype", "device", "jax_version")
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_on_tiny(tmp_path):
+    out = tmp_path / "tiny.json"
+    rows = efficiency.main([
+        "--model", "random:t5-tiny", "--methods", "full,compacter++", "--batch", "2",
+        "--src-len", "16", "--tgt-len", "4", "--steps", "2", "--warmup", "0",
+        "--gen-repeats", "1", "--reduction-factor", "8", "--json", str(out)])
+    assert [r.get("error") for r in rows] == [None, None]
+    saved = json.loads(out.read_text())
+    assert [r["method"] for r in saved] == ["full", "compacter++"]
+    full, cpp = saved
+    for row in saved:
+        missing = [k for k in REQUIRED if k not in row]
+        assert not missing, missing
+        assert row["batch"] == 2 and row["src_len"] == 16 and row["tgt_len"] == 4
+        assert len(row["step_times_s"]) == 2 and row["step_time_s"] > 0
+        assert row["examples_per_s"] == pytest.approx(2 / row["step_time_s"])
+        assert row["peak_memory_mb"] > 0 and row["compile_time_s"] > 0
+        assert row["generation_time_s"] > 0
+        assert row["final_loss"] == row["final_loss"]  # finite, not NaN
+    # full trains everything; Compacter++ (PHM adapters + layer norms) a small part of it.
+    assert full["trainable_params"] == full["total_params"]
+    assert 0 < cpp["trainable_params"] < 0.1 * cpp["total_params"]
+    assert cpp["total_params"] > full["total_params"]  # the adapters are extra parameters
+    table = out.with_suffix(".md").read_text()
+    assert "| full |" in table and "1.00x" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_table_ratios_against_full():
+    rows = [
+        {"method": "full", "trainable_params": 100, "total_params": 100, "step_time_s": 2.0,
+         "examples_per_s": 4.0, "peak_memory_mb": 1000.0, "compile_time_s": 1.0},
+        {"method": "lora", "trainable_params": 5, "total_params": 105, "step_time_s": 0.5,
+         "examples_per_s": 16.0, "peak_memory_mb": 250.0, "compile_time_s": 1.0,
+         "generation_time_s": None},
+        {"method": "bitfit", "error": "exit 1: boom"},
+    ]
+    lines = report.markdown_table(rows).splitlines()
+    assert len(lines) == 2 + 3
+    lora = lines[3].split("|")
+    assert lora[5].strip() == "0.25x" and lora[10].strip() == "0.25x"
+    assert lora[7].strip() == "–"  # no CPU time in these rows
+    assert "failed" in lines[4]
+    no_full = report.markdown_table(rows[1:2]).splitlines()[2]
+    assert "–" in no_full
+
+
+def test_bad_arguments_name_the_option():
+    with pytest.raises(ValueError, match="--src-len"):
+        BenchConfig(src_len=0)
+    with pytest.raises(SystemExit, match="unknown"):
+        efficiency.parse_methods("full,nope")
