@@ -21,8 +21,7 @@ run: install
 	$(PY) -m experiments.glue --config experiments/configs/glue.py --workdir runs/rte_compacterpp
 
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile tests
-	$(PY) -m pytest --nbmake --nbmake-timeout=300 notebooks
+	$(PY) -m pytest -n 2 --dist loadfile --durations=10 --nbmake --nbmake-timeout=300 tests notebooks
 
 bench: install
 	$(PY) -m benchmarks.efficiency --model random:t5-base --batch 8 --src-len 128 --tgt-len 8 --steps 5 --json benchmarks/results/cpu_t5-base.json

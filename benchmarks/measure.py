@@ -39,7 +39,7 @@ import numpy as np
 
 from compacter_jax import peft
 from compacter_jax.models import greedy_generate, shift_right
-from compacter_jax.train import TrainState, make_optimizer, make_train_step
+from compacter_jax.train import TrainState, make_optimizer, make_train_step, seq2seq_apply_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +85,6 @@ def make_batch(batch: int, src_len: int, tgt_len: int, vocab: int, seed: int = 0
         "decoder_input_ids": np.asarray(shift_right(labels)),
         "decoder_attention_mask": np.ones((batch, tgt_len), np.int32),
     }
-
-
-def apply_fn(model):
-    """The train step's model convention (as experiments/finetune.py)."""
-    def fn(params, batch, deterministic, rngs):
-        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           batch["decoder_input_ids"], batch["decoder_attention_mask"],
-                           deterministic=deterministic, rngs=rngs)
-    return fn
 
 
 def _rss_mb(field: str) -> float | None:
@@ -191,7 +182,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
     tx, schedule = make_optimizer(peft.RECOMMENDED_LR[peft_config.method], 0, 10_000)
     state = TrainState.create(trainable, tx, cfg.seed)
     del trainable  # the state owns them now (donated each step)
-    step = make_train_step(apply_fn(model), tx, schedule=schedule,
+    step = make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule,
                            per_example_dropout=cfg.per_example_dropout)
     host_batch = make_batch(cfg.batch, cfg.src_len, cfg.tgt_len, model.config.vocab_size,
                             cfg.seed)

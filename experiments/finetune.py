@@ -24,7 +24,7 @@ from compacter_jax import peft
 from compacter_jax.models import greedy_generate
 from compacter_jax.tokenizer import load_tokenizer
 from compacter_jax.train import (Checkpointer, TrainState, make_optimizer,
-                                 make_strategy, make_train_step, train_loop)
+                                 make_strategy, make_train_step, seq2seq_apply_fn, train_loop)
 from experiments import reporting
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,6 @@ def load_model(config, peft_config: peft.PeftConfig, rng):
     return model, params, name
 
 
-def apply_fn(model):
-    """The train step's model convention: apply_fn(params, batch, deterministic, rngs)."""
-    def fn(params, batch, deterministic, rngs):
-        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           batch["decoder_input_ids"], batch["decoder_attention_mask"],
-                           deterministic=deterministic, rngs=rngs)
-    return fn
-
-
 # ------------------------------------------------------------------------- evaluate
 
 
@@ -204,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                   total_steps, weight_decay=config.weight_decay,
                                   clip_norm=config.clip_norm if config.clip_norm > 0 else None)
     state = TrainState.create(trainable, tx, dropout_rng)
-    train_step = make_train_step(apply_fn(model), tx, schedule=schedule)
+    train_step = make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule)
 
     run = Run(config, task, tokenizer, model, model_name, peft_config, encoded)
     writer = reporting.MetricsWriter(workdir)

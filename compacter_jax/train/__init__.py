@@ -9,12 +9,12 @@ from compacter_jax.train.parallel import (
 from compacter_jax.train.state import TrainState
 from compacter_jax.train.step import (
     NonFiniteLossError, loss_fn, make_eval_step, make_train_step, raise_if_nonfinite,
-    token_loss_sum)
+    seq2seq_apply_fn, token_loss_sum)
 
 __all__ = [
     "Checkpointer", "JitStrategy", "LoopResult", "NonFiniteLossError",
     "PmapStrategy", "Strategy", "TrainState", "evaluate_loss", "export_trainable",
     "init_distributed", "load_trainable", "loss_fn", "make_eval_step", "make_optimizer",
-    "make_schedule", "make_strategy", "make_train_step", "raise_if_nonfinite",
+    "make_schedule", "make_strategy", "make_train_step", "raise_if_nonfinite", "seq2seq_apply_fn",
     "token_loss_sum", "train_loop",
 ]

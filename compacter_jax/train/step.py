@@ -6,9 +6,7 @@
 
   params: the full (merged) parameter tree; batch: the dict of int32 arrays of DESIGN.md
   ("Batches"); deterministic: False in training (dropout on); rngs: {"dropout": key} or None.
-  For the T5:
-    lambda p, b, det, rngs: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
-        b["decoder_input_ids"], b["decoder_attention_mask"], deterministic=det, rngs=rngs)
+  For the T5 (and any linen seq2seq model with that call signature): `seq2seq_apply_fn(model)`.
 
 The loss is the token cross-entropy summed over real label tokens (`decoder_attention_mask`)
 of the *global* batch divided by their number. Steps compute sums and counts and divide at the
@@ -38,6 +36,17 @@ from compacter_jax.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 ApplyFn = Callable[[Any, Batch, bool, "dict | None"], jax.Array]
 MergeFn = Callable[[Any, Any], Any]
+
+
+def seq2seq_apply_fn(model) -> ApplyFn:
+    """The `apply_fn` of a linen model called as `model.apply(variables, input_ids,
+    attention_mask, decoder_input_ids, decoder_attention_mask, deterministic=..., rngs=...)`
+    (`T5ForConditionalGeneration`)."""
+    def apply_fn(params, batch, deterministic, rngs):
+        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                           batch["decoder_input_ids"], batch["decoder_attention_mask"],
+                           deterministic=deterministic, rngs=rngs)
+    return apply_fn
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from compacter_jax import peft
-from compacter_jax.train import TrainState, make_optimizer, make_strategy, make_train_step
-from experiments.finetune import apply_fn
+from compacter_jax.train import (TrainState, make_optimizer, make_strategy, make_train_step,
+                                 seq2seq_apply_fn)
 
 
 def random_batches(num, batch=8, src=12, tgt=4, vocab=32128, seed=0):
@@ -32,7 +32,8 @@ def run(strategy_name, num_devices, batches):
     trainable, frozen = peft.split(params, peft.label_params(params, config))
     tx, schedule = make_optimizer(1e-2, 1, len(batches))
     strategy = make_strategy(strategy_name, jax.devices()[:num_devices])
-    step = strategy.compile_train_step(make_train_step(apply_fn(model), tx, schedule=schedule))
+    step = strategy.compile_train_step(
+        make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule))
     state = strategy.replicate(TrainState.create(trainable, tx, 7))
     frozen = strategy.put_frozen(frozen)
     losses = []
