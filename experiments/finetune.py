@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
              100 * n_trainable / n_total)
 
     devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
-    strategy = make_strategy(config.strategy, devices)
+    strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
     per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {task.name} "
@@ -210,9 +210,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return metrics
 
     def batches(position):
+        # Every host draws the same global batch (same seed) and keeps its own rows.
         for batch, nxt in data_lib.train_batches(encoded["train"], config.batch_size,
                                                  seed=config.seed, state=position):
-            yield nxt, batch
+            yield nxt, data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
 
     def log_fn(step, window):
         progress.update(step, window)

@@ -53,6 +53,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     # Parallelism: "jit" (Mesh + NamedSharding) or "pmap"; num_devices -1 = all local devices.
     c.strategy = "jit"
     c.num_devices = -1
+    c.shard_frozen = False  # jit only: shard the frozen backbone over devices (large T5s)
     # Logging, evaluation, checkpoints.
     c.log_every = 10
     c.eval_every = -1  # steps; -1 = once per epoch
