@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -n 2 --dist loadfile --durations=10 --nbmake --nbmake-timeout=300 tests notebooks
 
 bench: install
-	$(PY) -m benchmarks.efficiency --model random:t5-base --batch 8 --src-len 128 --tgt-len 8 --steps 5 --json benchmarks/results/cpu_t5-base.json
+	$(PY) -m benchmarks.efficiency --model random:t5-base --batch 8 --src-len 128 --tgt-len 8 --steps 5 --json benchmarks/results/t5-base_cpu_f32_all.json
 
 clean:
 	rm -rf $(VENV) runs
