@@ -7,7 +7,7 @@ export COMPACTER_DATA_DIR ?= $(abspath ../shared/data)
 # Tests and examples run on the CPU with a few fake devices for data-parallel checks.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install run test test-fast bench notebooks clean
+.PHONY: install run test bench clean
 
 install: $(STAMP)
 

@@ -7,7 +7,7 @@ generation time, each method in its own subprocess; ratios against full fine-tun
 Writes `out.json` (a list of rows, see `benchmarks.measure`), `out.md` (the markdown table of
 ratios, also printed) and `out.png` (step time and memory relative to full). Options:
 `--dtype bfloat16`, `--scan/--no-scan` (scan over layers; default on), `--remat`,
-`--no-per-example-dropout`, `--peak-tflops` (for the MFU estimate on an accelerator).
+`--per-example-dropout`, `--peak-tflops` (for the MFU estimate on an accelerator).
 What each number means and how it is measured: docs/benchmarks.md.
 """
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="rematerialise each block in the backward pass")
     p.add_argument("--per-example-dropout", action=argparse.BooleanOptionalAction,
-                   default=True, help="train step's per-example dropout keys (vmap)")
+                   default=False, help="train step's per-example dropout keys (vmap)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="device peak TFLOP/s of --dtype, for the MFU column (0 = no MFU)")
     p.add_argument("--reduction-factor", type=int, default=None,

@@ -58,7 +58,7 @@ class BenchConfig:
     dtype: str = "float32"
     scan: bool = True
     remat: bool = False
-    per_example_dropout: bool = True
+    per_example_dropout: bool = False  # as experiments/configs/glue.py
     peak_tflops: float = 0.0
     reduction_factor: int | None = None
     seed: int = 0

@@ -195,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                   total_steps, weight_decay=config.weight_decay,
                                   clip_norm=config.clip_norm if config.clip_norm > 0 else None)
     state = TrainState.create(trainable, tx, dropout_rng)
-    train_step = make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule)
+    train_step = make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule,
+                                 per_example_dropout=config.per_example_dropout)
 
     run = Run(config, task, tokenizer, model, model_name, peft_config, encoded)
     writer = reporting.MetricsWriter(workdir)

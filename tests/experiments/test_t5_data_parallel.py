@@ -1,4 +1,5 @@
-"""One device, 4 devices under jit and 4 under pmap train a Compacter++ T5 identically."""
+"""One device, 4 devices under jit and 4 under pmap train a Compacter++ T5 identically
+(pmap with per-example dropout keys; see experiments/configs/glue.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def random_batches(num, batch=8, src=12, tgt=4, vocab=32128, seed=0):
     return out
 
 
-def run(strategy_name, num_devices, batches):
+def run(strategy_name, num_devices, batches, per_example_dropout):
     model, params = peft.from_pretrained_with_method(
         "random:t5-tiny", "compacter++", reduction_factor=8, rng=jax.random.PRNGKey(1))
     config = peft.get_method("compacter++", reduction_factor=8)
@@ -33,7 +34,8 @@ def run(strategy_name, num_devices, batches):
     tx, schedule = make_optimizer(1e-2, 1, len(batches))
     strategy = make_strategy(strategy_name, jax.devices()[:num_devices])
     step = strategy.compile_train_step(
-        make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule))
+        make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule,
+                        per_example_dropout=per_example_dropout))
     state = strategy.replicate(TrainState.create(trainable, tx, 7))
     frozen = strategy.put_frozen(frozen)
     losses = []
@@ -43,13 +45,23 @@ def run(strategy_name, num_devices, batches):
     return losses, strategy.unreplicate(state.params)
 
 
+def assert_same(run_a, run_b, label):
+    (losses_a, params_a), (losses_b, params_b) = run_a, run_b
+    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5, err_msg=label)
+    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=label)
+
+
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake CPU) devices")
-def test_one_device_jit_and_pmap_agree():
+def test_one_key_per_step_jit_on_1_and_4_devices_agree():
     batches = random_batches(3)
-    ref_losses, ref_params = run("jit", 1, batches)
-    assert ref_losses[-1] < ref_losses[0]  # dropout is on; it still learns this batch set
-    for name in ("jit", "pmap"):
-        losses, params = run(name, 4, batches)
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
-        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+    one = run("jit", 1, batches, per_example_dropout=False)
+    assert one[0][-1] < one[0][0]  # dropout is on; it still learns this batch set
+    assert_same(run("jit", 4, batches, per_example_dropout=False), one, "jit x4")
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake CPU) devices")
+def test_per_example_keys_make_pmap_equal_to_one_device():
+    batches = random_batches(3)
+    one = run("jit", 1, batches, per_example_dropout=True)
+    assert_same(run("pmap", 4, batches, per_example_dropout=True), one, "pmap x4")
