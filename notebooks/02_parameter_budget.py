@@ -88,17 +88,9 @@ print(param_report.format_table(list(reports.values()), {}))
 # (32,128 rows). Both give the paper's rounded percentages, which is checked too.
 
 # %%
-PAPER = {  # method: (trainable parameters, % trained as printed in the paper)
-    "adapter": (1_855_104, 0.832),
-    "pfeiffer": (951_360, 0.427),
-    "adapterdrop": (1_101_984, 0.494),
-    "lowrank": (161_664, 0.073),
-    "phm_adapter": (398_976, 0.179),
-    "compacter": (161_728, 0.073),
-    "compacter++": (104_704, 0.047),
-    "prompt_tuning": (76_800, 0.034),
-}
-PAPER_DENOMINATOR = 222_882_048
+# method: (trainable parameters, % trained as printed in the paper)
+PAPER = param_report.PAPER_T5_BASE
+PAPER_DENOMINATOR = param_report.PAPER_T5_BASE_DENOMINATOR
 
 print(f"{'method':<14} {'library':>11} {'paper':>11}  {'% (lib)':>8} {'% (paper)':>9}")
 for name, (count, percent) in PAPER.items():

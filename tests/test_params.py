@@ -12,16 +12,7 @@ T5_BASE = PRESETS["t5-base"]
 BACKBONE = 222_903_552          # 32,128-row embedding (the paper's 222,882,048 has 32,100)
 
 # Spec §4: trainable parameters (adapters + the 47,616 layer-norm scales) and paper percent.
-SPEC = {
-    "adapter": (1_855_104, 0.832),
-    "pfeiffer": (951_360, 0.427),
-    "adapterdrop": (1_101_984, 0.494),
-    "lowrank": (161_664, 0.073),
-    "phm_adapter": (398_976, 0.179),
-    "compacter": (161_728, 0.073),
-    "compacter++": (104_704, 0.047),
-    "prompt_tuning": (76_800, 0.034),
-}
+SPEC = params_cli.PAPER_T5_BASE
 
 
 @pytest.mark.parametrize("method", sorted(SPEC))

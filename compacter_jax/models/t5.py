@@ -154,36 +154,24 @@ class T5Attention(nn.Module):
         return proj(out.reshape(b, t, inner), "o", d, inner ** -0.5)
 
 
-class T5LayerSelfAttention(nn.Module):
+class T5LayerAttention(nn.Module):
+    """Pre-norm self-attention (`SelfAttention`) or cross-attention (`EncDecAttention`) sublayer."""
+
     config: T5Config
     hooks: T5Hooks
     site: Site
+    is_cross: bool = False
     decode: bool = False
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, h: Array, bias: Array, shared, cache_index: Array | None) -> Array:
+    def __call__(self, h: Array, kv: Array | None, bias: Array, shared,
+                 cache_index: Array | None = None) -> Array:
         y = T5LayerNorm(self.config, name="layer_norm")(h)
-        y = T5Attention(self.config, self.hooks, self.site, decode=self.decode,
-                        deterministic=self.deterministic, name="SelfAttention")(
-            y, None, bias, shared, cache_index)
-        return _adapter_dropout_residual(h, y, self.config, self.hooks, self.site, shared,
-                                         self.deterministic)
-
-
-class T5LayerCrossAttention(nn.Module):
-    config: T5Config
-    hooks: T5Hooks
-    site: Site
-    decode: bool = False
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, h: Array, enc: Array, bias: Array, shared) -> Array:
-        y = T5LayerNorm(self.config, name="layer_norm")(h)
-        y = T5Attention(self.config, self.hooks, self.site, is_cross=True, decode=self.decode,
-                        deterministic=self.deterministic, name="EncDecAttention")(
-            y, enc, bias, shared)
+        y = T5Attention(self.config, self.hooks, self.site, is_cross=self.is_cross,
+                        decode=self.decode, deterministic=self.deterministic,
+                        name="EncDecAttention" if self.is_cross else "SelfAttention")(
+            y, kv, bias, shared, cache_index)
         return _adapter_dropout_residual(h, y, self.config, self.hooks, self.site, shared,
                                          self.deterministic)
 
@@ -245,13 +233,12 @@ class T5Block(nn.Module):
         stack = "decoder" if self.is_decoder else "encoder"
         n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
         site = functools.partial(Site, stack, self.layer, num_layers=n)
-        h = T5LayerSelfAttention(cfg, hooks, site(sublayer="self_attention"), self.decode,
-                                 self.deterministic, name="layer_0")(h, self_bias, shared,
-                                                                     cache_index)
+        h = T5LayerAttention(cfg, hooks, site(sublayer="self_attention"), False, self.decode,
+                             self.deterministic, name="layer_0")(h, None, self_bias, shared,
+                                                                 cache_index)
         if self.is_decoder:
-            h = T5LayerCrossAttention(cfg, hooks, site(sublayer="cross_attention"), self.decode,
-                                      self.deterministic, name="layer_1")(h, enc, cross_bias,
-                                                                          shared)
+            h = T5LayerAttention(cfg, hooks, site(sublayer="cross_attention"), True, self.decode,
+                                 self.deterministic, name="layer_1")(h, enc, cross_bias, shared)
         h = T5LayerFF(cfg, hooks, site(sublayer="feed_forward"), self.deterministic,
                       name="layer_2" if self.is_decoder else "layer_1")(h, shared)
         return h, None
