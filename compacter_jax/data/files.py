@@ -10,19 +10,23 @@ GLUE quirks handled: TSVs are read by splitting on tabs with no quote handling (
 BOM; RTE/QNLI/MNLI labels are words, mapped to TFDS indices. SuperGLUE files may be Hugging Face
 `datasets` exports (flat rows, integer labels; BoolQ `answer` bool) or the original SuperGLUE
 layout (string/bool labels, WSC `target`, nested MultiRC/ReCoRD), normalised to TFDS keys.
-Every problem raises `DataError` naming the file, the line and what is wrong.
+Files must be UTF-8 (a BOM is fine) with '\n' or '\r\n' line ends; STS-B scores must lie in
+0–5; JSONL text fields must be strings (not null). Every problem raises `DataError` naming the
+file, the line and what is wrong.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 from compacter_jax import paths
-from compacter_jax.data.tasks import UNLABELLED, Example, Task, get_task
+from compacter_jax.data.tasks import STSB_SCORE_RANGE, UNLABELLED, Example, Task, get_task
 
 DATA_DIR_HINT = (
     f"set the environment variable {paths.DATA_DIR_ENV} or the config field `data_dir` to the "
@@ -83,8 +87,10 @@ def parse_label(value: Any, task: Task, split: str, where: str) -> int | float:
             score = float(value)
         except (TypeError, ValueError):
             raise DataError(f"{where}: label {value!r} is not a number") from None
-        if score != score:  # NaN
-            raise DataError(f"{where}: label is NaN")
+        low, high = STSB_SCORE_RANGE
+        if not (math.isfinite(score) and low <= score <= high):  # NaN fails every comparison
+            raise DataError(f"{where}: {task.name} score {value!r} is outside {low:g}..{high:g}; "
+                            "fix the row (scores are similarities from 0 to 5) or drop it")
         return score
     if isinstance(value, bool):
         index = int(value)
@@ -109,6 +115,29 @@ def _require_file(path: Path) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading BOM dropped), checked for CR-only line ends.
+
+    Raises DataError naming the file, line and byte offset of the first invalid byte.
+    """
+    data = _require_file(path).read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        bad = data[offset:start + e.end].hex(" ")
+        raise DataError(
+            f"{path}:{line}: byte offset {offset} (0x{bad}): not valid UTF-8 ({e.reason}); "
+            "the file must be UTF-8: re-encode it (e.g. `iconv -f latin1 -t utf-8`)") from None
+    if "\r" in text and "\n" not in text:
+        raise DataError(
+            f"{path}: lines end in a bare carriage return ('\\r', old Mac style) and there is no "
+            "'\\n'; convert the line endings to '\\n' (e.g. `tr '\\r' '\\n'`)")
+    return text
+
+
 def _read_tsv(path: Path, layout: _TsvLayout, headerless: tuple[str, ...] | None = None
               ) -> list[tuple[int, dict]]:
     """Rows of one TSV as (line number, {column: value}), after header handling and checks.
@@ -117,8 +146,7 @@ def _read_tsv(path: Path, layout: _TsvLayout, headerless: tuple[str, ...] | None
     the file is headerless with columns `headerless` (default: the layout's).
     """
     headerless = headerless or layout.headerless
-    with open(_require_file(path), encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    lines = _read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # trailing newline
     if not lines:
@@ -208,9 +236,30 @@ def _flatten_superglue(row: dict, task: Task) -> list[dict]:
     return [row]
 
 
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+               str: "a string", list: "a list", dict: "an object"}
+
+
+def _check_field_types(row: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
+    """Text fields must be strings (a null premise must not become "premise: None"), WSC's
+    span indices integers and ReCoRD's entities a list of strings."""
+    for key in fields:
+        value = row[key]
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        if key.endswith("_index"):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif key == "entities":
+            ok = isinstance(value, list) and all(isinstance(e, str) for e in value)
+            want = "a list of strings"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        if not ok:
+            raise DataError(f"{where}: field {key!r} is {kind} ({value!r:.60}), expected {want}; "
+                            "fix or drop the record")
+
+
 def _read_jsonl(path: Path, task: Task, split: str) -> list[Example]:
-    with open(_require_file(path), encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = _read_text(path).split("\n")
     examples: list[Example] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -231,10 +280,13 @@ def _read_jsonl(path: Path, task: Task, split: str) -> list[Example]:
             missing = [k for k in needed if k not in row]
             if missing:
                 raise DataError(f"{where}: missing field(s) {missing} (has {sorted(row)})")
+            _check_field_types(row, needed, where)
             ex: Example = {k: row[k] for k in needed}
             if task.kind == "span":
-                ex["entities"] = [str(e) for e in row["entities"]]
-                ex["answers"] = [str(a) for a in row.get("answers", [])]
+                ex["answers"] = list(row.get("answers", []))
+                if not all(isinstance(a, str) for a in ex["answers"]):
+                    raise DataError(f"{where}: field 'answers' must be a list of strings, "
+                                    f"got {ex['answers']!r}; fix the record")
                 if not ex["answers"] and not split.startswith("test"):
                     raise DataError(f"{where}: ReCoRD query without answers in split {split!r}")
             else:

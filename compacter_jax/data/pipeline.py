@@ -97,12 +97,14 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def encode(task: Task | str, examples: Sequence[Example], tokenizer, *, max_source_length: int,
-           max_target_length: int, train: bool = False) -> EncodedData:
+           max_target_length: int, train: bool = False, add_prefix: bool = False) -> EncodedData:
     """Formats and tokenises examples (T5 tokenizer: EOS appended, pad id 0).
 
     Args:
       train: one row per target (ReCoRD: per answer); else exactly one row per example, so
         evaluation scores each example once.
+      add_prefix: start each source with the original's task name ("rte sentence1: ..."), as
+        the original does for every method except adapters (see `Task.source`).
     """
     task = get_task(task)
     if max_source_length < 2 or max_target_length < 2:
@@ -112,7 +114,7 @@ def encode(task: Task | str, examples: Sequence[Example], tokenizer, *, max_sour
         raise ValueError(f"{task.name}: no examples to encode")
     sources, targets, refs, groups = [], [], [], []
     for ex in examples:
-        pairs = task.format_all(ex) if train else [task.format(ex)]
+        pairs = task.format_all(ex, add_prefix) if train else [task.format(ex, add_prefix)]
         for src, tgt in pairs:
             sources.append(src)
             targets.append(tgt)

@@ -171,3 +171,100 @@ def test_make_source_rejects_unknown_kind():
         make_source("hub")
     with pytest.raises(ValueError, match="only applies to the 'tfds' source"):
         make_source("files", download=True)
+
+
+STSB_HEADER = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+               "\tscore\n")
+
+
+def _stsb_row(score: str, i: int = 0) -> str:
+    return f"{i}\tg\tf\ty\t0\tn\tn\ta\tb\t{score}\n"
+
+
+def _cb(**fields) -> str:
+    row = {"premise": "p", "hypothesis": "h", "idx": 0, "label": 0}
+    row.update(fields)
+    return json.dumps(row) + "\n"
+
+
+_GOOD_CB = _cb()
+# (case id, file under the data dir, task, split, file bytes, error regex after "<path>")
+ROBUSTNESS_CASES = [
+    ("latin1-tsv", "glue/RTE/train.tsv", "rte", "train",
+     (RTE_HEADER + "0\ta\tb\tentailment\n1\tcaf\u00e9\tb\tentailment\n").encode("latin-1"),
+     # offset: header 32 bytes + row 17 bytes + "1\tcaf" 5 bytes = 54
+     r":3: byte offset 54 \(0xe9\): not valid UTF-8 .*the file must be UTF-8"),
+    ("latin1-after-bom", "glue/MRPC/dev.tsv", "mrpc", "validation",
+     b"\xef\xbb\xbfQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tna\xefve\tb\n",
+     # offset counts the BOM: 3 + header 40 + "1\t1\t2\tna" 8 = 51
+     r":2: byte offset 51 \(0xef\): not valid UTF-8 \(invalid continuation byte\)"),
+    ("binary-jsonl", "superglue/CB/train.jsonl", "cb", "train",
+     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+     r":1: byte offset 0 \(0x89\): not valid UTF-8 \(invalid start byte\); the file must be "
+     r"UTF-8"),
+    ("latin1-jsonl-line2", "superglue/CB/train.jsonl", "cb", "train",
+     _GOOD_CB.encode() + '{"premise": "d\u00e9j\u00e0", "hypothesis": "h", "label": 0}\n'
+     .encode("latin-1"),
+     r":2: byte offset \d+ \(0xe9\): not valid UTF-8"),
+    ("cr-only-tsv", "glue/RTE/train.tsv", "rte", "train",
+     (RTE_HEADER + "0\ta\tb\tentailment\n").replace("\n", "\r").encode(),
+     r": lines end in a bare carriage return .*convert the line endings"),
+    ("cr-only-jsonl", "superglue/CB/val.jsonl", "cb", "validation",
+     (_GOOD_CB * 3).replace("\n", "\r").encode(), r": lines end in a bare carriage return"),
+    ("stsb-inf", "glue/STS-B/train.tsv", "stsb", "train",
+     (STSB_HEADER + _stsb_row("5.000") + _stsb_row("inf", 1)).encode(),
+     r":3: stsb score 'inf' is outside 0\.\.5"),
+    ("stsb-minus-one", "glue/STS-B/train.tsv", "stsb", "train",
+     (STSB_HEADER + _stsb_row("-1")).encode(), r":2: stsb score '-1' is outside 0\.\.5"),
+    ("stsb-7.5", "glue/STS-B/dev.tsv", "stsb", "validation",
+     (STSB_HEADER + _stsb_row("0.000") + _stsb_row("3.8", 1) + _stsb_row("7.5", 2)).encode(),
+     r":4: stsb score '7\.5' is outside 0\.\.5"),
+    ("stsb-nan", "glue/STS-B/dev.tsv", "stsb", "validation",
+     (STSB_HEADER + _stsb_row("NaN")).encode(), r":2: stsb score 'NaN' is outside 0\.\.5"),
+    ("cb-null-premise", "superglue/CB/train.jsonl", "cb", "train",
+     (_GOOD_CB + _cb(premise=None)).encode(),
+     r":2: field 'premise' is null \(None\), expected a string"),
+    ("cb-number-hypothesis", "superglue/CB/train.jsonl", "cb", "train",
+     _cb(hypothesis=3).encode(), r":1: field 'hypothesis' is a number \(3\), expected a string"),
+    ("copa-list-choice", "superglue/COPA/val.jsonl", "copa", "validation",
+     (json.dumps({"premise": "p", "choice1": ["a"], "choice2": "b", "question": "cause",
+                  "label": 0}) + "\n").encode(), r":1: field 'choice1' is a list"),
+    ("wsc-string-index", "superglue/WSC/train.jsonl", "wsc.fixed", "train",
+     (json.dumps({"text": "A b c", "span1_index": "0", "span2_index": 2, "span1_text": "A",
+                  "span2_text": "c", "label": 0}) + "\n").encode(),
+     r":1: field 'span1_index' is a string \('0'\), expected an integer"),
+    ("multirc-null-answer", "superglue/MultiRC/val.jsonl", "multirc", "validation",
+     (json.dumps({"idx": 0, "passage": {"text": "T", "questions": [
+         {"question": "Q", "idx": 0, "answers": [{"text": None, "idx": 0, "label": 0}]}]}})
+      + "\n").encode(), r":1: field 'answer' is null"),
+    ("record-null-entities", "superglue/ReCoRD/val.jsonl", "record", "validation",
+     (json.dumps({"passage": "P", "query": "@placeholder", "entities": None, "answers": ["P"],
+                  "idx": {"passage": 0, "query": 0}}) + "\n").encode(),
+     r":1: field 'entities' is null \(None\), expected a list of strings"),
+    ("record-number-answer", "superglue/ReCoRD/val.jsonl", "record", "validation",
+     (json.dumps({"passage": "P", "query": "@placeholder", "entities": ["P"], "answers": [1],
+                  "idx": {"passage": 0, "query": 0}}) + "\n").encode(),
+     r":1: field 'answers' must be a list of strings, got \[1\]"),
+]
+
+
+@pytest.mark.parametrize("case,rel,task,split,data,error", ROBUSTNESS_CASES,
+                         ids=[c[0] for c in ROBUSTNESS_CASES])
+def test_bad_files_raise_data_error_naming_file_and_line(tmp_path, case, rel, task, split, data,
+                                                         error):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=rf"^{path}{error}"):
+        FilesSource(tmp_path).load(task, split)
+
+
+def test_good_edge_cases_still_load(tmp_path):
+    # Scores at the ends of 0..5, CRLF line ends, and a BOM before a JSONL file load.
+    _write(tmp_path / "glue/STS-B/dev.tsv",
+           (STSB_HEADER + _stsb_row("0.000") + _stsb_row("5.000", 1)).replace("\n", "\r\n"))
+    rows = FilesSource(tmp_path).load("stsb", "validation")
+    assert [r["label"] for r in rows] == [0.0, 5.0] and rows[1]["sentence2"] == "b"
+    (tmp_path / "superglue/CB").mkdir(parents=True)
+    (tmp_path / "superglue/CB/val.jsonl").write_bytes(b"\xef\xbb\xbf" + _GOOD_CB.encode())
+    assert FilesSource(tmp_path).load("cb", "validation")[0]["premise"] == "p"
