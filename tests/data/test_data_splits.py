@@ -1,4 +1,5 @@
-"""The paper's splits: sizes, disjointness, determinism by data_seed, low-resource subsampling."""
+"""The paper's splits: sizes, disjointness, determinism by data_seed, low-resource subsampling,
+and the original code's very rows (torch.randperm, its rules written out below)."""
 
 import logging
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from compacter_jax.data import get_task, paper_splits, split_indices
+from compacter_jax.data.splitting import limit_eval_rows
 
 
 def _ids(examples):
@@ -105,3 +107,92 @@ def test_paper_splits_mnli_reads_both_validation_sets():
         "train": (50, "train"), "validation": (5, "validation_mismatched"),
         "test": (7, "validation_matched")}
     assert "validation" not in src.calls
+
+
+# The original (seq2seq/data/tasks.py, split_validation_test=True, data_seed 42), written out
+# with real torch: every permutation is torch.randperm(len(dataset), manual_seed(data_seed)).
+
+def _original_perm(n, seed=42):
+    torch = pytest.importorskip("torch")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _original_small_eval(num_validation, split, n_obs=None, seed=42):
+    """get(split != "train") of a small task: halves of the permuted official validation."""
+    indices = _original_perm(num_validation, seed)
+    half = num_validation // 2
+    indices = indices[:half] if split == "validation" else indices[half:]
+    return indices if n_obs is None else indices[:n_obs]
+
+
+def _original_train(task_is_large, num_train, n_obs=None, seed=42):
+    """get("train", n_obs): large tasks cut perm[1000:]; others subsample a fresh permutation."""
+    if task_is_large:
+        indices = _original_perm(num_train, seed)[1000:]
+        return indices if n_obs is None else indices[:n_obs]
+    return list(range(num_train)) if n_obs is None else _original_perm(num_train, seed)[:n_obs]
+
+
+@pytest.mark.parametrize("task", ["rte", "mrpc", "cola", "stsb"])
+def test_small_task_halves_are_the_originals_rows(files_source, task):
+    official = files_source.load(task, "validation")
+    out = paper_splits(task, files_source)
+    for split in ("validation", "test"):
+        expected = _original_small_eval(len(official), split)
+        assert out[split] == [official[i] for i in expected], split
+        assert _ids(out[split]) == expected  # GLUE idx = row number in the file
+    assert out["train"] == files_source.load(task, "train")
+
+
+def test_low_resource_subsamples_are_the_originals_rows(files_source):
+    rte_train = files_source.load("rte", "train")
+    rte = paper_splits("rte", files_source, train_samples=100)
+    assert _ids(rte["train"]) == _original_train(False, len(rte_train), 100)
+    assert rte["train"] == [rte_train[i] for i in _original_train(False, len(rte_train), 100)]
+    sst2_train = files_source.load("sst2", "train")
+    sst2 = paper_splits("sst2", files_source, train_samples=100)
+    assert _ids(sst2["train"]) == _original_train(True, len(sst2_train), 100)
+    assert _ids(sst2["validation"]) == _original_perm(len(sst2_train))[:1000]
+    assert sst2["test"] == files_source.load("sst2", "validation")
+
+
+def test_data_seed_moves_the_rows_as_in_the_original():
+    plan = split_indices("rte", 2490, 277, data_seed=7, train_samples=50)
+    assert plan["validation"][1].tolist() == _original_small_eval(277, "validation", seed=7)
+    assert plan["train"][1].tolist() == _original_train(False, 2490, 50, seed=7)
+    big = split_indices("qnli", 104743, 5463, data_seed=3, train_samples=200)
+    assert big["train"][1].tolist() == _original_train(True, 104743, 200, seed=3)
+
+
+def test_eval_limits_follow_the_original_n_obs():
+    plan = split_indices("mrpc", 3668, 408)
+    val = limit_eval_rows("mrpc", "validation", plan["validation"][1], 408, 50)
+    test = limit_eval_rows("mrpc", "test", plan["test"][1], 408, 50)
+    assert val.tolist() == _original_small_eval(408, "validation", n_obs=50)
+    assert test.tolist() == _original_small_eval(408, "test", n_obs=50)
+    big = split_indices("qnli", 104743, 5463)
+    val = limit_eval_rows("qnli", "validation", big["validation"][1], 104743, 64)
+    assert val.tolist() == _original_perm(104743)[:64]
+    # Whole official splits (large tasks' test, MNLI's both) get a fresh permutation.
+    test = limit_eval_rows("qnli", "test", big["test"][1], 5463, 64)
+    assert test.tolist() == _original_perm(5463)[:64]
+    assert limit_eval_rows("mnli", "test", None, 9815, 10).tolist() == _original_perm(9815)[:10]
+    assert limit_eval_rows("mnli", "validation", None, 9832, None) is None
+    with pytest.raises(ValueError, match="max_test_samples must be positive"):
+        limit_eval_rows("rte", "test", plan["test"][1], 408, 0)
+    with pytest.raises(ValueError, match="split must be one of"):
+        limit_eval_rows("rte", "train", plan["train"][1], 3668, 5)
+
+
+def test_paper_splits_applies_eval_limits(files_source, caplog):
+    full = paper_splits("rte", files_source)
+    cut = paper_splits("rte", files_source, max_validation_samples=20, max_test_samples=30)
+    assert cut["validation"] == full["validation"][:20] and cut["test"] == full["test"][:30]
+    assert cut["train"] == full["train"]
+    with caplog.at_level(logging.WARNING):
+        more = paper_splits("rte", files_source, max_test_samples=1000)
+    assert more["test"] == full["test"] and "exceeds the 277 examples" in caplog.text
+    src = _FakeSource({"train": 50, "validation_matched": 7, "validation_mismatched": 5})
+    mnli = paper_splits("mnli", src, max_validation_samples=3)
+    assert [ex["idx"] for ex in mnli["validation"]] == _original_perm(5)[:3]
+    assert len(mnli["test"]) == 7
