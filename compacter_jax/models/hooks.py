@@ -24,6 +24,12 @@ created as children of the calling module and named by the `name` argument):
    Returns a module or None, called as `prompt(embeds, mask) -> (embeds', mask')` where
    embeds: [batch, len, d_model] and mask: [batch, len] (1 = keep). Used by prompt tuning.
 
+Packed inputs (segment ids / positions, see `t5.py`): adapters, projection deltas and root
+parameters act token by token, so they work on packed rows unchanged. A soft prompt cannot be
+prepended to every segment of a row cheaply: when `soft_prompt` returns a module and packing
+inputs are given, the model raises ValueError ("prompt tuning does not support packed inputs;
+set packing off").
+
 When T5 layers are scanned (`T5Config.scan_layers`), `site.layer` is None and the hook must
 place the same modules in every layer; hooks whose placement depends on the layer index
 return False from `uniform_over_layers()` and the model refuses to scan with a clear error.

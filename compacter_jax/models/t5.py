@@ -9,6 +9,20 @@ the feed-forward hidden layer, every sublayer output and the final stack output.
 Parameter names mirror HF (see docs/DESIGN.md); kernels are [in, out].
 Decoding with a KV cache: `decode(..., decode=True)` with a mutable "cache" collection
 (first call creates the cache, later calls feed one token each; see generation.py).
+
+Packed inputs (t5x/seqio style): several examples share one row. The optional keyword
+arguments `encoder_segment_ids`, `decoder_segment_ids` ([B, L] int32; 0 = padding, examples
+numbered 1, 2, ... within a row) and `encoder_positions`, `decoder_positions` ([B, L] int32,
+0 at the start of each example) make every example see only itself: self-attention stays
+within a segment (causal in the decoder), cross-attention goes from a decoder token only to
+the encoder tokens of the same segment, and padding attends to nothing and is attended by
+nothing (its rows stay finite). Given positions, relative position buckets come from them
+(the bias is then per row, [B, H, T, S]); without, from the row index, which gives the same
+distances inside contiguous segments. Build decoder inputs with
+`shift_right(labels, segment_ids=decoder_segment_ids)`. Without these arguments the model
+computes exactly what it computes unpacked. Packing is for teacher-forced training and
+scoring: the KV-cache decode path refuses it, and so does prompt tuning (a soft prompt
+cannot be prepended to every segment of a row cheaply): set packing off for those.
 """
 
 from __future__ import annotations
@@ -64,6 +78,29 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool, num_
         dist = -jnp.minimum(rel, 0)
     table = jnp.asarray(_magnitude_buckets(num_buckets, max_distance))
     return offset + table[jnp.minimum(dist, max_distance)]
+
+
+# --- packing masks -------------------------------------------------------------------------
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+    """Which key each query may attend to in packed rows: same segment, key not padding.
+
+    Args:
+      query_segments: int [B, T] segment ids of the queries (0 = padding).
+      key_segments: int [B, S] segment ids of the keys (0 = padding).
+    Returns:
+      bool [B, 1, T, S] (broadcasts over heads). A padding query (segment 0) matches no key,
+      since no key of segment 0 is ever kept.
+    """
+    q = jnp.asarray(query_segments)[:, None, :, None]
+    k = jnp.asarray(key_segments)[:, None, None, :]
+    return jnp.logical_and(q == k, k != 0)
+
+
+def _check_packing_shape(name: str, value, expected: tuple[int, ...]) -> None:
+    """Packing inputs align token by token with their ids; say which one does not."""
+    if value is not None and tuple(np.shape(value)) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(np.shape(value))}, expected {tuple(expected)} "
+                         "(one int32 entry per token of the matching ids)")
 
 
 # --- building blocks -----------------------------------------------------------------------
@@ -253,8 +290,12 @@ class T5Stack(nn.Module):
     decode: bool = False
     deterministic: bool = True
 
-    def _self_attention_bias(self, mask: Array, length: int) -> tuple[Array, Array | None]:
-        """Position bias + masks [B|1, H, T, S] float32, and the decode step index (or None)."""
+    def _self_attention_bias(self, mask: Array, length: int, segment_ids: Array | None = None,
+                             positions: Array | None = None) -> tuple[Array, Array | None]:
+        """Position bias + masks [B|1, H, T, S] float32, and the decode step index (or None).
+
+        segment_ids/positions: int [B, T] of packed rows (never with the KV cache): keys are
+        restricted to the query's segment, and relative distances come from `positions`."""
         cfg = self.config
         rel_emb = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
                            embedding_init=_normal(cfg.d_model ** -0.5), dtype=jnp.float32,
@@ -277,18 +318,30 @@ class T5Stack(nn.Module):
         keep = (k_pos[None, :] <= q_pos[:, None])[None, None] if self.is_decoder else True
         if mask is not None:
             keep = jnp.logical_and(keep, mask[:, None, None, :])
-        buckets = relative_position_bucket(k_pos[None, :] - q_pos[:, None], not self.is_decoder,
-                                           cfg.relative_attention_num_buckets,
-                                           cfg.relative_attention_max_distance)
-        pos_bias = jnp.transpose(rel_emb(buckets), (2, 0, 1))[None]  # [1, H, T, S]
+        if segment_ids is not None:
+            keep = jnp.logical_and(keep, segment_mask(segment_ids, segment_ids))
+        bucket = functools.partial(relative_position_bucket, bidirectional=not self.is_decoder,
+                                   num_buckets=cfg.relative_attention_num_buckets,
+                                   max_distance=cfg.relative_attention_max_distance)
+        if positions is None:  # one bias for every row
+            buckets = bucket(k_pos[None, :] - q_pos[:, None])
+            pos_bias = jnp.transpose(rel_emb(buckets), (2, 0, 1))[None]  # [1, H, T, S]
+        else:  # per-row distances of packed segments
+            positions = jnp.asarray(positions, jnp.int32)
+            buckets = bucket(positions[:, None, :] - positions[:, :, None])  # [B, T, S]
+            pos_bias = jnp.transpose(rel_emb(buckets), (0, 3, 1, 2))  # [B, H, T, S]
         return pos_bias + jnp.where(keep, 0.0, _NEG).astype(jnp.float32), cache_index
 
     @nn.compact
     def __call__(self, embeds: Array, mask: Array | None, enc: Array | None = None,
-                 enc_mask: Array | None = None, shared=None) -> tuple[Array, Array]:
+                 enc_mask: Array | None = None, shared=None, segment_ids: Array | None = None,
+                 positions: Array | None = None,
+                 enc_segment_ids: Array | None = None) -> tuple[Array, Array]:
         """embeds: [B, T, D]; mask: [B, T] (1 = token) or None; enc/enc_mask: encoder output
-        [B, S, D] / [B, S] (decoder only). Returns (hidden [B, T', D], mask [B, T']) where T'
-        includes soft-prompt tokens in the encoder."""
+        [B, S, D] / [B, S] (decoder only). Packed rows: segment_ids/positions [B, T] of these
+        tokens, enc_segment_ids [B, S] of the encoder's (decoder only, with segment_ids).
+        Returns (hidden [B, T', D], mask [B, T']) where T' includes soft-prompt tokens in the
+        encoder; packed, the mask also drops padding (segment 0)."""
         cfg, hooks = self.config, self.hooks
         n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
         b, t = embeds.shape[:2]
@@ -296,15 +349,23 @@ class T5Stack(nn.Module):
         if not self.is_decoder:
             prompt = hooks.soft_prompt(cfg.d_model, name="prompt")
             if prompt is not None:
+                if segment_ids is not None or positions is not None:
+                    raise ValueError(
+                        "prompt tuning does not support packed inputs; set packing off (got "
+                        "encoder_segment_ids/encoder_positions with a soft prompt)")
                 embeds, mask = prompt(embeds, mask)
                 mask = jnp.asarray(mask).astype(bool)
                 t = embeds.shape[1]
-        self_bias, cache_index = self._self_attention_bias(mask, t)
+        if segment_ids is not None:
+            mask = jnp.logical_and(mask, jnp.asarray(segment_ids) != 0)
+        self_bias, cache_index = self._self_attention_bias(mask, t, segment_ids, positions)
         cross_bias = None
         if self.is_decoder:
             enc_mask = jnp.ones(enc.shape[:2], bool) if enc_mask is None else enc_mask
-            cross_bias = jnp.where(jnp.asarray(enc_mask).astype(bool)[:, None, None, :], 0.0,
-                                   _NEG).astype(jnp.float32)
+            enc_keep = jnp.asarray(enc_mask).astype(bool)[:, None, None, :]
+            if segment_ids is not None:  # [B, 1, T, S]: only the encoder tokens of one's example
+                enc_keep = jnp.logical_and(enc_keep, segment_mask(segment_ids, enc_segment_ids))
+            cross_bias = jnp.where(enc_keep, 0.0, _NEG).astype(jnp.float32)
 
         h = nn.Dropout(cfg.dropout_rate)(embeds, deterministic=self.deterministic)
         block_cls = T5Block
@@ -331,44 +392,69 @@ class T5ForConditionalGeneration(nn.Module):
 
     `__call__` -> logits [B, T, vocab] float32. Integer inputs are int32 [B, len]; masks 1 for
     real tokens. Methods `encode` and `decode` run the halves (use with `apply(method=...)`).
+    Packed rows: the keyword-only `encoder_segment_ids`, `encoder_positions` [B, S] and
+    `decoder_segment_ids`, `decoder_positions` [B, T] (see the module docstring); segment ids
+    come in pairs (encoder and decoder) wherever the decoder runs.
     """
 
     config: T5Config
     hooks: T5Hooks = NO_HOOKS
 
     def __call__(self, input_ids: Array, attention_mask: Array, decoder_input_ids: Array,
-                 decoder_attention_mask: Array | None = None, deterministic: bool = True) -> Array:
+                 decoder_attention_mask: Array | None = None, deterministic: bool = True, *,
+                 encoder_segment_ids: Array | None = None,
+                 encoder_positions: Array | None = None,
+                 decoder_segment_ids: Array | None = None,
+                 decoder_positions: Array | None = None) -> Array:
         return self._run("full", input_ids=input_ids, attention_mask=attention_mask,
                          decoder_input_ids=decoder_input_ids,
                          decoder_attention_mask=decoder_attention_mask,
-                         deterministic=deterministic)
+                         deterministic=deterministic, encoder_segment_ids=encoder_segment_ids,
+                         encoder_positions=encoder_positions,
+                         decoder_segment_ids=decoder_segment_ids,
+                         decoder_positions=decoder_positions)
 
     def encode(self, input_ids: Array, attention_mask: Array, deterministic: bool = True,
-               return_mask: bool = False):
+               return_mask: bool = False, *, encoder_segment_ids: Array | None = None,
+               encoder_positions: Array | None = None):
         """Encoder output [B, S', D] (compute dtype); with return_mask also the mask [B, S']
-        (S' = S + soft-prompt length, which the decoder's cross-attention needs)."""
+        (S' = S + soft-prompt length, which the decoder's cross-attention needs; packed, it is
+        0 on padding)."""
         return self._run("encode", input_ids=input_ids, attention_mask=attention_mask,
-                         deterministic=deterministic, return_mask=return_mask)
+                         deterministic=deterministic, return_mask=return_mask,
+                         encoder_segment_ids=encoder_segment_ids,
+                         encoder_positions=encoder_positions)
 
     def decode(self, decoder_input_ids: Array, encoder_hidden: Array, encoder_mask: Array,
                decoder_attention_mask: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False, *, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None) -> Array:
         """Logits [B, T, vocab] float32 given the encoder output. decode=True uses/creates the
         KV cache (mutable "cache" collection): the first call (any T) creates it with length T,
-        each later call takes one token [B, 1]."""
+        each later call takes one token [B, 1]. Packed rows (decode=False only) need
+        `encoder_segment_ids` [B, S] with `decoder_segment_ids` [B, T]."""
         return self._run("decode", decoder_input_ids=decoder_input_ids,
                          decoder_attention_mask=decoder_attention_mask,
                          encoder_hidden=encoder_hidden, encoder_mask=encoder_mask,
-                         deterministic=deterministic, decode=decode)
+                         deterministic=deterministic, decode=decode,
+                         encoder_segment_ids=encoder_segment_ids,
+                         decoder_segment_ids=decoder_segment_ids,
+                         decoder_positions=decoder_positions)
 
     @nn.compact
     def _run(self, mode: str, input_ids=None, attention_mask=None, decoder_input_ids=None,
              decoder_attention_mask=None, encoder_hidden=None, encoder_mask=None,
-             deterministic: bool = True, decode: bool = False, return_mask: bool = False):
+             deterministic: bool = True, decode: bool = False, return_mask: bool = False,
+             encoder_segment_ids=None, encoder_positions=None, decoder_segment_ids=None,
+             decoder_positions=None):
         cfg, hooks = self.config, self.hooks
         if cfg.scan_layers and not hooks.uniform_over_layers():
             raise ValueError(f"scan_layers=True but {type(hooks).__name__}.uniform_over_layers() "
                              "is False: these hooks differ per layer. Use scan_layers=False.")
+        _check_packing_args(mode, decode, input_ids, encoder_hidden, decoder_input_ids,
+                            encoder_segment_ids, encoder_positions, decoder_segment_ids,
+                            decoder_positions)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_normal(1.0),
                          dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="shared")
         root = hooks.root_module(name="peft_root")
@@ -378,13 +464,15 @@ class T5ForConditionalGeneration(nn.Module):
             encoder = T5Stack(cfg, hooks, is_decoder=False, deterministic=deterministic,
                               name="encoder")
             encoder_hidden, encoder_mask = encoder(embed(input_ids), attention_mask,
-                                                   shared=shared)
+                                                   shared=shared, segment_ids=encoder_segment_ids,
+                                                   positions=encoder_positions)
             if mode == "encode":
                 return (encoder_hidden, encoder_mask) if return_mask else encoder_hidden
         decoder = T5Stack(cfg, hooks, is_decoder=True, decode=decode,
                           deterministic=deterministic, name="decoder")
         h, _ = decoder(embed(decoder_input_ids), decoder_attention_mask, encoder_hidden,
-                       encoder_mask, shared)
+                       encoder_mask, shared, segment_ids=decoder_segment_ids,
+                       positions=decoder_positions, enc_segment_ids=encoder_segment_ids)
         if cfg.scale_decoder_outputs:
             h = h * (cfg.d_model ** -0.5)
         if cfg.tie_word_embeddings:
@@ -401,8 +489,63 @@ class T5ForConditionalGeneration(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def shift_right(labels: Array, decoder_start_token_id: int = 0) -> Array:
-    """Decoder inputs from labels: [start, labels[:-1]] (int32 [B, T])."""
-    labels = jnp.asarray(labels, jnp.int32)
-    start = jnp.full((labels.shape[0], 1), decoder_start_token_id, jnp.int32)
-    return jnp.concatenate([start, labels[:, :-1]], axis=1)
+def _check_packing_args(mode: str, decode: bool, input_ids, encoder_hidden, decoder_input_ids,
+                        encoder_segment_ids, encoder_positions, decoder_segment_ids,
+                        decoder_positions) -> None:
+    """Clear errors for packing inputs that cannot work (shapes, missing partner, KV cache)."""
+    if mode in ("full", "encode"):
+        shape = np.shape(input_ids)
+        _check_packing_shape("encoder_segment_ids", encoder_segment_ids, shape)
+        _check_packing_shape("encoder_positions", encoder_positions, shape)
+    elif encoder_segment_ids is not None:
+        got, want = tuple(np.shape(encoder_segment_ids)), tuple(np.shape(encoder_hidden)[:2])
+        if got != want:
+            raise ValueError(f"encoder_segment_ids has shape {got} but the encoder output has "
+                             f"{want} (batch, tokens) (prompt tuning does not support packed "
+                             "inputs; set packing off)")
+    if mode == "encode":
+        return
+    shape = np.shape(decoder_input_ids)
+    _check_packing_shape("decoder_segment_ids", decoder_segment_ids, shape)
+    _check_packing_shape("decoder_positions", decoder_positions, shape)
+    if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+        given = "encoder" if decoder_segment_ids is None else "decoder"
+        raise ValueError(f"only {given}_segment_ids given: cross-attention of packed rows needs "
+                         "both encoder_segment_ids and decoder_segment_ids (or neither)")
+    if decode and (decoder_segment_ids is not None or decoder_positions is not None):
+        raise ValueError("decode=True (KV cache) does not support packed inputs: generate from "
+                         "unpacked rows (no decoder_segment_ids/decoder_positions)")
+
+
+def shift_right(labels, decoder_start_token_id: int = 0, segment_ids=None):
+    """Teacher-forcing decoder inputs: each token's input is the previous label.
+
+    Unpacked: [start, labels[:, :-1]]. Packed (`segment_ids` given): the shift happens within
+    each segment, so every segment's first input is the start token, and padding (segment 0)
+    stays 0 (as seqio's `make_autoregressive_inputs`).
+
+    Args:
+      labels: int [B, T], numpy or jax.
+      decoder_start_token_id: the first decoder input of each example (T5: 0 = pad).
+      segment_ids: optional int [B, T] of packed rows (0 = padding).
+    Returns:
+      [B, T] of the kind given: a jax array (int32) when labels (or segment_ids, e.g. traced
+      under jit) are jax arrays, else a numpy array (the labels' integer dtype kept).
+    """
+    xp = jnp if isinstance(labels, jax.Array) or isinstance(segment_ids, jax.Array) else np
+    labels = jnp.asarray(labels, jnp.int32) if xp is jnp else np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"shift_right: labels must be [batch, len], got shape {labels.shape}")
+    start = xp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype)
+    shifted = xp.concatenate([start, labels[:, :-1]], axis=1)
+    if segment_ids is None:
+        return shifted
+    segment_ids = xp.asarray(segment_ids)
+    if segment_ids.shape != labels.shape:
+        raise ValueError(f"shift_right: segment_ids has shape {segment_ids.shape}, labels "
+                         f"{labels.shape}; give one segment id per label")
+    # A token continues its segment when its left neighbour has the same (nonzero) id.
+    continues = xp.concatenate([xp.zeros((labels.shape[0], 1), bool),
+                                segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1)
+    shifted = xp.where(continues, shifted, xp.asarray(decoder_start_token_id, labels.dtype))
+    return xp.where(segment_ids == 0, xp.zeros((), labels.dtype), shifted)
