@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.measure import BenchConfig
+from compacter_jax.peft import method_names
 
 ALL_METHODS = ("full", "adapter", "pfeiffer", "lowrank", "phm_adapter", "compacter",
                "compacter++", "bitfit", "prompt_tuning", "lora")
@@ -71,7 +72,6 @@ def run_all(base: BenchConfig, methods: list[str], timeout: float | None = None,
 
 
 def parse_methods(text: str) -> list[str]:
-    from compacter_jax.peft import method_names
     methods = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in methods if m not in method_names()]
     if bad or not methods:

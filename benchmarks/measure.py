@@ -165,25 +165,26 @@ def _timed(fn, n: int, cpu: list[float] | None = None) -> list[float]:
 
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Runs one measurement; returns the JSON row (see the module docstring)."""
-    peft_config = peft.get_method(cfg.method)
-    if cfg.reduction_factor and peft_config.has_adapters:  # e.g. t5-tiny: 64 // 32 = 2 < n
-        peft_config = peft_config.replace(reduction_factor=cfg.reduction_factor)
-    scanned = cfg.scan and not peft_config.layer_dependent
+    method = peft.get_method(cfg.method)
+    adapters = isinstance(method, peft.AdapterMethod)
+    if cfg.reduction_factor and adapters:  # e.g. t5-tiny: 64 // 32 = 2 < n
+        method = method.replace(reduction_factor=cfg.reduction_factor)
+    scanned = cfg.scan and method.hooks().uniform_over_layers()
     rng = jax.random.PRNGKey(cfg.seed)
     t0 = time.perf_counter()
-    model, params = peft.from_pretrained_with_method(
-        cfg.model, peft_config, rng=rng, dtype=cfg.dtype, scan_layers=scanned, remat=cfg.remat)
-    trainable, frozen = peft.split(params, peft.label_params(params, peft_config))
+    model, params = peft.from_pretrained(cfg.model, method, rng=rng, dtype=cfg.dtype,
+                                         scan_layers=scanned, remat=cfg.remat)
+    trainable, frozen = method.partition(params)
     del params  # trainable/frozen hold the same buffers: nothing is copied
     n_trainable, n_frozen = peft.count(trainable), peft.count(frozen)
     load_time = time.perf_counter() - t0
     rss_loaded = _rss_mb("VmRSS")
 
-    tx, schedule = make_optimizer(peft.RECOMMENDED_LR[peft_config.method], 0, 10_000)
+    tx, schedule = make_optimizer(method.learning_rate, 0, 10_000)
     state = TrainState.create(trainable, tx, cfg.seed)
     del trainable  # the state owns them now (donated each step)
-    step = make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule,
-                           per_example_dropout=cfg.per_example_dropout)
+    step = make_train_step(seq2seq_apply_fn(model), tx, merge_fn=method.combine,
+                           schedule=schedule, per_example_dropout=cfg.per_example_dropout)
     host_batch = make_batch(cfg.batch, cfg.src_len, cfg.tgt_len, model.config.vocab_size,
                             cfg.seed)
     batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
@@ -209,7 +210,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
 
     gen_compile, gen_time = None, None
     if cfg.gen_repeats:
-        full = peft.merge(state.params, frozen)
+        full = method.combine(state.params, frozen)
         gen = lambda: greedy_generate(model, full, batch["input_ids"],  # noqa: E731
                                       batch["attention_mask"], max_new_tokens=cfg.tgt_len,
                                       eos_id=-1)
@@ -229,7 +230,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         "method": cfg.method,
         "model": cfg.model,
         "batch": cfg.batch, "src_len": cfg.src_len, "tgt_len": cfg.tgt_len,
-        "reduction_factor": peft_config.reduction_factor if peft_config.has_adapters else None,
+        "reduction_factor": method.reduction_factor if adapters else None,
         "dtype": cfg.dtype, "scanned": scanned, "remat": cfg.remat,
         "per_example_dropout": cfg.per_example_dropout,
         "trainable_params": n_trainable, "total_params": n_trainable + n_frozen,

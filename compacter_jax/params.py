@@ -8,7 +8,7 @@
 Counts come from `jax.eval_shape` of the model's init. `percent` = trainable / backbone size,
 where the backbone is every T5 weight of the checkpoint (embedding included, PEFT params
 excluded): 222,903,552 for t5-base with its 32,128-row embedding. The paper divides by
-222,882,048 (vocabulary resized to 32,100); both give the same rounded percentages (spec §4).
+222,882,048 (vocabulary resized to 32,100); both give the same rounded percentages (paper Table 1).
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from typing import Any
 
 import flax.traverse_util as traverse_util
 import jax
-import jax.numpy as jnp
 
-from compacter_jax.models.config import PRESETS as T5_PRESETS
-from compacter_jax.models.config import T5Config
-from compacter_jax.models.hf_io import is_backbone_path
-from compacter_jax.peft import build_model, get_method, method_names, trainable_count
-from compacter_jax.peft.methods import PeftConfig
+from compacter_jax.models import PRESETS as T5_PRESETS
+from compacter_jax.models import T5Config, is_backbone_path
+from compacter_jax.models import param_shapes as model_param_shapes
+from compacter_jax.peft import Method, build_model, get_method, method_names
 
 
-# The paper's T5-base budget (spec §4, Table 1): method -> (trainable parameters, % trained as
+# The paper's T5-base budget (Table 1): method -> (trainable parameters, % trained as
 # printed, i.e. divided by PAPER_T5_BASE_DENOMINATOR). Counts include the 47,616 layer-norm
 # scales that the adapter methods train.
 PAPER_T5_BASE = {
@@ -72,22 +70,20 @@ def resolve_model(spec: str) -> T5Config:
                      "optionally prefixed 'random:') nor a directory holding config.json")
 
 
-def param_shapes(t5_config: T5Config, peft_config: PeftConfig) -> dict:
+def param_shapes(t5_config: T5Config, method: Method) -> dict:
     """The param tree of T5 + method as ShapeDtypeStructs (no memory allocated)."""
-    model = build_model(t5_config, peft_config)
-    ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.eval_shape(lambda rng: model.init(rng, ids, jnp.ones_like(ids), ids)["params"],
-                          jax.random.PRNGKey(0))
+    return model_param_shapes(build_model(t5_config, method))
 
 
-def report(t5_config: T5Config, peft_config: PeftConfig) -> ParamReport:
-    shapes = param_shapes(t5_config, peft_config)
+def report(t5_config: T5Config, method: Method) -> ParamReport:
+    shapes = param_shapes(t5_config, method)
     flat = traverse_util.flatten_dict(shapes)
     sizes = {p: _numel(v) for p, v in flat.items()}
-    backbone = sum(n for p, n in sizes.items() if is_backbone_path(p, t5_config))
+    backbone = sum(n for p, n in sizes.items() if is_backbone_path(p))
     total = sum(sizes.values())
-    trainable = trainable_count(shapes, peft_config)
-    return ParamReport(method=peft_config.method, trainable=trainable, peft=total - backbone,
+    # The method's own split (Intrinsic-SAID's trainable vector is not in the model's tree).
+    trainable = _numel_tree(jax.eval_shape(lambda p: method.partition(p)[0], shapes))
+    return ParamReport(method=method.name, trainable=trainable, peft=total - backbone,
                        total=total, backbone=backbone, percent=100.0 * trainable / backbone)
 
 
@@ -96,6 +92,10 @@ def _numel(x: Any) -> int:
     for s in x.shape:
         n *= int(s)
     return n
+
+
+def _numel_tree(tree: Any) -> int:
+    return sum(_numel(x) for x in traverse_util.flatten_dict(tree).values())
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="preset (t5-base, random:t5-base, ...) or checkpoint dir with config.json")
     ap.add_argument("--method", default="all", help=f"'all' or one of: {', '.join(method_names())}")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a PeftConfig field of every method (repeatable)")
+                    help="override a field of every method (repeatable)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     rows: list[ParamReport] = []

@@ -1,14 +1,13 @@
-"""Fine-tune a T5 with a PEFT method on a GLUE/SuperGLUE task: config -> result.
+"""Fine-tune a T5 with a PEFT method on a GLUE/SuperGLUE task: `train_and_evaluate(config,
+workdir)` reads top-down, as flax examples/wmt/train.py:
 
-The reading path (flax examples/wmt style):
-  load data -> tokenise -> build T5 + method -> split trainable/frozen -> optax ->
-  resumable loop (jit or pmap) with evaluation by greedy decoding -> test at the best
-  validation checkpoint -> adapter export, metrics.jsonl, TensorBoard, summary, plot.
+  data -> T5 + method -> trainable/frozen -> optimizer and train step -> resume -> the loop
+  (step, logging, evaluation, checkpoints) -> test at the best validation checkpoint ->
+  adapter export, metrics.jsonl, TensorBoard, summary, plot.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
@@ -17,30 +16,16 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
-from compacter_jax.models import greedy_generate
 from compacter_jax.tokenizer import load_tokenizer
-from compacter_jax.train import (Checkpointer, TrainState, make_optimizer,
-                                 make_strategy, make_train_step, seq2seq_apply_fn, train_loop)
+from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
+                                 make_strategy, make_train_step, mean_metrics, seq2seq_apply_fn)
 from experiments import reporting
+from experiments.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything built from the config that evaluation and reporting need."""
-
-    config: ml_collections.ConfigDict
-    task: data_lib.Task
-    tokenizer: Any
-    model: Any
-    model_name: str
-    peft_config: peft.PeftConfig
-    encoded: dict[str, data_lib.EncodedData]
 
 
 # ----------------------------------------------------------------------------- data
@@ -64,9 +49,10 @@ def resolve_source(config) -> data_lib.Source:
 
 
 def load_data(config, task, tokenizer) -> dict[str, data_lib.EncodedData]:
+    """The paper's train / validation / test splits of `task`, tokenised."""
     source = resolve_source(config)
     train_samples = config.train_samples if config.train_samples > 0 else None
-    splits = data_lib.paper_splits(task, source, data_seed=config.seed,
+    splits = data_lib.paper_splits(task, source, data_seed=config.data_seed,
                                    train_samples=train_samples)
     encoded = {}
     for name, examples in splits.items():
@@ -83,23 +69,32 @@ def load_data(config, task, tokenizer) -> dict[str, data_lib.EncodedData]:
     return encoded
 
 
+def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState):
+    """(position after, this host's slice of the global batch) from `position` on. Every host
+    draws the same global batch (same seed) and keeps its own rows."""
+    for batch, after in data_lib.train_batches(encoded, config.batch_size, seed=config.seed,
+                                               state=position):
+        yield after, data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
+
+
 # ---------------------------------------------------------------------------- model
 
 
 def peft_overrides(config) -> dict[str, Any]:
+    """The `--config.peft.<field>` values that were set (None keeps the preset's)."""
     return {k: v for k, v in config.peft.items() if v is not None}
 
 
-def load_model(config, peft_config: peft.PeftConfig, rng):
+def load_model(config, method: peft.Method, rng):
     """(model, params, name): the configured model, or the fallback with a loud warning.
     Layers are scanned when asked and the method places the same modules in every block."""
-    scan = config.scan_layers and not peft_config.layer_dependent
+    scan = config.scan_layers and method.hooks().uniform_over_layers()
     if config.scan_layers and not scan:
-        log.info("%s places adapters in some blocks only: layers are not scanned",
-                 peft_config.method)
+        log.info("%s places its modules in some blocks only: layers are not scanned",
+                 method.name)
     kwargs = dict(rng=rng, dtype=config.dtype, scan_layers=scan, remat=config.remat)
     try:
-        model, params = peft.from_pretrained_with_method(config.model, peft_config, **kwargs)
+        model, params = peft.from_pretrained(config.model, method, **kwargs)
         name = config.model
     except FileNotFoundError as e:
         if not config.fallback_model:
@@ -108,44 +103,8 @@ def load_model(config, peft_config: peft.PeftConfig, rng):
         banner = "!" * 78
         warnings.warn(f"\n{banner}\n{e}\nFALLING BACK TO {name}: randomly initialised weights. "
                       f"Scores mean nothing without pretrained weights.\n{banner}", stacklevel=2)
-        model, params = peft.from_pretrained_with_method(name, peft_config, **kwargs)
+        model, params = peft.from_pretrained(name, method, **kwargs)
     return model, params, name
-
-
-# ------------------------------------------------------------------------- evaluate
-
-
-def predict(run: Run, params, split: str, batch_size: int) -> tuple[list[str], list[Any]]:
-    """Greedy-decodes every row of `split` with full `params`: (texts, references)."""
-    encoded = run.encoded[split]
-    texts: list[str] = [""] * len(encoded)
-    for batch in data_lib.eval_batches(encoded, batch_size):
-        ids = greedy_generate(run.model, params, batch["input_ids"], batch["attention_mask"],
-                              max_new_tokens=run.config.max_target_length)
-        decoded = data_lib.decode_predictions(run.tokenizer, np.asarray(ids))
-        for row, text in zip(batch["example_index"], decoded):
-            if row >= 0:
-                texts[row] = text
-    return texts, list(encoded.references)
-
-
-def evaluate(run: Run, params, split: str) -> dict[str, float]:
-    texts, refs = predict(run, params, split, run.config.eval_batch_size)
-    preds = [run.task.parse_prediction(t) for t in texts]
-    groups = run.encoded[split].groups if any(g is not None for g in
-                                              run.encoded[split].groups) else None
-    return data_lib.compute_metrics(run.task, preds, refs, groups=groups)
-
-
-def full_params(strategy, device_trainable, device_frozen, frozen_host):
-    """The full param tree for decoding: under jit the device (mesh) trees as they are;
-    under pmap (leading device axis) one replica of the trainable tree + the host backbone."""
-    if strategy.name == "pmap":
-        return peft.merge(strategy.unreplicate(device_trainable), frozen_host)
-    return peft.merge(device_trainable, device_frozen)
-
-
-# ------------------------------------------------------------------------------ main
 
 
 def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
@@ -157,99 +116,121 @@ def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[
     return total, epochs
 
 
+# ------------------------------------------------------------------------------ main
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) one fine-tuning job in `workdir`; returns the summary dict."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     task = data_lib.get_task(config.task)
-    peft_config = peft.get_method(config.method, **peft_overrides(config))
-    learning_rate = config.learning_rate or peft.RECOMMENDED_LR[peft_config.method]
+    method = peft.get_method(config.method, **peft_overrides(config))
+    learning_rate = config.learning_rate or method.learning_rate
     tokenizer = load_tokenizer(config.tokenizer or None)
     encoded = load_data(config, task, tokenizer)
 
-    # A random backbone is a function of the seed alone, so an exported adapter can be put
-    # back onto the same random weights (load_adapter reads `init_seed`).
+    # The backbone, if random, is a function of the seed alone, so an exported adapter can be
+    # put back onto the same random weights (load_adapter reads `init_seed`).
     init_rng = jax.random.PRNGKey(config.seed)
-    dropout_rng = jax.random.fold_in(init_rng, 1)
-    model, params, model_name = load_model(config, peft_config, init_rng)
-    labels = peft.label_params(params, peft_config)
-    trainable, frozen = peft.split(params, labels)
+    model, params, model_name = load_model(config, method, init_rng)
+    trainable, frozen = method.partition(params)
     del params
     n_trainable = peft.count(trainable)
     n_total = n_trainable + peft.count(frozen)
-    log.info("model %s, method %s: %s trainable of %s params (%.3f%%)", model_name,
-             peft_config.method, f"{n_trainable:,}", f"{n_total:,}",
-             100 * n_trainable / n_total)
+    log.info("model %s, method %s: %s trainable of %s params (%.3f%%)", model_name, method.name,
+             f"{n_trainable:,}", f"{n_total:,}", 100 * n_trainable / n_total)
 
+    # Optimizer, schedule and the compiled train step.
     devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
     strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
     per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {task.name} "
                          f"training set ({len(encoded['train'])} rows)")
-    total_steps, epochs = schedule_length(config, task.is_small, per_epoch)
+    total_steps, _ = schedule_length(config, task.is_small, per_epoch)
     eval_every = config.eval_every if config.eval_every > 0 else per_epoch
     save_every = config.save_every if config.save_every > 0 else eval_every
-
-    tx, schedule = make_optimizer(learning_rate, min(config.warmup_steps, total_steps),
+    tx, schedule = make_optimizer(learning_rate, config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
                                   clip_norm=config.clip_norm if config.clip_norm > 0 else None)
-    state = TrainState.create(trainable, tx, dropout_rng)
-    train_step = make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule,
-                                 per_example_dropout=config.per_example_dropout)
+    train_step = strategy.compile_train_step(make_train_step(
+        seq2seq_apply_fn(model), tx, merge_fn=method.combine, schedule=schedule,
+        per_example_dropout=config.per_example_dropout))
+    evaluator = Evaluator(task, tokenizer, model, {k: v for k, v in encoded.items()
+                                                   if k != "train"},
+                          config.eval_batch_size, config.max_target_length,
+                          predictions_dir=workdir / "predictions")
 
-    run = Run(config, task, tokenizer, model, model_name, peft_config, encoded)
-    writer = reporting.MetricsWriter(workdir)
-    progress = reporting.Progress(total_steps, config.batch_size)
-
-    def eval_fn(dev_state, dev_frozen, step):
-        start = time.perf_counter()
-        metrics = evaluate(run, full_params(strategy, dev_state.params, dev_frozen, frozen), "validation")
-        writer.write(step, {f"validation/{k}": v for k, v in metrics.items()})
-        progress.note(f"step {step}: validation " + reporting.format_metrics(metrics)
-                      + f" ({time.perf_counter() - start:.1f}s)")
-        return metrics
-
-    def batches(position):
-        # Every host draws the same global batch (same seed) and keeps its own rows.
-        for batch, nxt in data_lib.train_batches(encoded["train"], config.batch_size,
-                                                 seed=config.seed, state=position):
-            yield nxt, data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
-
-    def log_fn(step, window):
-        progress.update(step, window)
-        writer.write(step, {"train/" + k: float(np.mean([m[k] for m in window]))
-                            for k in window[-1] if k != "step"})
-
+    # Resume where the last checkpoint stopped (state and data position), or start.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    state = TrainState.create(trainable, tx, jax.random.fold_in(init_rng, 1))
+    position = data_lib.DataState()
+    if (restored := ckpt.restore_latest(state)) is not None:
+        state, meta = restored
+        position = data_lib.DataState.from_dict(meta["data_position"])
+        log.info("resumed from step %d at %s", int(state.step), position)
+    start_step = int(state.step)
+    dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(frozen)
+    writer = reporting.MetricsWriter(workdir)
+    progress = reporting.Progress(total_steps, config.batch_size, start_step)
+    batches = train_batches(config, encoded["train"], position)
+    buffer, window = MetricsBuffer(strategy), []
+
     with ckpt:
-        result = train_loop(state=state, frozen=frozen, train_step=train_step, strategy=strategy,
-                            batches=batches, num_steps=total_steps, checkpointer=ckpt,
-                            save_every=save_every, eval_fn=eval_fn, eval_every=eval_every,
-                            log_every=config.log_every, log_fn=log_fn,
-                            config=config.to_dict())
+        for step in range(start_step + 1, total_steps + 1):
+            position, batch = next(batches)
+            dev_state, metrics = train_step(dev_state, dev_frozen, strategy.shard_batch(batch))
+            buffer.add(step, metrics)
+            do_log = due(step, config.log_every, total_steps)
+            do_eval = due(step, eval_every, total_steps)
+            do_save = due(step, save_every, total_steps)
+            if do_log or do_eval or do_save:
+                window += buffer.flush()  # one host sync; NaN/inf raise before any save
+            if do_log:
+                writer.write(step, {f"train/{k}": v for k, v in mean_metrics(window).items()})
+                progress.update(step, window)
+                window = []
+            if do_eval:
+                start = time.perf_counter()
+                params = method.combine(strategy.one_copy(dev_state.params),
+                                        strategy.one_copy(dev_frozen))
+                scores = evaluator.evaluate(params, "validation")
+                writer.write(step, {f"validation/{k}": v for k, v in scores.items()})
+                progress.note(f"step {step}: validation " + reporting.format_metrics(scores)
+                              + f" ({time.perf_counter() - start:.1f}s)")
+                ckpt.save_best(step, strategy.unreplicate(dev_state.params), scores["score"],
+                               {"config": config.to_dict()})
+            if do_save:
+                ckpt.save(step, strategy.unreplicate(dev_state),
+                          {"data_position": position.to_dict(), "config": config.to_dict(),
+                           "best_score": ckpt.best_score})
         progress.close()
+        ckpt.wait()
         best = ckpt.restore_best(trainable)
-    best_params = best[0] if best else strategy.unreplicate(result.state.params)
+
+    # Test at the best validation checkpoint; export the adapter; the run's summary.
+    best_params = best[0] if best else strategy.unreplicate(dev_state.params)
     best_step = int(best[1].get("step", total_steps)) if best else total_steps
     summary: dict[str, Any] = {
-        "task": task.name, "method": peft_config.method, "model": model_name,
+        "task": task.name, "method": method.name, "model": model_name,
         "trainable_params": n_trainable, "total_params": n_total, "steps": total_steps,
         "best_step": best_step, "best_validation_score": ckpt.best_score,
     }
     if config.eval_test and "test" in encoded:
-        test = evaluate(run, peft.merge(best_params, frozen), "test")
+        params = method.combine(strategy.one_copy(strategy.replicate(best_params)),
+                                strategy.one_copy(dev_frozen))
+        test = evaluator.evaluate(params, "test")
         writer.write(best_step, {f"test/{k}": v for k, v in test.items()})
         summary["test"] = test
     history = writer.read()
     summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
                                   and any(k.startswith("validation/") for k in h)), {})
-    peft.save_adapter(workdir / "adapter", best_params, peft_config, model=model_name,
+    peft.save_adapter(workdir / "adapter", best_params, method, model=model_name,
                       task=task.name, step=best_step, init_seed=config.seed,
                       max_source_length=config.max_source_length,
                       max_target_length=config.max_target_length)
     reporting.write_summary(workdir, summary)
-    reporting.plot_curves(history, workdir / "learning_curves.png", title=
-                          f"{task.name} · {peft_config.method} · {model_name}")
+    reporting.plot_curves(history, workdir / "learning_curves.png",
+                          title=f"{task.name} · {method.name} · {model_name}")
     writer.close()
     return summary

@@ -15,6 +15,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from compacter_jax.train import NonFiniteLossError, init_distributed
+from experiments.finetune import train_and_evaluate
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.",
                     required=True)
@@ -28,10 +31,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "absl.logging"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from compacter_jax.train import NonFiniteLossError, init_distributed
-
     init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
-    from experiments.finetune import train_and_evaluate
 
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)

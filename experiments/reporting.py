@@ -61,17 +61,15 @@ class MetricsWriter:
 class Progress:
     """A tqdm bar over training steps showing the loss and throughput (examples/s)."""
 
-    def __init__(self, total_steps: int, batch_size: int):
-        self.bar = tqdm.tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+        self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                             dynamic_ncols=True)
         self.batch_size = batch_size
         self.last_time = time.perf_counter()
-        self.last_step: int | None = None
+        self.last_step = start_step
 
     def update(self, step: int, window: list[dict]) -> None:
         now = time.perf_counter()
-        if self.last_step is None:  # first call after (re)start: jump to the resumed step
-            self.bar.n = step - len(window)
-            self.last_step = self.bar.n
         done = step - self.last_step
         rate = done * self.batch_size / max(now - self.last_time, 1e-9)
         self.bar.update(done)

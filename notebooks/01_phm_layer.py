@@ -219,7 +219,7 @@ for m in (1, 2, 4, 8, 12, 24):
 # Full-`B` PHM divides the dense count by `n`, until the `n³` of the rule takes over (the
 # PHM-Adapter uses `n = 12`). The rank-one LPHM count is `k + d + n³`, almost independent of
 # `n` while `n³` is small. Compacter's down projection of T5-base (`768 → 24`, `n = 4`) has
-# 768 + 24 = 792 factor parameters and 24 biases, the 816 of spec §4; its 64 rule parameters
+# 768 + 24 = 792 factor parameters and 24 biases, the 816 of the paper's budget; its 64 rule parameters
 # are shared with every other adapter of the model.
 
 # %% [markdown]

@@ -20,8 +20,8 @@
 # T5-base (222.9M weights). This notebook regenerates that table from the library: it builds
 # T5-base with each method inserted and counts the parameters with `jax.eval_shape`, i.e. from
 # the shapes alone, **without allocating a single weight** (T5-base would need ~0.9 GB in
-# float32). It then checks every count against the paper's numbers (spec §4 of
-# `COMPACTER_SPEC.md`) and draws them.
+# float32). It then checks every count against the paper's numbers (Table 1 of
+# the paper) and draws them.
 #
 # The same numbers are available from the command line:
 # `python -m compacter_jax.params --model t5-base --method all`.
@@ -46,7 +46,8 @@ from compacter_jax.peft import get_method, label_params, method_names
 #
 # `param_report.resolve_model` accepts a preset name (`t5-base`), `random:<preset>`, or a
 # checkpoint directory holding `config.json`; only the configuration is read.
-# `get_method(name, **overrides)` returns a method preset (a frozen `PeftConfig`).
+# `get_method(name, **overrides)` returns a method preset: a frozen `Method` dataclass holding
+# only that method's fields.
 
 # %%
 t5_base = param_report.resolve_model("t5-base")
@@ -58,10 +59,10 @@ print(get_method("compacter++"))
 # %% [markdown]
 # ## 2. Counting without allocating
 #
-# `param_report.param_shapes(t5_config, peft_config)` is `jax.eval_shape` of the model's
+# `param_report.param_shapes(t5_config, method)` is `jax.eval_shape` of the model's
 # `init`: a tree of `jax.ShapeDtypeStruct`s. `param_report.report` sums its sizes, splits
 # backbone from PEFT parameters and counts what the method trains (the same labelling the
-# trainer uses, `peft.label_params`).
+# trainer uses, `method.partition`).
 
 # %%
 start = time.perf_counter()
@@ -82,7 +83,7 @@ print(param_report.format_table(list(reports.values()), {}))
 # %% [markdown]
 # ## 3. Against the paper
 #
-# Spec §4 (Table 1 of the paper; the counts include the layer-norm scales, 47,616 on T5-base,
+# Table 1 of the paper (the counts include the layer-norm scales, 47,616 on T5-base,
 # which the adapter methods train too). The paper divides by 222,882,048 (its vocabulary was
 # resized to 32,100 rows); the library divides by the checkpoint's 222,903,552 parameters
 # (32,128 rows). Both give the paper's rounded percentages, which is checked too.
@@ -100,7 +101,7 @@ for name, (count, percent) in PAPER.items():
     assert round(r.percent, 3) == percent, (name, r.percent)
     assert round(100 * count / PAPER_DENOMINATOR, 3) == percent, name
 assert reports["compacter++"].backbone == 222_903_552
-print("\nall eight counts match spec §4 exactly")
+print(f"\nall {len(PAPER)} counts match the paper exactly")
 
 # %% [markdown]
 # ## 4. Where Compacter++'s 104,704 parameters are
@@ -168,7 +169,7 @@ plt.show()
 # ## 6. Other models and settings
 #
 # The same functions work for any preset or checkpoint directory and any override of the
-# method, e.g. the reduction-factor / `n` sweep of the paper (spec §5). A preset whose sizes
+# method, e.g. the reduction-factor / `n` sweep of the paper (§5). A preset whose sizes
 # do not fit the model raises a `ValueError` that names the field to change.
 
 # %%

@@ -55,7 +55,7 @@ from compacter_jax import peft
 from compacter_jax.models import from_pretrained, greedy_generate, save_pretrained
 from compacter_jax.paths import DATA_DIR_ENV, data_dir, t5_vocab_dir
 from compacter_jax.tokenizer import load_tokenizer
-from compacter_jax.train import Checkpointer, load_trainable
+from compacter_jax.train import Checkpointer
 
 NOTEBOOK_START = time.perf_counter()
 
@@ -112,18 +112,19 @@ print(f"backbone {MODEL}: d_model={t5_config.d_model}, {t5_config.num_layers}+"
 #
 # Compacter++ adds one LPHM adapter after each feed-forward sublayer. The paper's reduction
 # factor 32 would leave no bottleneck on `d_model = 64`, so we use 8 (bottleneck 8, divisible
-# by `n = 4`). `from_pretrained_with_method` loads the backbone unchanged and initialises only
-# the new parameters; `label_params` + `split` separate what is trained (adapters, the shared
-# rule, layer norms) from the frozen rest, and the optimizer only ever sees the former.
+# by `n = 4`). `peft.from_pretrained(checkpoint, method)` loads the backbone unchanged and
+# initialises only the new parameters; `method.partition` separates what is trained (adapters,
+# the shared rule, layer norms) from the frozen rest, and the optimizer only ever sees the
+# former.
 
 # %%
 REDUCTION_FACTOR = 8 if PRETRAINED is None else 32
-peft_config = peft.get_method("compacter++", reduction_factor=REDUCTION_FACTOR)
-model, params = peft.from_pretrained_with_method(MODEL, peft_config)
-trainable, frozen = peft.split(params, peft.label_params(params, peft_config))
+method = peft.get_method("compacter++", reduction_factor=REDUCTION_FACTOR)
+model, params = peft.from_pretrained(MODEL, method)
+trainable, frozen = method.partition(params)
 print(f"trainable {peft.count(trainable):,} of {peft.count(params):,} parameters "
       f"({100 * peft.count(trainable) / peft.count(params):.3f}%)")
-print(param_report.format_table([param_report.report(t5_config, peft_config)], {}))
+print(param_report.format_table([param_report.report(t5_config, method)], {}))
 print("\ntrainable parameters of one block:")
 for path, leaf in jax.tree_util.tree_flatten_with_path(trainable["encoder"]["block_0"])[0]:
     print(f"  encoder/block_0/{'/'.join(k.key for k in path):40s} {tuple(leaf.shape)}")
@@ -202,7 +203,8 @@ print({k: v for k, v in summary.items() if k not in ("validation",)})
 # ## 5. Save the adapter, load it back
 #
 # The best validation checkpoint holds the trainable tree only. `save_adapter` writes it as
-# safetensors plus a JSON with the method's `PeftConfig` and the backbone's name: a few KB
+# safetensors plus a JSON with the method (`Method.to_dict()`), the backbone's name and a
+# checksum manifest: a few KB
 # here, about 0.4 MB for Compacter++ on T5-base, against 0.9 GB for the backbone.
 # `load_adapter(path)` rebuilds the model from the recorded backbone and method and puts the
 # trained parameters in place. (`train_and_evaluate` already exported the same tensors to
@@ -213,12 +215,12 @@ with Checkpointer(RUN / "checkpoints") as ckpt:
     best, meta = ckpt.restore_best(trainable)
 print(f"best checkpoint: step {meta['step']}, validation score {meta['score']:.1f}")
 
-adapter_dir = peft.save_adapter(WORK / "rte_adapter", best, peft_config, model=MODEL, task="rte")
+adapter_dir = peft.save_adapter(WORK / "rte_adapter", best, method, model=MODEL, task="rte")
 for f in sorted(adapter_dir.iterdir()):
     print(f"  {f.name:28s} {f.stat().st_size:>8,} bytes")
 
 # The run's own export holds the same tensors.
-exported, exported_meta = load_trainable(RUN / "adapter")
+exported, exported_meta = peft.load_trainable(RUN / "adapter")
 for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(best)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -228,13 +230,14 @@ print(f"reloaded {MODEL} + adapter: {peft.count(reloaded_params):,} parameters")
 
 # %% [markdown]
 # **Identical logits.** The reloaded model must compute exactly what the trained one does:
-# backbone from the checkpoint directory + the best trainable tree, merged (`peft.merge`),
+# backbone from the checkpoint directory + the best trainable tree, combined
+# (`method.combine`),
 # against the model that `load_adapter` rebuilt. The untrained adapter (initial parameters)
 # gives different logits, so the check would notice a reload that silently lost the adapter.
 
 # %%
 tokenizer = load_tokenizer()  # the T5 vocabulary under t5_vocab_dir()
-validation = data_lib.paper_splits(task, files, data_seed=config.seed)["validation"][:4]
+validation = data_lib.paper_splits(task, files, data_seed=config.data_seed)["validation"][:4]
 encoded = data_lib.encode(task, validation, tokenizer, max_source_length=config.max_source_length,
                           max_target_length=config.max_target_length)
 batch = next(data_lib.eval_batches(encoded, 4))
@@ -247,7 +250,7 @@ def logits(model, params, batch):
                                   deterministic=True))
 
 
-trained_logits = logits(model, peft.merge(best, frozen), batch)
+trained_logits = logits(model, method.combine(best, frozen), batch)
 reloaded_logits = logits(reloaded_model, reloaded_params, batch)
 initial_logits = logits(model, params, batch)
 np.testing.assert_array_equal(reloaded_logits, trained_logits)

@@ -3,13 +3,13 @@
 from compacter_jax.models.config import PRESETS, T5Config, get_preset
 from compacter_jax.models.generation import greedy_generate
 from compacter_jax.models.hf_io import (
-    from_pretrained, init_hook_params, init_params, save_pretrained, stack_blocks,
-    unstack_blocks)
+    from_pretrained, init_fn, init_hook_params, init_params, is_backbone_path, param_shapes,
+    save_pretrained, stack_blocks, unstack_blocks)
 from compacter_jax.models.hooks import NO_HOOKS, Site, T5Hooks
 from compacter_jax.models.t5 import T5ForConditionalGeneration, shift_right
 
 __all__ = [
     "NO_HOOKS", "PRESETS", "Site", "T5Config", "T5ForConditionalGeneration", "T5Hooks",
-    "from_pretrained", "get_preset", "greedy_generate", "init_hook_params", "init_params",
-    "save_pretrained", "shift_right", "stack_blocks", "unstack_blocks",
+    "from_pretrained", "get_preset", "greedy_generate", "init_fn", "init_hook_params",
+    "init_params", "is_backbone_path", "param_shapes", "save_pretrained", "shift_right", "stack_blocks", "unstack_blocks",
 ]

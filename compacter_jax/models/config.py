@@ -2,7 +2,7 @@
 
 Tying and output scaling are two separate flags, because transformers >= 5 forces
 `tie_word_embeddings: true` in every T5 config it writes and keeps the original meaning in
-`scale_decoder_outputs` (see docs spec §8):
+`scale_decoder_outputs` (see docs/DESIGN.md, "Checkpoints"):
 
 * T5 v1.0: tied lm_head, decoder output scaled by d_model**-0.5 before it.
 * T5 v1.1 / FLAN-T5: separate `lm_head`, no scaling.

@@ -83,9 +83,11 @@ def _num_layers(config: T5Config, stack: str) -> int:
     return config.num_layers if stack == "encoder" else config.num_decoder_layers
 
 
-def is_backbone_path(path: Path_, config: T5Config) -> bool:
-    """True if the (scanned or unscanned) param path is a T5 weight stored in HF checkpoints."""
-    per_layer = _layer_paths(path, _num_layers(config, path[0]) if path else 0)
+def is_backbone_path(path: Path_, config: T5Config | None = None) -> bool:
+    """True if the (scanned or unscanned) param path is a T5 weight stored in HF checkpoints;
+    everything else in a model's tree was inserted by hooks (PEFT parameters). `config` is
+    accepted for backwards compatibility and not needed."""
+    per_layer = _layer_paths(path, 1)
     return flax_path_to_hf(per_layer[0] if per_layer else path) is not None
 
 
@@ -212,9 +214,15 @@ def _load_config(directory: Path, **runtime: Any) -> T5Config:
     return T5Config.from_hf_dict(d, **runtime)
 
 
-def _init_fn(model: T5ForConditionalGeneration):
+def init_fn(model: T5ForConditionalGeneration):
+    """`rng -> params` of `model` (all of them, backbone and hooks), on a dummy batch."""
     ids = jnp.zeros((1, 2), jnp.int32)
     return lambda rng: model.init(rng, ids, jnp.ones_like(ids), ids)["params"]
+
+
+def param_shapes(model: T5ForConditionalGeneration, rng: jax.Array | None = None) -> dict:
+    """The param tree of `model` as `jax.ShapeDtypeStruct`s (no memory allocated)."""
+    return jax.eval_shape(init_fn(model), jax.random.PRNGKey(0) if rng is None else rng)
 
 
 def _run_once(fn, *args):
@@ -235,13 +243,13 @@ def _run_once(fn, *args):
 
 def init_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
     """Random params of `model` (all of them, backbone and PEFT)."""
-    return _run_once(_init_fn(model), rng)
+    return _run_once(init_fn(model), rng)
 
 
 def _init_subset(model: T5ForConditionalGeneration, rng: jax.Array,
                  paths: list[Path_]) -> dict[Path_, jax.Array]:
     """Initialises only the given leaves; XLA drops the rest of the init (cheap to compile)."""
-    init = _init_fn(model)
+    init = init_fn(model)
 
     def f(r):
         flat = traverse_util.flatten_dict(init(r))
@@ -253,8 +261,8 @@ def _init_subset(model: T5ForConditionalGeneration, rng: jax.Array,
 
 def init_hook_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
     """Freshly initialised params of `model` that are not T5 backbone weights (PEFT params)."""
-    abstract = traverse_util.flatten_dict(jax.eval_shape(_init_fn(model), rng))
-    paths = [p for p in abstract if not is_backbone_path(p, model.config)]
+    abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(model), rng))
+    paths = [p for p in abstract if not is_backbone_path(p)]
     return traverse_util.unflatten_dict(_init_subset(model, rng, paths))
 
 
@@ -288,13 +296,13 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
         if not np.array_equal(ckpt.get("lm_head.weight"), _get(ckpt, "shared.weight")):
             config = config.replace(tie_word_embeddings=False)
     model = T5ForConditionalGeneration(config, hooks)
-    abstract = traverse_util.flatten_dict(jax.eval_shape(_init_fn(model), rng))
+    abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(model), rng))
 
     loaded: dict[Path_, Any] = {}
     fresh: list[Path_] = []
     used: set[str] = set()
     for path, spec in abstract.items():
-        if not is_backbone_path(path, config):
+        if not is_backbone_path(path):
             fresh.append(path)
             continue
         per_layer = _layer_paths(path, _num_layers(config, path[0]))

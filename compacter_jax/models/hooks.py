@@ -1,6 +1,6 @@
 """Insertion points of the Flax T5: how PEFT methods plug in without forking the model.
 
-The T5 modules call a `T5Hooks` object at four places. The default implementation inserts
+The T5 modules call a `T5Hooks` object at five places. The default implementation inserts
 nothing, so `T5ForConditionalGeneration(config)` is the plain backbone. PEFT methods
 (`compacter_jax.peft`) subclass it.
 
@@ -20,7 +20,11 @@ created as children of the calling module and named by the `name` argument):
    "wi_1", "wo"}). Returns a module or None. Called as `delta(x, shared) -> [..., out]`
    which is *added* to the frozen projection `x @ W` (LoRA's low-rank update, BitFit's bias).
    Also called with site.sublayer == "lm_head", projection "lm_head".
-4. `soft_prompt(d_model, name="prompt")` — in the encoder, after the token embedding.
+4. `layer_norm_delta(site, d_model, name="layer_norm_delta")` — beside the layer norm that
+   starts every sublayer (not the two final norms). Returns a module or None. Called as
+   `delta(y, shared) -> [..., d_model]`, *added* to the norm's output `y` (BitFit's
+   layer-norm bias).
+5. `soft_prompt(d_model, name="prompt")` — in the encoder, after the token embedding.
    Returns a module or None, called as `prompt(embeds, mask) -> (embeds', mask')` where
    embeds: [batch, len, d_model] and mask: [batch, len] (1 = keep). Used by prompt tuning.
 
@@ -76,6 +80,10 @@ class T5Hooks:
     def projection_delta(
         self, site: Site, projection: str, in_features: int, out_features: int, name: str
     ) -> nn.Module | None:
+        return None
+
+    def layer_norm_delta(self, site: Site, d_model: int,
+                         name: str = "layer_norm_delta") -> nn.Module | None:
         return None
 
     def soft_prompt(self, d_model: int, name: str = "prompt") -> nn.Module | None:

@@ -130,6 +130,15 @@ def _project(x: Array, proj: str, out_features: int, std: float, cfg: T5Config, 
     return y
 
 
+def _layer_norm(h: Array, cfg: T5Config, hooks: T5Hooks, site: Site, shared) -> Array:
+    """The sublayer's pre-norm `layer_norm` plus the hook's delta, if any. Call in compact."""
+    y = T5LayerNorm(cfg, name="layer_norm")(h)
+    delta = hooks.layer_norm_delta(site, cfg.d_model, name="layer_norm_delta")
+    if delta is not None:
+        y = y + delta(y, shared).astype(y.dtype)
+    return y
+
+
 def _adapter_dropout_residual(h: Array, y: Array, cfg: T5Config, hooks: T5Hooks, site: Site,
                               shared, deterministic: bool) -> Array:
     """h + Dropout(adapter(y)): the adapter sits on the sublayer output. Call in compact."""
@@ -204,7 +213,7 @@ class T5LayerAttention(nn.Module):
     @nn.compact
     def __call__(self, h: Array, kv: Array | None, bias: Array, shared,
                  cache_index: Array | None = None) -> Array:
-        y = T5LayerNorm(self.config, name="layer_norm")(h)
+        y = _layer_norm(h, self.config, self.hooks, self.site, shared)
         y = T5Attention(self.config, self.hooks, self.site, is_cross=self.is_cross,
                         decode=self.decode, deterministic=self.deterministic,
                         name="EncDecAttention" if self.is_cross else "SelfAttention")(
@@ -243,7 +252,7 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, shared) -> Array:
-        y = T5LayerNorm(self.config, name="layer_norm")(h)
+        y = _layer_norm(h, self.config, self.hooks, self.site, shared)
         y = T5DenseReluDense(self.config, self.hooks, self.site, self.deterministic,
                              name="DenseReluDense")(y, shared)
         return _adapter_dropout_residual(h, y, self.config, self.hooks, self.site, shared,

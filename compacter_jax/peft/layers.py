@@ -1,11 +1,11 @@
 """Flax linen modules of the PEFT methods: thin shells over `phm.py` and plain matmuls.
 
-Parameter names and layouts (spec §1): `phm_rule` [n, n, n], `phm_left` [n, in/n, r],
+Parameter names and layouts (those of the original code): `phm_rule` [n, n, n], `phm_left` [n, in/n, r],
 `phm_right` [n, r, out/n], `phm_factors` [n, in/n, out/n] (full B), `bias` [out];
 `lowrank_left` [in, r], `lowrank_right` [r, out]; dense `kernel` [in, out] + `bias` [out];
 `lora_a` [in, r], `lora_b` [r, out]; soft prompt `embedding` [length, d_model].
 
-Initialisation (spec §2): an own PHM rule ~ Normal(0, 0.01) (the shared rule, created by
+Initialisation (the original configs): an own PHM rule ~ Normal(0, 0.01) (the shared rule, created by
 `PeftRoot`, ~ Normal(0, 1e-4)); PHM/low-rank factors ~ Glorot-uniform with gain sqrt(2) and
 fans taken per i-slice; dense adapter kernels ~ Normal(0, 0.01); every bias zero.
 """

@@ -5,30 +5,28 @@ with a string label per leaf ("trainable" or "frozen"). `split` returns two nest
 that each hold only their own leaves, so gradients and optimizer state exist only for the
 trainable part; `merge` puts them back together.
 
-`label_params(params, peft_config)` builds the label tree from parameter paths:
-trainable are PEFT parameters (any path through `adapter`, `peft_root`, `prompt`, or a
-`*_delta` module), the layer-norm scales (`layer_norm`, `final_layer_norm`) when the method
-trains them (adapter methods, spec §3), and everything for full fine-tuning. The rest of the
-backbone, including `lm_head` and the token embedding, is frozen.
+`label_params(params, method)` builds the label tree from parameter paths with the method's
+`is_trainable(path)` (see `compacter_jax.peft.method.Method`): e.g. the parameters a method
+inserted, plus the layer-norm scales for the adapter methods (paper §3), or everything for full
+fine-tuning. The rest of the backbone, including `lm_head` and the token embedding, is frozen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.traverse_util as traverse_util
 import jax
 import numpy as np
 import optax
 
-if TYPE_CHECKING:
-    from compacter_jax.peft.methods import PeftConfig
-
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
 Params = Mapping[str, Any]
+# A Method (anything with `is_trainable(path) -> bool`) or such a predicate itself.
+TrainablePredicate = Callable[[tuple[str, ...]], bool]
 
 
 def split(params: Params, labels: Params) -> tuple[dict, dict]:
@@ -57,28 +55,20 @@ def merge(trainable: Params, frozen: Params) -> dict:
     return traverse_util.unflatten_dict({**flat_f, **flat_t}, sep="/")
 
 
-PEFT_MODULES = ("adapter", "peft_root", "prompt")
-LAYER_NORMS = ("layer_norm", "final_layer_norm")
+def _predicate(method_or_predicate: Any) -> TrainablePredicate:
+    return getattr(method_or_predicate, "is_trainable", method_or_predicate)
 
 
-def path_label(path: tuple[str, ...], config: "PeftConfig") -> str:
-    """TRAINABLE or FROZEN for one parameter path (a tuple of names)."""
-    if config.train_all:
-        return TRAINABLE
-    if any(name in PEFT_MODULES or name.endswith("_delta") for name in path):
-        return TRAINABLE
-    if config.train_layer_norms and any(name in LAYER_NORMS for name in path):
-        return TRAINABLE
-    return FROZEN
-
-
-def label_params(params: Params, config: "PeftConfig") -> dict:
-    """Label tree (same structure as `params`, leaves "trainable"/"frozen") for `config`.
+def label_params(params: Params, method: Any) -> dict:
+    """Label tree (same structure as `params`, leaves "trainable"/"frozen") for `method` (a
+    Method, or a predicate path -> bool).
 
     Works on arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`), scanned or not.
     """
+    is_trainable = _predicate(method)
     flat = traverse_util.flatten_dict(dict(params))
-    return traverse_util.unflatten_dict({p: path_label(p, config) for p in flat})
+    return traverse_util.unflatten_dict(
+        {p: TRAINABLE if is_trainable(p) else FROZEN for p in flat})
 
 
 def count(params: Params) -> int:
@@ -86,25 +76,26 @@ def count(params: Params) -> int:
     return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)))
 
 
-def trainable_count(params: Params, labels_or_config: "Params | PeftConfig") -> int:
-    """Number of trainable scalars of `params` under a label tree or a PeftConfig."""
-    labels = labels_or_config
-    if not isinstance(labels_or_config, Mapping):
-        labels = label_params(params, labels_or_config)
+def trainable_count(params: Params, labels_or_method: Any) -> int:
+    """Number of trainable scalars of `params` under a label tree or a Method."""
+    labels = labels_or_method
+    if not isinstance(labels_or_method, Mapping):
+        labels = label_params(params, labels_or_method)
     flat = traverse_util.flatten_dict(dict(params))
     flat_labels = traverse_util.flatten_dict(dict(labels))
     return int(sum(int(np.prod(v.shape)) for p, v in flat.items() if flat_labels[p] == TRAINABLE))
 
 
-def make_optimizer(labels: "Params | PeftConfig | Callable[[Any], Any]",
-                   tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def freezing_optimizer(labels: Any, tx: optax.GradientTransformation
+                       ) -> optax.GradientTransformation:
     """`tx` on trainable leaves, zero updates (and no state) on frozen ones.
 
-    A safety net for code that keeps the whole tree in one optimizer: the preferred train
-    step differentiates only `split(...)[0]` and never sees frozen leaves. `labels` is a label
-    tree, a PeftConfig (labels computed from the params' paths), or a callable params -> labels.
+    A safety net for code that keeps the whole tree in one optimizer: the library's train
+    step differentiates only the trainable tree and never sees frozen leaves. `labels` is a
+    label tree, a Method (labels computed from the params' paths), or a callable
+    params -> labels.
     """
-    if not isinstance(labels, Mapping) and not callable(labels):
-        config = labels
-        labels = lambda params: label_params(params, config)  # noqa: E731
+    if hasattr(labels, "is_trainable"):
+        method = labels
+        labels = lambda params: label_params(params, method)  # noqa: E731
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)

@@ -9,39 +9,23 @@ Layout of a run directory:
 The frozen backbone is never written: restore it from the pretrained checkpoint. Orbax writes a
 step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so an interrupted save is
 never listed as a step. Saves are asynchronous; `wait()` before reading them back or exiting.
-
-`export_trainable` / `load_trainable` write the trained parameters alone (safetensors + JSON
-method config) for loading onto a pretrained backbone later.
+(The trained parameters alone, for loading onto a backbone later, are exported by
+`compacter_jax.peft.save_adapter`.)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import serialization, traverse_util
+from flax import serialization
 
+from compacter_jax.host import to_host
 from compacter_jax.train.state import TrainState
-
-ADAPTER_WEIGHTS = "trainable.safetensors"
-ADAPTER_CONFIG = "trainable_config.json"
-
-
-def _to_host(tree: Any) -> Any:
-    """numpy copies of every leaf (copies: the device buffers may be donated to the next step)."""
-    def leaf(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
-        return np.array(x)
-    return jax.tree_util.tree_map(leaf, tree)
 
 
 class Checkpointer:
@@ -89,7 +73,7 @@ class Checkpointer:
         """
         if step in self._steps.all_steps():
             return False
-        state_dict = _to_host(serialization.to_state_dict(state))
+        state_dict = to_host(serialization.to_state_dict(state))
         return self._steps.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(dict(meta))))
 
@@ -102,7 +86,7 @@ class Checkpointer:
         step = self.latest_step()
         if step is None:
             return None
-        target = _to_host(serialization.to_state_dict(template))
+        target = to_host(serialization.to_state_dict(template))
         out = self._steps.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return serialization.from_state_dict(template, out.state), dict(out.meta)
@@ -125,7 +109,7 @@ class Checkpointer:
             self._best.delete(step)
         record = {**dict(meta or {}), "score": float(score), "step": int(step)}
         self._best.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(_to_host(params)), meta=ocp.args.JsonSave(record)))
+            params=ocp.args.StandardSave(to_host(params)), meta=ocp.args.JsonSave(record)))
         self.best_score = float(score)
         return True
 
@@ -135,7 +119,7 @@ class Checkpointer:
         if step is None:
             return None
         out = self._best.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_to_host(template_params)),
+            params=ocp.args.StandardRestore(to_host(template_params)),
             meta=ocp.args.JsonRestore()))
         return out.params, dict(out.meta)
 
@@ -154,41 +138,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def export_trainable(path: str | os.PathLike, params: Any, metadata: Mapping[str, Any]) -> Path:
-    """Writes the trainable tree alone to `path/` (safetensors, keys "a/b/kernel") + JSON
-    `metadata` (e.g. the PEFT method config and backbone name). Replaces an existing export
-    atomically (written to a temporary dir, then renamed). Only process 0 writes."""
-    path = Path(path)
-    if jax.process_index() != 0:
-        return path
-    from safetensors.flax import save_file  # handles bfloat16, unlike the numpy backend
-
-    flat = traverse_util.flatten_dict(_to_host(params))
-    bad = [k for k in flat if any("/" in str(part) for part in k)]
-    if bad:
-        raise ValueError(f"parameter names must not contain '/': {bad[:3]}")
-    tensors = {"/".join(map(str, k)): jax.numpy.asarray(v) for k, v in flat.items()}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / ADAPTER_WEIGHTS)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
-
-
-def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(nested dict of numpy params, metadata) written by `export_trainable`."""
-    from safetensors.flax import load_file
-
-    path = Path(path)
-    weights, config = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
-    for f in (weights, config):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: is {path} an export_trainable directory?")
-    flat = {tuple(k.split("/")): np.asarray(v) for k, v in load_file(weights).items()}
-    return traverse_util.unflatten_dict(flat), json.loads(config.read_text())

@@ -1,4 +1,4 @@
-"""Optimizer of the paper's recipe (spec §5): global-norm clipping + AdamW with a linear
+"""Optimizer of the paper's recipe (paper §5): global-norm clipping + AdamW with a linear
 warm-up then linear decay of the learning rate.
 
 The optimizer is built for, and applied to, the *trainable* parameter tree only (see
@@ -11,24 +11,26 @@ import optax
 
 
 def make_schedule(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Linear 0 -> `learning_rate` over `warmup_steps` updates, then linear -> 0 at `total_steps`.
+    """HF `get_linear_schedule_with_warmup`: linear 0 -> `learning_rate` over `warmup_steps`
+    updates, then linear -> 0 at `total_steps`; when warmup_steps >= total_steps the rate
+    simply ramps for the whole run (the normal case for short runs such as RTE's 20 epochs).
 
     The schedule is evaluated at the number of updates already applied (optax's count), so the
-    first update uses lr(0) (= 0 when warming up), as in HF's `get_linear_schedule_with_warmup`.
-    Returns a function `step (int32 scalar) -> learning rate (float32 scalar)`.
+    first update uses lr(0) (= 0 when warming up), as HF's. Returns a function
+    `step (int32 scalar) -> learning rate (float32 scalar)`.
     """
-    if learning_rate <= 0:
+    if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if total_steps <= warmup_steps:
-        raise ValueError(
-            f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}); "
-            "lower warmup_steps or train for more steps")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    if warmup_steps >= total_steps:  # HF: still ramping at total_steps, 0 from warmup_steps on
+        return optax.join_schedules([warmup, optax.constant_schedule(0.0)], [warmup_steps])
     decay = optax.linear_schedule(learning_rate, 0.0, total_steps - warmup_steps)
     if warmup_steps == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
 
 

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from compacter_jax.host import to_host
+
 AXIS = "data"
 
 
@@ -45,16 +47,9 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     return False
 
 
-def _host(x: Any) -> np.ndarray:
-    """A host numpy copy of a leaf (a jax array's first addressable shard if distributed)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return np.array(x)  # copy: never alias a buffer that a later step may donate
-
-
 def _put(x: Any, shape: tuple[int, ...], sharding: NamedSharding,
          data: Callable[[np.ndarray, Any], np.ndarray]) -> jax.Array:
-    host = _host(x)
+    host = to_host(x)
     return jax.make_array_from_callback(shape, sharding, lambda idx: data(host, idx))
 
 
@@ -98,6 +93,12 @@ class Strategy:
     def unreplicate(self, tree: Any) -> Any:
         """A replicated device tree (state, metrics) -> numpy copies of one replica."""
         raise NotImplementedError
+
+    def one_copy(self, tree: Any) -> Any:
+        """A device tree in this strategy's layout -> one usable by single-program code such as
+        greedy decoding (no host copy). jit: the arrays as they are (replicated or sharded);
+        pmap: the first replica, on its device."""
+        return tree
 
     def compile_train_step(self, train_step: Callable, donate: bool = True) -> Callable:
         """`train_step(state, frozen, batch, axis_name=None)` -> compiled
@@ -155,7 +156,7 @@ class JitStrategy(Strategy):
                            lambda h, idx: h[idx]), tree)
 
     def unreplicate(self, tree: Any) -> Any:
-        return jax.tree_util.tree_map(_host, tree)
+        return to_host(tree)
 
     def compile_train_step(self, train_step: Callable, donate: bool = True) -> Callable:
         return jax.jit(train_step, donate_argnums=(0,) if donate else (),
@@ -194,6 +195,9 @@ class PmapStrategy(Strategy):
     def unreplicate(self, tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda x: np.array(np.asarray(x.addressable_data(0))[0]),
                                       tree)
+
+    def one_copy(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree)
 
     def compile_train_step(self, train_step: Callable, donate: bool = True) -> Callable:
         return jax.pmap(functools.partial(train_step, axis_name=AXIS), axis_name=AXIS,

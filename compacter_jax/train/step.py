@@ -6,14 +6,20 @@
 
   params: the full (merged) parameter tree; batch: the dict of int32 arrays of DESIGN.md
   ("Batches"); deterministic: False in training (dropout on); rngs: {"dropout": key} or None.
-  For the T5 (and any linen seq2seq model with that call signature): `seq2seq_apply_fn(model)`.
+  For the T5 (and any linen seq2seq model with that call signature): `seq2seq_apply_fn(model)`;
+  packed batches (`encoder_segment_ids`, ... present) are passed through as keywords.
 
 The loss is the token cross-entropy summed over real label tokens (`decoder_attention_mask`)
 of the *global* batch divided by their number. Steps compute sums and counts and divide at the
 end, so the result is the same for any sharding of the batch; under `pmap` pass
 `axis_name="data"` and the sums are `psum`-reduced first.
 
-Dropout: with `per_example_dropout=True` (default) each example gets its own key
+`merge_fn(trainable, frozen) -> params` builds what `apply_fn` is applied with (a method's
+`combine`, e.g. `compacter_jax.peft.merge` or Intrinsic-SAID's projection).
+
+Dropout: by default one key per step, `fold_in(state.rng, step)`: jit gives the same numbers
+on any number of devices (the model sees the global batch). With `per_example_dropout=True`
+each example gets its own key
 `fold_in(fold_in(state.rng, step), global_row)`, so its mask depends on its row in the global
 batch only, not on which device holds it: 1 device, jit over N devices and pmap over N
 devices draw identical masks. The model is then vmapped over examples (each call sees a
@@ -30,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from compacter_jax.peft import partition
 from compacter_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 ApplyFn = Callable[[Any, Batch, bool, "dict | None"], jax.Array]
 MergeFn = Callable[[Any, Any], Any]
+# Keys of a packed batch (several examples per row), passed to the model as keywords.
+PACKING_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids",
+                "decoder_positions")
 
 
 def seq2seq_apply_fn(model) -> ApplyFn:
@@ -43,9 +51,10 @@ def seq2seq_apply_fn(model) -> ApplyFn:
     attention_mask, decoder_input_ids, decoder_attention_mask, deterministic=..., rngs=...)`
     (`T5ForConditionalGeneration`)."""
     def apply_fn(params, batch, deterministic, rngs):
+        packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
         return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                            batch["decoder_input_ids"], batch["decoder_attention_mask"],
-                           deterministic=deterministic, rngs=rngs)
+                           deterministic=deterministic, rngs=rngs, **packing)
     return apply_fn
 
 
@@ -109,9 +118,9 @@ def make_train_step(
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
     *,
-    merge_fn: MergeFn = partition.merge,
+    merge_fn: MergeFn,
     schedule: optax.Schedule | None = None,
-    per_example_dropout: bool = True,
+    per_example_dropout: bool = False,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """Returns `train_step(state, frozen, batch, axis_name=None) -> (state, metrics)`.
 
@@ -158,8 +167,7 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn, *, merge_fn: MergeFn = partition.merge
-                   ) -> Callable[..., dict]:
+def make_eval_step(apply_fn: ApplyFn, *, merge_fn: MergeFn) -> Callable[..., dict]:
     """Returns `eval_step(params, frozen, batch, axis_name=None) -> sums` (deterministic).
 
     `batch` may hold `example_mask` [B] (1 = real example, 0 = padding row added to fill the

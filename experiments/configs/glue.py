@@ -2,13 +2,39 @@
 
 `--config experiments/configs/glue.py` is the quick default that `make run` uses: Compacter++ on
 RTE, capped so that it finishes in minutes on a 2-core CPU. `--config experiments/configs/glue.py:paper`
-is the paper's recipe (spec §5: 20 epochs on small tasks, batch 100, warm-up 500, source length 128).
-Every field can be overridden from the command line, e.g. `--config.task=mrpc --config.method=compacter`.
+is the paper's recipe (paper §5: 20 epochs on small tasks, batch 100, warm-up 500, source length
+128). Every field can be overridden from the command line, e.g. `--config.task=mrpc
+--config.method=compacter`; `--config.peft.<field>` overrides a field of the method's preset
+(the fields come from the method dataclasses, `compacter_jax.peft.cli_fields()`).
 """
 
 from __future__ import annotations
 
+import types
+import typing
+
 import ml_collections
+
+from compacter_jax import peft
+
+
+def _placeholder_type(annotation) -> type:
+    """int | None -> int, tuple[str, ...] -> tuple, Literal/str -> str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _placeholder_type(args[0])
+    if origin is tuple or annotation is tuple:
+        return tuple
+    return annotation if isinstance(annotation, type) else str
+
+
+def peft_fields() -> ml_collections.ConfigDict:
+    """One placeholder (None = keep the preset's value) per field of any registered method."""
+    return ml_collections.ConfigDict({
+        name: ml_collections.config_dict.placeholder(_placeholder_type(kind))
+        for name, kind in sorted(peft.cli_fields().items())})
+
 
 def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -16,14 +42,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.task = "rte"
     c.method = "compacter++"
     # Per-method overrides of the PEFT preset (None keeps the preset's value).
-    c.peft = ml_collections.ConfigDict({
-        "reduction_factor": ml_collections.config_dict.placeholder(int),
-        "n": ml_collections.config_dict.placeholder(int),
-        "rank": ml_collections.config_dict.placeholder(int),
-        "prompt_length": ml_collections.config_dict.placeholder(int),
-        "lora_rank": ml_collections.config_dict.placeholder(int),
-        "lora_alpha": ml_collections.config_dict.placeholder(float),
-    })
+    c.peft = peft_fields()
     # Model: a Hub id, a local HF checkpoint dir, or random:<preset>. When the model is not
     # available locally, `fallback_model` is used with a loud warning.
     c.model = "t5-base"
@@ -40,16 +59,18 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.max_target_length = 8
     c.train_samples = -1  # > 0: seeded low-resource subsample of the training set
     c.max_eval_samples = -1  # > 0: evaluate on the first N validation/test examples only
-    # Optimisation (spec §5).
+    # Optimisation (paper §5).
     c.batch_size = 100  # global batch, split over devices and hosts
     c.eval_batch_size = 100
-    c.learning_rate = ml_collections.config_dict.placeholder(float)  # None: the paper's rate for the method (peft.RECOMMENDED_LR)
+    # None: the paper's rate for the method (`Method.learning_rate`).
+    c.learning_rate = ml_collections.config_dict.placeholder(float)
     c.warmup_steps = 500
     c.weight_decay = 0.0
     c.clip_norm = 1.0
-    c.epochs = -1  # -1: 20 on small tasks, 3 on large ones (spec §5)
+    c.epochs = -1  # -1: 20 on small tasks, 3 on large ones (paper §5)
     c.max_steps = -1  # > 0 caps the number of steps (and the schedule length)
-    c.seed = 42
+    c.seed = 42  # initialisation (of a random backbone and the method), dropout, data order
+    c.data_seed = 42  # the paper's validation/test halves and low-resource subsamples
     # Parallelism: "jit" (Mesh + NamedSharding) or "pmap"; num_devices -1 = all local devices.
     c.strategy = "jit"
     c.num_devices = -1

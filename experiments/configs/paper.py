@@ -1,6 +1,6 @@
 """The paper's runs, one config per (task, method): `--config experiments/configs/paper.py:rte,compacter`.
 
-Everything follows COMPACTER_SPEC §5 (t5-base v1.0, source length 128, AdamW, 500 warm-up
+Everything follows the paper's recipe (§5; t5-base v1.0, source length 128, AdamW, 500 warm-up
 steps then linear decay, clipping 1.0, seed 42, batch 100, 20 epochs on small tasks and 3 on
 large ones, the method's learning rate, evaluation every epoch, test at the best validation
 checkpoint). `experiments/paper_runs.py` prints the whole grid.

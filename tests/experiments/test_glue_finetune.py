@@ -10,7 +10,6 @@ import pytest
 
 from compacter_jax import peft
 from compacter_jax.models import greedy_generate
-from compacter_jax.train import load_trainable
 from experiments import finetune
 from experiments.configs.glue import get_config
 
@@ -55,7 +54,7 @@ def test_loss_falls_and_everything_is_written(finished_run):
     assert [e["step"] for e in evals] == [8, 16]
     assert {"validation/accuracy", "validation/num_invalid"} <= set(evals[0])
     assert "test" in summary and "accuracy" in summary["test"]
-    assert summary["trainable_params"] == peft.count(load_trainable(workdir / "adapter")[0])
+    assert summary["trainable_params"] == peft.count(peft.load_trainable(workdir / "adapter")[0])
     assert (workdir / "checkpoints" / "steps" / "16").is_dir()
     assert (workdir / "learning_curves.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").iterdir())
@@ -64,11 +63,10 @@ def test_loss_falls_and_everything_is_written(finished_run):
 
 def test_exported_adapter_reloads_onto_the_backbone(finished_run, shared_data):
     workdir, _ = finished_run
-    trained, meta = load_trainable(workdir / "adapter")
-    assert meta["method"]["method"] == "compacter++" and meta["task"] == "rte"
+    trained, meta = peft.load_trainable(workdir / "adapter")
+    assert meta["method"]["name"] == "compacter++" and meta["task"] == "rte"
     model, params = peft.load_adapter(workdir / "adapter")  # backbone recorded: random:t5-tiny
-    flat_loaded = jax.tree_util.tree_leaves(peft.split(params, peft.label_params(
-        params, peft.PeftConfig(**meta["method"])))[0])
+    flat_loaded = jax.tree_util.tree_leaves(peft.method_of_export(meta).partition(params)[0])
     for got, want in zip(flat_loaded, jax.tree_util.tree_leaves(trained)):
         np.testing.assert_array_equal(np.asarray(got), want)
     ids = np.ones((2, 6), np.int32)
@@ -77,12 +75,12 @@ def test_exported_adapter_reloads_onto_the_backbone(finished_run, shared_data):
 
 
 def test_compacterpp_t5_base_export_is_under_1mb(tmp_path):
-    shapes = jax.eval_shape(lambda: peft.from_pretrained_with_method(
+    shapes = jax.eval_shape(lambda: peft.from_pretrained(
         "random:t5-base", "compacter++", scan_layers=True)[1])
-    config = peft.get_method("compacter++")
-    trainable, _ = peft.split(shapes, peft.label_params(shapes, config))
+    method = peft.get_method("compacter++")
+    trainable, _ = method.partition(shapes)
     zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), trainable)
-    path = peft.save_adapter(tmp_path / "adapter", zeros, config, model="t5-base")
+    path = peft.save_adapter(tmp_path / "adapter", zeros, method, model="t5-base")
     size = sum(f.stat().st_size for f in path.iterdir())
     assert peft.count(trainable) == 104_704
     assert size < 1_000_000, size
@@ -112,8 +110,8 @@ def test_interrupted_run_resumes_to_the_same_result(shared_data, tmp_path, monke
 
     assert resumed["test"] == straight["test"]
     assert resumed["best_step"] == straight["best_step"]
-    a, _ = load_trainable(tmp_path / "straight" / "adapter")
-    b, _ = load_trainable(tmp_path / "resumed" / "adapter")
+    a, _ = peft.load_trainable(tmp_path / "straight" / "adapter")
+    b, _ = peft.load_trainable(tmp_path / "resumed" / "adapter")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
     loss = lambda d: {e["step"]: e["train/loss"] for e in read_events(d) if "train/loss" in e}

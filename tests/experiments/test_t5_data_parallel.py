@@ -27,15 +27,14 @@ def random_batches(num, batch=8, src=12, tgt=4, vocab=32128, seed=0):
 
 
 def run(strategy_name, num_devices, batches, per_example_dropout):
-    model, params = peft.from_pretrained_with_method(
-        "random:t5-tiny", "compacter++", reduction_factor=8, rng=jax.random.PRNGKey(1))
-    config = peft.get_method("compacter++", reduction_factor=8)
-    trainable, frozen = peft.split(params, peft.label_params(params, config))
+    method = peft.get_method("compacter++", reduction_factor=8)
+    model, params = peft.from_pretrained("random:t5-tiny", method, rng=jax.random.PRNGKey(1))
+    trainable, frozen = method.partition(params)
     tx, schedule = make_optimizer(1e-2, 1, len(batches))
     strategy = make_strategy(strategy_name, jax.devices()[:num_devices])
     step = strategy.compile_train_step(
-        make_train_step(seq2seq_apply_fn(model), tx, schedule=schedule,
-                        per_example_dropout=per_example_dropout))
+        make_train_step(seq2seq_apply_fn(model), tx, merge_fn=method.combine,
+                        schedule=schedule, per_example_dropout=per_example_dropout))
     state = strategy.replicate(TrainState.create(trainable, tx, 7))
     frozen = strategy.put_frozen(frozen)
     losses = []

@@ -1,5 +1,5 @@
 """Labels by path, the trainable/frozen split in a train step, the optimizer safety net, and a
-jaxpr check that no gradient is computed for frozen weights."""
+jaxpr check that the library's train step computes no gradient for frozen weights."""
 
 import flax.traverse_util as traverse_util
 import jax
@@ -10,8 +10,9 @@ import pytest
 from jax.extend import core as jex_core
 
 from compacter_jax.models import get_preset
-from compacter_jax.peft import (FROZEN, TRAINABLE, build_model, count, get_method, label_params,
-                                make_optimizer, merge, split, trainable_count)
+from compacter_jax.peft import (FROZEN, TRAINABLE, build_model, count, freezing_optimizer,
+                                get_method, label_params, merge, split, trainable_count)
+from compacter_jax.train import TrainState, make_train_step, seq2seq_apply_fn
 
 # Untied lm_head so the test can check that it stays frozen.
 TINY = get_preset("t5-tiny").replace(vocab_size=64, tie_word_embeddings=False,
@@ -26,7 +27,7 @@ def _batch(seed=0):
     labels = jax.random.randint(k2, (B, T), 1, TINY.vocab_size)
     dec = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), labels[:, :-1]], axis=1)
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": labels,
-            "decoder_input_ids": dec}
+            "decoder_input_ids": dec, "decoder_attention_mask": jnp.ones_like(labels)}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,8 @@ def test_labels_by_path(setup):
     full = _flat(label_params(params, get_method("full")))
     assert set(full.values()) == {TRAINABLE}
     no_ln = _flat(label_params(params, METHOD.replace(train_layer_norms=False)))
+    assert _flat(label_params(params, lambda path: path[0] == "lm_head")) == {
+        p: TRAINABLE if p.startswith("lm_head/") else FROZEN for p in flat}
     assert all(no_ln[p] == FROZEN for p in norms)
     shapes = {"encoder": {"prompt": {"embedding": jax.ShapeDtypeStruct((3, 8), jnp.float32)},
                           "final_layer_norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}},
@@ -84,7 +87,7 @@ def test_labels_by_path(setup):
                   "q": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)},
                   "q_delta": {"bias": jax.ShapeDtypeStruct((8,), jnp.float32)}}}}}}
     # Labels follow the paths: whatever PEFT module a tree holds is trainable, LNs only if asked.
-    for method in ("prompt_tuning", "bitfit", "lora"):
+    for method in ("prompt_tuning", "bitfit_projections", "lora"):
         flat = _flat(label_params(shapes, get_method(method)))
         assert sorted(p for p, v in flat.items() if v == TRAINABLE) == [
             "decoder/block_0/layer_0/SelfAttention/q_delta/bias", "encoder/prompt/embedding"]
@@ -135,7 +138,7 @@ def test_safety_net_optimizer_freezes_the_full_tree(setup):
     upd, _ = jax.jit(naive.update)(grads, naive.init(params), params)
     assert any(np.any(np.asarray(_flat(upd)[p]) != 0) for p in frozen_flat)
     # ... the multi_transform net does not, and keeps no state for frozen leaves.
-    tx = make_optimizer(METHOD, naive)
+    tx = freezing_optimizer(METHOD, naive)
     state = tx.init(params)
     update = jax.jit(tx.update)
     for _ in range(2):
@@ -146,7 +149,7 @@ def test_safety_net_optimizer_freezes_the_full_tree(setup):
     assert any(not np.array_equal(_flat(new)[p], _flat(params)[p])
                for p in _flat(labels) if p not in frozen_flat)
     assert count(state) == 2 * trainable_count(params, labels) + 1
-    assert count(make_optimizer(labels, naive).init(params)) == count(state)
+    assert count(freezing_optimizer(labels, naive).init(params)) == count(state)
 
 
 def _count_primitive(jaxpr, name: str) -> int:
@@ -164,29 +167,25 @@ def _count_primitive(jaxpr, name: str) -> int:
 
 
 def test_no_gradient_is_computed_for_frozen_weights(setup):
-    """The step differentiates only the trainable tree: its jaxpr has no weight-gradient
-    matmuls (x^T @ dy) for frozen kernels. A step that differentiates the whole tree and
-    then drops the frozen part is the contrast: it has at least one more dot_general per
-    frozen kernel, which this check detects."""
+    """The library's train step differentiates only the trainable tree: its jaxpr has no
+    weight-gradient matmuls (x^T @ dy) for frozen kernels. The same step with everything
+    trainable (full fine-tuning) is the contrast: at least one more dot_general per frozen
+    kernel, which this check detects."""
     model, params, labels = setup
     trainable, frozen = split(params, labels)
-    loss = _loss_fn(model)
     batch = _batch()
+    tx = optax.sgd(1e-3)
+    apply_fn = seq2seq_apply_fn(model)
 
-    def grads_trainable_only(trainable, frozen, batch):
-        return jax.grad(lambda t: loss(merge(t, frozen), batch))(trainable)
+    def dots(trainable, frozen):
+        step = make_train_step(apply_fn, tx, merge_fn=merge)
+        state = TrainState.create(trainable, tx, 0)
+        return _count_primitive(jax.make_jaxpr(step)(state, frozen, batch).jaxpr, "dot_general")
 
-    def grads_all_then_dropped(trainable, frozen, batch):
-        g = jax.grad(lambda p: loss(p, batch))(merge(trainable, frozen))
-        return split(g, labels)[0]
-
-    def dots(fn):
-        return _count_primitive(jax.make_jaxpr(fn)(trainable, frozen, batch).jaxpr,
-                                "dot_general")
-
-    forward = _count_primitive(jax.make_jaxpr(lambda t, f, b: loss(merge(t, f), b))(
-        trainable, frozen, batch).jaxpr, "dot_general")
-    good, bad = dots(grads_trainable_only), dots(grads_all_then_dropped)
+    forward = _count_primitive(jax.make_jaxpr(lambda p: apply_fn(p, batch, True, None))(
+        params).jaxpr, "dot_general")
+    good = dots(trainable, frozen)
+    bad = dots(*split(params, label_params(params, get_method("full"))))
     # Each frozen kernel (q, k, v, o, wi, wo, lm_head) is used in one matmul; its weight
     # gradient would be one more dot_general. Embedding tables are gathers (no dot).
     frozen_kernels = sum(1 for p in _flat(frozen) if p.endswith("kernel"))

@@ -1,5 +1,5 @@
 """Orbax checkpoints: round trip, keep-N, interrupted saves are not listed, best record,
-no frozen weights written, and the trainable-only export."""
+no frozen weights written."""
 
 import shutil
 
@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from compacter_jax.train.checkpoint import Checkpointer, export_trainable, load_trainable
+from compacter_jax.train.checkpoint import Checkpointer
 from compacter_jax.train.state import TrainState
 
 
@@ -95,18 +95,3 @@ def test_best_record_keeps_only_improvements(toy, tmp_path):
         assert not ckpt.save_best(3, state.params, 1.5)
     with pytest.raises(ValueError, match="best_mode"):
         Checkpointer(tmp_path / "x", best_mode="best")
-
-
-def test_export_and_load_trainable(toy, tmp_path):
-    params = dict(toy.trainable)
-    params["adapter"] = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16),
-                                               params["adapter"])
-    meta = {"method": "compacter", "phm_dim": 4, "backbone": "t5-base"}
-    out = export_trainable(tmp_path / "adapter", params, meta)
-    export_trainable(out, params, meta)  # overwriting is fine
-    loaded, loaded_meta = load_trainable(out)
-    assert loaded_meta == meta
-    assert_trees_equal(loaded, jax.tree_util.tree_map(np.asarray, params))
-    assert loaded["adapter"]["kernel"].dtype == jnp.bfloat16
-    with pytest.raises(FileNotFoundError, match="export_trainable"):
-        load_trainable(tmp_path)

@@ -16,7 +16,7 @@ def hf_linear(step, lr, warmup, total):
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-@pytest.mark.parametrize("warmup", [0, 3])
+@pytest.mark.parametrize("warmup", [0, 3, 10, 25])  # 10, 25: warm-up >= total, ramp only
 def test_schedule_matches_hf_formula(warmup):
     sched = make_schedule(0.1, warmup, 10)
     for s in range(0, 13):
@@ -26,7 +26,7 @@ def test_schedule_matches_hf_formula(warmup):
 
 def test_schedule_rejects_bad_args():
     with pytest.raises(ValueError, match="total_steps"):
-        make_schedule(0.1, 10, 10)
+        make_schedule(0.1, 10, 0)
     with pytest.raises(ValueError, match="warmup_steps"):
         make_schedule(0.1, -1, 10)
     with pytest.raises(ValueError, match="learning_rate"):

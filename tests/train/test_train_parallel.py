@@ -9,13 +9,16 @@ from train_toy import make_batch
 from compacter_jax.train.optim import make_optimizer
 from compacter_jax.train.parallel import init_distributed, make_strategy
 from compacter_jax.train.state import TrainState
+from compacter_jax.peft import partition
 from compacter_jax.train.step import make_eval_step, make_train_step
 
 STEPS = 4
 
 
 def run(toy, strategy, batches, tx, schedule):
-    step = strategy.compile_train_step(make_train_step(toy.apply_fn, tx, schedule=schedule))
+    # Per-example dropout keys: pmap then draws the masks of one device.
+    step = strategy.compile_train_step(make_train_step(
+        toy.apply_fn, tx, merge_fn=partition.merge, schedule=schedule, per_example_dropout=True))
     state = strategy.replicate(TrainState.create(toy.trainable, tx, 0))
     frozen = strategy.put_frozen(toy.frozen)
     if getattr(strategy, "shard_frozen", False):  # FSDP really splits the toy's frozen leaves
@@ -24,7 +27,7 @@ def run(toy, strategy, batches, tx, schedule):
     for b in batches:
         state, m = step(state, frozen, strategy.shard_batch(b))
         metrics.append(strategy.unreplicate(m))
-    ev = strategy.compile_eval_step(make_eval_step(toy.apply_fn))
+    ev = strategy.compile_eval_step(make_eval_step(toy.apply_fn, merge_fn=partition.merge))
     padded = dict(batches[0], example_mask=np.array([1] * 6 + [0] * 2, np.int32))
     sums = strategy.unreplicate(ev(state.params, frozen, strategy.shard_batch(padded)))
     return metrics, strategy.unreplicate(state), sums
@@ -88,7 +91,7 @@ def test_jit_step_donates_the_state(toy_no_dropout):
     tx, _ = make_optimizer(1e-3, 1, 10)
     s = make_strategy("jit")
     state = s.replicate(TrainState.create(toy.trainable, tx, 0))
-    step = s.compile_train_step(make_train_step(toy.apply_fn, tx))
+    step = s.compile_train_step(make_train_step(toy.apply_fn, tx, merge_fn=partition.merge))
     old_leaf = jax.tree_util.tree_leaves(state.params)[0]
     new_state, _ = step(state, s.put_frozen(toy.frozen),
                         s.shard_batch(make_batch(np.random.default_rng(2), 4)))

@@ -40,7 +40,7 @@ def test_loss_fn_matches_numpy():
 def test_train_step_grads_only_trainable_and_match_reference(toy_no_dropout):
     toy = toy_no_dropout
     tx = optax.sgd(1.0)  # update = -grad, so the grad can be read off the params
-    step = jax.jit(make_train_step(toy.apply_fn, tx))
+    step = jax.jit(make_train_step(toy.apply_fn, tx, merge_fn=partition.merge))
     batch = make_batch(np.random.default_rng(3), 4)
     state = TrainState.create(toy.trainable, tx, 0)
     new, metrics = step(state, toy.frozen, batch)
@@ -66,7 +66,7 @@ def test_train_step_grads_only_trainable_and_match_reference(toy_no_dropout):
 def test_frozen_is_an_argument_not_a_constant(toy_no_dropout):
     toy = toy_no_dropout
     tx = optax.adam(1e-3)
-    train_step = make_train_step(toy.apply_fn, tx)
+    train_step = make_train_step(toy.apply_fn, tx, merge_fn=partition.merge)
     batch = make_batch(np.random.default_rng(4), 4)
     state = TrainState.create(toy.trainable, tx, 0)
     jaxpr = jax.make_jaxpr(train_step)(state, toy.frozen, batch)
@@ -81,8 +81,9 @@ def test_frozen_is_an_argument_not_a_constant(toy_no_dropout):
 
 def test_dropout_is_on_in_training_and_depends_on_step_and_seed(toy):
     tx = optax.sgd(0.0)
-    step = jax.jit(make_train_step(toy.apply_fn, tx))
-    det = jax.jit(make_eval_step(toy.apply_fn))
+    step = jax.jit(make_train_step(toy.apply_fn, tx, merge_fn=partition.merge,
+                                   per_example_dropout=True))
+    det = jax.jit(make_eval_step(toy.apply_fn, merge_fn=partition.merge))
     batch = make_batch(np.random.default_rng(5), 4)
     s0 = TrainState.create(toy.trainable, tx, 0)
     s1, m0 = step(s0, toy.frozen, batch)
@@ -95,13 +96,13 @@ def test_dropout_is_on_in_training_and_depends_on_step_and_seed(toy):
     assert len({round(x, 6) for x in losses + [eval_loss]}) == 4, (losses, eval_loss)
     assert float(m_again["loss"]) == float(m0["loss"])  # reproducible
     # per_example_dropout=False: one key for the batch; also dropout, also reproducible
-    step_b = jax.jit(make_train_step(toy.apply_fn, tx, per_example_dropout=False))
+    step_b = jax.jit(make_train_step(toy.apply_fn, tx, merge_fn=partition.merge))
     _, mb = step_b(s0, toy.frozen, batch)
     assert abs(float(mb["loss"]) - eval_loss) > 1e-6
 
 
 def test_eval_step_ignores_padded_rows(toy):
-    ev = jax.jit(make_eval_step(toy.apply_fn))
+    ev = jax.jit(make_eval_step(toy.apply_fn, merge_fn=partition.merge))
     batch = make_batch(np.random.default_rng(6), 3)
     junk = make_batch(np.random.default_rng(7), 2)
     padded = {k: np.concatenate([batch[k], junk[k]]) for k in batch}
@@ -119,7 +120,7 @@ def test_eval_step_ignores_padded_rows(toy):
 def test_nonfinite_loss_is_flagged_and_raised(toy_no_dropout):
     toy = toy_no_dropout
     tx = optax.adam(1e-3)
-    step = jax.jit(make_train_step(toy.apply_fn, tx))
+    step = jax.jit(make_train_step(toy.apply_fn, tx, merge_fn=partition.merge))
     batch = make_batch(np.random.default_rng(8), 4)
     bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), toy.frozen)
     state = TrainState.create(toy.trainable, tx, 0)

@@ -77,24 +77,24 @@ def make_batch(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 
 class ToyData:
-    """In-memory dataset with a resumable position: `self(position)` yields
-    `(position_after, batch)` forever, reshuffling each epoch with a seed derived from it."""
+    """In-memory dataset with a resumable position (an opaque JSON-able dict, as the training
+    machinery stores it): `self(position)` yields `(position_after, batch)` forever,
+    reshuffling each epoch with a seed derived from it."""
 
     def __init__(self, num_examples: int = 24, batch_size: int = 8, seed: int = 0):
         self.examples = make_batch(np.random.default_rng(seed + 100), num_examples)
         self.batch_size, self.seed = batch_size, seed
         self.per_epoch = num_examples // batch_size
 
-    def __call__(self, position):
-        from compacter_jax.data.pipeline import DataState
-
-        epoch, index = position.epoch, position.index
+    def __call__(self, position=None):
+        position = position or {"epoch": 0, "index": 0}
+        epoch, index = position["epoch"], position["index"]
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(
                 self.per_epoch * self.batch_size)
             for i in range(index, self.per_epoch):
                 rows = order[i * self.batch_size:(i + 1) * self.batch_size]
-                after = (DataState(epoch, i + 1) if i + 1 < self.per_epoch
-                         else DataState(epoch + 1, 0))
+                after = ({"epoch": epoch, "index": i + 1} if i + 1 < self.per_epoch
+                         else {"epoch": epoch + 1, "index": 0})
                 yield after, {k: v[rows] for k, v in self.examples.items()}
             epoch, index = epoch + 1, 0

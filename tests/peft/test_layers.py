@@ -1,4 +1,4 @@
-"""Flax PEFT layers: parameter layouts, initialisation (spec §2), formulas, identity at init."""
+"""Flax PEFT layers: parameter layouts, initialisation (the original configs), formulas, identity at init."""
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,135 @@
+"""`Method`: one PEFT method as one object — what it inserts into T5 and what it trains.
+
+A method is a frozen (hashable) dataclass holding only its own fields. It answers:
+
+* `hooks(dtype)` — the `T5Hooks` that place its modules at the T5 insertion points
+  (`compacter_jax.models.hooks`); the plain backbone gets `NO_HOOKS`;
+* `is_trainable(path)` — whether one parameter path of the model is trained;
+* `validate(t5_config)` — whether it fits a model (raises ValueError naming the field);
+* `prepare(params, t5_config)` — a last touch after the backbone is loaded (e.g. prompt tuning
+  copies vocabulary rows into its soft prompt);
+* `partition(params)` / `combine(trainable, frozen)` — the trainable/frozen split and its
+  inverse. The default splits by `is_trainable`; Intrinsic-SAID overrides both (its trainable
+  vector is not part of the model's tree, and `combine` projects it onto the backbone);
+* `learning_rate` — the peak rate of the paper's recipe for this method.
+
+Families live one per module under `compacter_jax.peft.methods`; presets are instances in
+`compacter_jax.peft.registry`. See docs/DESIGN.md ("Adding a method") for a worked example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from compacter_jax.models import NO_HOOKS, T5Config, T5Hooks, is_backbone_path
+from compacter_jax.peft import partition
+
+ParamPath = tuple[str, ...]
+LAYER_NORMS = ("layer_norm", "final_layer_norm")
+# Fields every method has that are not part of its configuration proper (not CLI overrides).
+BASE_FIELDS = ("name", "learning_rate")
+
+
+def as_tuple(value: Any) -> Any:
+    """Lists (from JSON or the command line) become tuples, so methods stay hashable."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def is_peft_path(path: ParamPath) -> bool:
+    """True for a parameter a method inserted (anything that is not a T5 checkpoint weight)."""
+    return not is_backbone_path(path)
+
+
+def is_layer_norm_path(path: ParamPath) -> bool:
+    """True for a T5 layer-norm scale (the 62 `layer_norm` / `final_layer_norm` of T5-base)."""
+    return is_backbone_path(path) and any(name in LAYER_NORMS for name in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base of every PEFT method (also usable as is: the backbone with nothing trained).
+
+    Attributes:
+      name: registry name of the preset this came from ("compacter++", ...); recorded in
+        exports and summaries.
+      learning_rate: the recommended peak learning rate (the paper's recipe).
+    Class attributes:
+      task_prefix: the original code prepends the task name to every input unless adapters
+        are trained; True for full fine-tuning, BitFit, prompt tuning and Intrinsic-SAID.
+      packable: whether training on packed rows (several examples per row) is supported.
+      bankable: whether K instances can be stacked into a bank served per example (a method
+        whose trainable parameters are shared across tasks cannot be split per task).
+    """
+
+    name: str = "custom"
+    learning_rate: float = 3e-4
+
+    task_prefix: ClassVar[bool] = True
+    packable: ClassVar[bool] = True
+    bankable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            raise ValueError(f"{type(self).__name__}.learning_rate must be > 0, got "
+                             f"{self.learning_rate!r}")
+
+    # -- what the method inserts and trains ------------------------------------------------
+    def hooks(self, dtype: str | None = None) -> T5Hooks:
+        """The insertion-point hooks of this method; `dtype` is the compute dtype of the
+        inserted modules (their parameters are float32)."""
+        return NO_HOOKS
+
+    def is_trainable(self, path: ParamPath) -> bool:
+        """Whether the parameter at `path` (a tuple of names) is trained. Default: exactly
+        the parameters the method inserted."""
+        return is_peft_path(path)
+
+    def validate(self, t5: T5Config) -> None:
+        """Raises ValueError (naming the field and the fix) if the method does not fit `t5`."""
+
+    def prepare(self, params: dict, t5: T5Config) -> dict:
+        """Params after the backbone is loaded and the method's params initialised."""
+        return params
+
+    # -- trainable / frozen ----------------------------------------------------------------
+    def partition(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
+        """(trainable, frozen) parts of the full parameter tree."""
+        return partition.split(params, partition.label_params(params, self.is_trainable))
+
+    def combine(self, trainable: Any, frozen: Any) -> dict:
+        """The parameters the model is applied with (the `merge_fn` of the train step)."""
+        return partition.merge(trainable, frozen)
+
+    # -- configuration ---------------------------------------------------------------------
+    def replace(self, **changes: Any) -> "Method":
+        """A copy with fields replaced (checks rerun); unknown fields raise ValueError."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {unknown} for method {self.name!r} ({type(self).__name__}); "
+                f"valid fields: {', '.join(self.config_field_names())}")
+        return dataclasses.replace(self, **{k: as_tuple(v) for k, v in changes.items()})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def config_field_names(cls) -> tuple[str, ...]:
+        """The method's own fields (what `--config.peft.<field>` may override)."""
+        return tuple(n for n in cls.field_names() if n not in BASE_FIELDS)
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        """Field name -> annotated type (resolved), for building CLI placeholders."""
+        hints = typing.get_type_hints(cls)
+        return {n: hints[n] for n in cls.config_field_names()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record: the family (class) name and every field."""
+        d = dataclasses.asdict(self)
+        return {"family": type(self).__name__,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}

@@ -1,0 +1,68 @@
+"""The presets: every method of the paper's Table 1 (and LoRA) as one `Method` instance.
+
+`get_method("compacter++", reduction_factor=16)` returns a preset with fields replaced.
+Learning rates are the original configs' (paper §5); LoRA is not in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compacter_jax.peft.method import Method
+from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning, LoRAMethod,
+                                        PromptTuning)
+
+_ADAPTERS = dict(train_layer_norms=True, reduction_factor=32)
+
+PRESETS: dict[str, Method] = {p.name: p for p in (
+    FullFineTuning(name="full", learning_rate=3e-4),
+    AdapterMethod(name="adapter", projection="dense", learning_rate=3e-4, **_ADAPTERS),
+    # One adapter per block; the original repo puts it after self-attention.
+    AdapterMethod(name="pfeiffer", projection="dense", positions=("self_attention",),
+                  learning_rate=3e-4, **_ADAPTERS),
+    # Blocks 5-11 of the 12 of T5-base: the first 5 blocks of each stack have none.
+    AdapterMethod(name="adapterdrop", projection="dense", drop_first=5, learning_rate=3e-4,
+                  **_ADAPTERS),
+    AdapterMethod(name="lowrank", projection="lowrank", rank=1, learning_rate=3e-3, **_ADAPTERS),
+    AdapterMethod(name="phm_adapter", projection="phm", n=12, learning_rate=3e-3, **_ADAPTERS),
+    AdapterMethod(name="compacter", projection="lphm", n=4, rank=1, shared_rule=True,
+                  learning_rate=3e-3, **_ADAPTERS),
+    AdapterMethod(name="compacter++", projection="lphm", n=4, rank=1, shared_rule=True,
+                  positions=("feed_forward",), learning_rate=3e-3, **_ADAPTERS),
+    BitFitMethod(name="bitfit", learning_rate=3e-4),
+    PromptTuning(name="prompt_tuning", length=100, init="uniform", learning_rate=3e-2),
+    LoRAMethod(name="lora", rank=8, alpha=16.0, targets=("q", "v"), learning_rate=1e-3),
+    BitFitMethod(name="bitfit_projections", layer_norms=False, learning_rate=3e-4),
+    PromptTuning(name="prompt_tuning_vocab", length=100, init="vocab", learning_rate=3e-1),
+)}
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(PRESETS)
+
+
+def get_method(name: str | Method, **overrides: Any) -> Method:
+    """The preset `name` (or a Method) with `overrides` of its fields applied (checks rerun).
+
+    Raises ValueError listing the valid names for an unknown preset, and naming the field (and
+    the method's valid fields) for an unknown override.
+    """
+    if isinstance(name, Method):
+        return name.replace(**overrides) if overrides else name
+    if name not in PRESETS:
+        raise ValueError(f"unknown PEFT method {name!r}; valid names: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def cli_fields() -> dict[str, Any]:
+    """Every method field a preset may be overridden with -> its annotated type (the union
+    over the registered families; `--config.peft.<field>`). Raises if two families give one
+    name different types."""
+    out: dict[str, Any] = {}
+    for family in sorted({type(m) for m in PRESETS.values()}, key=lambda c: c.__name__):
+        for field, kind in family.field_types().items():
+            if field in out and out[field] != kind:
+                raise TypeError(f"field {field!r} has type {out[field]} in one method family and "
+                                f"{kind} in {family.__name__}: rename one of them")
+            out[field] = kind
+    return out

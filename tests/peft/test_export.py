@@ -1,0 +1,132 @@
+"""Adapter exports: round trip (bfloat16 too), the manifest catches a missing tensor, a flipped
+bit and an edited method field, NaN is refused both ways, and exports written by
+compacter-jax 0.1 (tests/peft/data/legacy_v0.1, made by the 0.1 code) still load."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from compacter_jax import peft
+from compacter_jax.peft.export import CONFIG, WEIGHTS
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v0.1"
+TREE = {"adapter": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                    "bias": np.ones(3, np.float32)},
+        "lm_head": {"kernel": np.full((3, 2), 0.5, np.float32)}}
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_export_and_load_trainable(tmp_path):
+    params = dict(TREE)
+    params["adapter"] = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16),
+                                               params["adapter"])
+    meta = {"method": "compacter", "phm_dim": 4, "backbone": "t5-base"}
+    out = peft.export_trainable(tmp_path / "adapter", params, meta)
+    peft.export_trainable(out, params, meta)  # overwriting is fine
+    loaded, loaded_meta = peft.load_trainable(out)
+    assert {k: loaded_meta[k] for k in meta} == meta
+    assert sorted(loaded_meta["tensors"]) == ["adapter/bias", "adapter/kernel", "lm_head/kernel"]
+    assert_trees_equal(loaded, jax.tree_util.tree_map(np.asarray, params))
+    assert loaded["adapter"]["kernel"].dtype == jnp.bfloat16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no stray temp dirs
+    with pytest.raises(FileNotFoundError, match="adapter export"):
+        peft.load_trainable(tmp_path)
+
+
+def test_manifest_refuses_corrupt_or_edited_exports(tmp_path):
+    def fresh(name):
+        return peft.export_trainable(tmp_path / name, TREE, {"method": {"family": "Method"}})
+
+    flipped = fresh("flipped")
+    data = bytearray((flipped / WEIGHTS).read_bytes())
+    data[-3] ^= 0x01                                   # one bit of a tensor value
+    (flipped / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(peft.AdapterFileError, match="corrupt.*sha256"):
+        peft.load_trainable(flipped)
+
+    edited = fresh("edited")
+    record = json.loads((edited / CONFIG).read_text())
+    record["method"]["name"] = "other"
+    (edited / CONFIG).write_text(json.dumps(record))
+    with pytest.raises(peft.AdapterFileError, match="modified after export"):
+        peft.load_trainable(edited)
+
+    missing = fresh("missing")   # the weights re-written without one tensor, checksum updated
+    from safetensors.numpy import save_file
+
+    save_file({"adapter/kernel": TREE["adapter"]["kernel"]}, str(missing / WEIGHTS))
+    record = json.loads((missing / CONFIG).read_text())
+    record["sha256"][WEIGHTS] = peft.export._digest(missing / WEIGHTS)
+    (missing / CONFIG).write_text(json.dumps(record))
+    with pytest.raises(peft.AdapterFileError, match=r"missing \['adapter/bias', 'lm_head/kernel'"):
+        peft.load_trainable(missing)
+
+    truncated = fresh("truncated")
+    (truncated / WEIGHTS).write_bytes((truncated / WEIGHTS).read_bytes()[:40])
+    record = json.loads((truncated / CONFIG).read_text())
+    del record["sha256"]                       # even without a manifest: a clear error
+    (truncated / CONFIG).write_text(json.dumps(record))
+    with pytest.raises(peft.AdapterFileError, match=r"cannot read .*trainable.safetensors"):
+        peft.load_trainable(truncated)
+
+    bad_json = fresh("bad_json")
+    (bad_json / CONFIG).write_text("{not json")
+    with pytest.raises(peft.AdapterFileError, match=r"bad_json/trainable_config.json: not valid"):
+        peft.load_trainable(bad_json)
+
+
+def test_nan_is_refused_on_export_and_on_load(tmp_path):
+    bad = {"adapter": {"kernel": np.array([1.0, np.nan], np.float32)}}
+    with pytest.raises(ValueError, match="non-finite.*adapter/kernel"):
+        peft.export_trainable(tmp_path / "nan", bad, {})
+    assert not (tmp_path / "nan").exists()
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "nan_on_disk"
+    path.mkdir()
+    save_file({"adapter/kernel": bad["adapter"]["kernel"]}, str(path / WEIGHTS))
+    (path / CONFIG).write_text(json.dumps({"method": {}}))
+    with pytest.raises(peft.AdapterFileError, match="non-finite values in.*adapter/kernel"):
+        peft.load_trainable(path)
+
+
+@pytest.mark.parametrize("name,family,new_name", [
+    ("compacterpp", "AdapterMethod", "compacter++"), ("lora", "LoRAMethod", "lora"),
+    ("bitfit", "BitFitMethod", "bitfit_projections"),
+    ("prompt_tuning", "PromptTuning", "prompt_tuning")])
+def test_exports_of_version_0_1_still_load(name, family, new_name):
+    trained, meta = peft.load_trainable(LEGACY / name)
+    method = peft.method_of_export(meta)
+    assert type(method).__name__ == family and method.name == new_name
+    model, params = peft.load_adapter(LEGACY / name)        # backbone: random:t5-tiny, seed 3
+    trainable, _ = method.partition(params)
+    got = traverse_util.flatten_dict(trainable)
+    want = traverse_util.flatten_dict(trained)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+    ids = np.ones((1, 5), np.int32)
+    logits = model.apply({"params": params}, ids, ids, ids)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_load_adapter_refuses_an_export_that_does_not_fit(tmp_path):
+    _, meta = peft.load_trainable(LEGACY / "compacterpp")
+    trained, _ = peft.load_trainable(LEGACY / "compacterpp")
+    flat = traverse_util.flatten_dict(trained)
+    flat.pop(next(k for k in flat if k[-1] == "phm_left"))      # one adapter tensor gone
+    method = peft.method_of_export(meta)
+    peft.save_adapter(tmp_path / "partial", traverse_util.unflatten_dict(flat), method,
+                      model="random:t5-tiny", init_seed=3)
+    with pytest.raises(peft.AdapterFileError, match=r"does not fit .*missing \['.*phm_left'\]"):
+        peft.load_adapter(tmp_path / "partial")

@@ -1,0 +1,73 @@
+"""The presets: every Table 1 row (and LoRA) with its key fields and learning rate; overrides;
+unknown names and fields; the CLI field union."""
+
+import pytest
+
+from compacter_jax import peft
+from compacter_jax.peft import registry
+from compacter_jax.peft.registry import get_method
+
+EXPECTED = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "phm_adapter", "compacter",
+            "compacter++", "bitfit", "prompt_tuning", "lora", "bitfit_projections",
+            "prompt_tuning_vocab")
+ADAPTERS = EXPECTED[1:8]
+LN_SCALE = ("encoder", "final_layer_norm", "scale")
+# The original configs' peak learning rates (paper §5; LoRA is not in the paper).
+PAPER_LR = {"full": 3e-4, "adapter": 3e-4, "pfeiffer": 3e-4, "adapterdrop": 3e-4,
+            "lowrank": 3e-3, "phm_adapter": 3e-3, "compacter": 3e-3, "compacter++": 3e-3,
+            "bitfit": 3e-4, "bitfit_projections": 3e-4, "prompt_tuning": 3e-2,
+            "prompt_tuning_vocab": 3e-1, "lora": 1e-3}
+
+
+def test_presets_and_their_key_fields():
+    assert registry.method_names() == EXPECTED
+    c = get_method("compacter")
+    assert (c.projection, c.n, c.rank, c.shared_rule, c.positions, c.reduction_factor) == (
+        "lphm", 4, 1, True, ("self_attention", "feed_forward"), 32)
+    assert get_method("compacter++").positions == ("feed_forward",)
+    assert get_method("phm_adapter").n == 12 and not get_method("phm_adapter").shared_rule
+    assert get_method("pfeiffer").positions == ("self_attention",)
+    assert get_method("adapterdrop").drop_first == 5
+    assert all(get_method(m).train_layer_norms for m in ADAPTERS)
+    assert all(get_method(m).is_trainable(LN_SCALE) for m in ADAPTERS)
+    assert not any(get_method(m).is_trainable(LN_SCALE)
+                   for m in ("bitfit", "prompt_tuning", "lora"))
+    assert isinstance(get_method("full"), peft.FullFineTuning)
+    assert get_method("full").is_trainable(("shared", "embedding"))
+    assert get_method("prompt_tuning").length == 100
+    assert get_method("prompt_tuning_vocab").init == "vocab"
+    assert get_method("bitfit").layer_norms and not get_method("bitfit_projections").layer_norms
+    assert {m: get_method(m).learning_rate for m in EXPECTED} == PAPER_LR
+    assert [m for m in EXPECTED if get_method(m).task_prefix] == [
+        "full", "bitfit", "prompt_tuning", "bitfit_projections", "prompt_tuning_vocab"]
+    hash(get_method("compacter"))     # static model structure: must be hashable
+
+
+def test_overrides_replace_fields_and_rerun_checks():
+    c = get_method("compacter++", reduction_factor=16, n=8, positions=["feed_forward"])
+    assert (c.reduction_factor, c.n, c.positions, c.name) == (16, 8, ("feed_forward",),
+                                                              "compacter++")
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        get_method("compacter", n=0)
+    assert get_method(c) is c and get_method(c, n=4).n == 4
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown PEFT method 'compactor'.*compacter\+\+.*lora"):
+        get_method("compactor")
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['phm_dim'\] for method "
+                                         r"'compacter'.*valid fields: projection"):
+        get_method("compacter", phm_dim=4)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['n'\] for method 'lora'"):
+        get_method("lora", n=4)
+
+
+def test_cli_fields_are_the_union_of_the_families():
+    fields = registry.cli_fields()
+    assert {"reduction_factor", "n", "rank", "positions", "alpha", "targets", "length",
+            "init", "vocab_ids", "layer_norms", "lm_head"} <= set(fields)
+    assert "name" not in fields and "learning_rate" not in fields
+    assert fields["rank"] is int and fields["alpha"] is float
