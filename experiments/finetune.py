@@ -9,6 +9,7 @@ workdir)` reads top-down, as flax examples/wmt/train.py:
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -32,10 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def resolve_source(config) -> data_lib.Source:
-    """`files`, `tfds`, or `auto`: TFDS when the task is prepared there, else local files."""
+    """`files`, `tfds`, or `auto`: TFDS when the task is prepared there, else local files
+    (from `data_dir` when given: a folder of GLUE/SuperGLUE files is read as files)."""
     data_dir = config.data_dir or None
     if config.source != "auto":
         return data_lib.make_source(config.source, data_dir=data_dir, download=config.download)
+    if data_dir is not None and data_lib.FilesSource.is_files_layout(data_dir):
+        return data_lib.make_source("files", data_dir=data_dir)
     tfds_source = data_lib.make_source("tfds", data_dir=data_dir, download=False)
     try:
         tfds_source.load(config.task, "validation" if config.task != "mnli"
@@ -45,35 +49,63 @@ def resolve_source(config) -> data_lib.Source:
     except Exception as e:  # not prepared / TFDS unusable here: fall back to local files
         log.info("data: TFDS not available for %s (%s); using local files", config.task,
                  str(e).splitlines()[0][:200])
-        return data_lib.make_source("files", data_dir=None)
+        return data_lib.make_source("files", data_dir=data_dir)
 
 
-def load_data(config, task, tokenizer) -> dict[str, data_lib.EncodedData]:
-    """The paper's train / validation / test splits of `task`, tokenised."""
+def target_length(config, task, tokenizer) -> int:
+    """`max_target_length`, or (-1) the task's: the longest label, 128 for free-text targets."""
+    return config.max_target_length if config.max_target_length > 0 else (
+        task.max_target_length(tokenizer))
+
+
+def load_data(config, task, tokenizer, add_prefix: bool) -> dict[str, data_lib.EncodedData]:
+    """The paper's train / validation / test splits of `task`, tokenised (as the original:
+    the task name first for methods that are not adapters, evaluation sets cut to
+    `max_eval_samples` the original's way)."""
     source = resolve_source(config)
-    train_samples = config.train_samples if config.train_samples > 0 else None
-    splits = data_lib.paper_splits(task, source, data_seed=config.data_seed,
-                                   train_samples=train_samples)
+    limit = config.max_eval_samples if config.max_eval_samples > 0 else None
+    splits = data_lib.load_paper_splits(
+        task, source, data_seed=config.data_seed,
+        train_samples=config.train_samples if config.train_samples > 0 else None,
+        max_validation_samples=limit, max_test_samples=limit)
     encoded = {}
-    for name, examples in splits.items():
-        if name != "train" and config.max_eval_samples > 0:
-            examples = examples[:config.max_eval_samples]
-        if not examples:
+    for name, split in splits.items():
+        if not split.examples:
             raise data_lib.DataError(f"{task.name}: the {name} split is empty")
-        encoded[name] = data_lib.encode(task, examples, tokenizer,
+        encoded[name] = data_lib.encode(task, split.examples, tokenizer,
                                         max_source_length=config.max_source_length,
-                                        max_target_length=config.max_target_length,
-                                        train=name == "train")
+                                        max_target_length=target_length(config, task, tokenizer),
+                                        train=name == "train", add_prefix=add_prefix,
+                                        rows=split.rows)
         log.info("%s %s: %d rows (%d sources truncated)", task.name, name, len(encoded[name]),
                  encoded[name].num_truncated_source)
     return encoded
 
 
-def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState):
-    """(position after, this host's slice of the global batch) from `position` on. Every host
-    draws the same global batch (same seed) and keeps its own rows."""
+def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num_epochs: int,
+                 num_devices: int) -> data_lib.PackingPlan | None:
+    """The packed shapes of the run, or None for padded batches. `packing` None (default): on
+    when the method supports it."""
+    if config.packing is False or (config.packing is None and not method.packable):
+        return None
+    if not method.packable:
+        raise ValueError(f"--config.packing=True: {method.name} does not support packed inputs "
+                         "(a soft prompt per segment would change every row); set it False")
+    if config.per_example_dropout:
+        raise ValueError("--config.per_example_dropout=True draws one key per row, which packing "
+                         "shares between examples; set --config.packing=False to use it")
+    return data_lib.plan_packing(encoded, config.batch_size, seed=config.seed,
+                                 num_epochs=num_epochs, multiple_of=num_devices)
+
+
+def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState,
+                  plan: data_lib.PackingPlan | None):
+    """(position after, this host's slice of the global batch) from `position` on: the
+    recipe's batches, packed by `plan` or padded to the batch size. Every host builds the same
+    global batch (same seed) and keeps its own rows."""
     for batch, after in data_lib.train_batches(encoded, config.batch_size, seed=config.seed,
                                                state=position):
+        batch = plan.pack(batch) if plan else data_lib.pad_batch(batch, config.batch_size)
         yield after, data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
 
 
@@ -125,9 +157,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir.mkdir(parents=True, exist_ok=True)
     task = data_lib.get_task(config.task)
     method = peft.get_method(config.method, **peft_overrides(config))
-    learning_rate = config.learning_rate or method.learning_rate
+    learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
+    add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
     tokenizer = load_tokenizer(config.tokenizer or None)
-    encoded = load_data(config, task, tokenizer)
+    encoded = load_data(config, task, tokenizer, add_prefix)
 
     # The backbone, if random, is a function of the seed alone, so an exported adapter can be
     # put back onto the same random weights (load_adapter reads `init_seed`).
@@ -144,22 +177,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
     strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
     per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
-    if per_epoch == 0:
-        raise ValueError(f"--config.batch_size={config.batch_size} exceeds the {task.name} "
-                         f"training set ({len(encoded['train'])} rows)")
     total_steps, _ = schedule_length(config, task.is_small, per_epoch)
-    eval_every = config.eval_every if config.eval_every > 0 else per_epoch
-    save_every = config.save_every if config.save_every > 0 else eval_every
+    plan = packing_plan(config, method, encoded["train"], math.ceil(total_steps / per_epoch),
+                        strategy.num_devices)
+    eval_every = per_epoch if config.eval_every < 0 else config.eval_every  # 0: never
+    save_every = config.save_every if config.save_every > 0 else (eval_every or per_epoch)
     tx, schedule = make_optimizer(learning_rate, config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
                                   clip_norm=config.clip_norm if config.clip_norm > 0 else None)
     train_step = strategy.compile_train_step(make_train_step(
         seq2seq_apply_fn(model), tx, merge_fn=method.combine, schedule=schedule,
         per_example_dropout=config.per_example_dropout))
-    evaluator = Evaluator(task, tokenizer, model, {k: v for k, v in encoded.items()
-                                                   if k != "train"},
-                          config.eval_batch_size, config.max_target_length,
-                          predictions_dir=workdir / "predictions")
+    evaluator = Evaluator(task, tokenizer, model,
+                          {k: v for k, v in encoded.items() if k != "train"},
+                          config.eval_batch_size, target_length(config, task, tokenizer),
+                          mode=config.eval_mode, predictions_dir=workdir / "predictions")
 
     # Resume where the last checkpoint stopped (state and data position), or start.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
@@ -173,16 +205,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(frozen)
     writer = reporting.MetricsWriter(workdir)
     progress = reporting.Progress(total_steps, config.batch_size, start_step)
-    batches = train_batches(config, encoded["train"], position)
+    batches = train_batches(config, encoded["train"], position, plan)
     buffer, window = MetricsBuffer(strategy), []
 
     with ckpt:
         for step in range(start_step + 1, total_steps + 1):
             position, batch = next(batches)
             dev_state, metrics = train_step(dev_state, dev_frozen, strategy.shard_batch(batch))
-            buffer.add(step, metrics)
+            tokens = data_lib.fill(batch)
+            buffer.add(step, {**metrics,
+                              "source_fill": tokens["source_tokens"] / tokens["source_slots"],
+                              "target_fill": tokens["target_tokens"] / tokens["target_slots"]})
             do_log = due(step, config.log_every, total_steps)
-            do_eval = due(step, eval_every, total_steps)
+            do_eval = eval_every > 0 and due(step, eval_every, total_steps)
             do_save = due(step, save_every, total_steps)
             if do_log or do_eval or do_save:
                 window += buffer.flush()  # one host sync; NaN/inf raise before any save
@@ -215,6 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "task": task.name, "method": method.name, "model": model_name,
         "trainable_params": n_trainable, "total_params": n_total, "steps": total_steps,
         "best_step": best_step, "best_validation_score": ckpt.best_score,
+        "learning_rate": learning_rate, "train_examples": len(encoded["train"]),
+        "method_config": method.to_dict(), "config": config.to_dict(),
     }
     if config.eval_test and "test" in encoded:
         params = method.combine(strategy.one_copy(strategy.replicate(best_params)),
@@ -228,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     peft.save_adapter(workdir / "adapter", best_params, method, model=model_name,
                       task=task.name, step=best_step, init_seed=config.seed,
                       max_source_length=config.max_source_length,
-                      max_target_length=config.max_target_length)
+                      max_target_length=target_length(config, task, tokenizer),
+                      add_task_prefix=add_prefix)
     reporting.write_summary(workdir, summary)
     reporting.plot_curves(history, workdir / "learning_curves.png",
                           title=f"{task.name} · {method.name} · {model_name}")

@@ -1,4 +1,5 @@
-"""Shared test setup: 4 fake CPU devices for data-parallel tests, and the data-dir skip marker."""
+"""Shared test setup: 4 fake CPU devices for data-parallel tests, the data-dir skip marker, one
+cached FilesSource (SST-2 train is read once) and the real T5 tokenizer."""
 
 import jax
 import pytest
@@ -25,3 +26,19 @@ def t5_vocab():
     if not (vocab / "spiece.model").is_file():
         pytest.skip(f"T5 vocabulary not found at {vocab}/spiece.model (set COMPACTER_DATA_DIR)")
     return vocab
+
+
+@pytest.fixture(scope="session")
+def files_source(shared_data):
+    """FilesSource over the shared data; its per-(task, split) cache lives for the session."""
+    from compacter_jax.data import FilesSource
+
+    return FilesSource(shared_data)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(t5_vocab):
+    """The real 32k T5 tokenizer (never `T5Tokenizer(vocab_file=...)`: a 104-entry toy)."""
+    from compacter_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(t5_vocab))

@@ -19,13 +19,17 @@ from compacter_jax.data.pipeline import (
     epoch_permutation,
     eval_batches,
     make_batch,
+    pad_batch,
     shard_for_host,
-    shift_right,
     steps_per_epoch,
     train_batches,
 )
+from compacter_jax.data.packing import (PackingPlan, bucketed_eval_batches, fill, pack_batch,
+                                        plan_packing, unpack_batch)
+from compacter_jax.data.randperm import torch_randperm
 from compacter_jax.data.sources import SOURCE_KINDS, Source, make_source
-from compacter_jax.data.splitting import paper_splits, split_indices, splits
+from compacter_jax.data.splitting import (PaperSplit, limit_eval_rows, load_paper_splits,
+                                          paper_splits, split_indices, splits)
 from compacter_jax.data.tasks import (
     GLUE_TASKS,
     INVALID_LABEL,
@@ -40,8 +44,10 @@ from compacter_jax.data.tfds_source import TfdsSource
 
 __all__ = [
     "DataError", "DataState", "EncodedData", "FilesSource", "GLUE_TASKS", "INVALID_LABEL",
-    "INVALID_SCORE", "SOURCE_KINDS", "SUPERGLUE_TASKS", "Source", "TASKS", "Task", "TfdsSource",
-    "compute_metrics", "decode_predictions", "encode", "epoch_permutation", "eval_batches",
-    "get_task", "make_batch", "make_source", "paper_splits", "shard_for_host", "shift_right",
-    "split_indices", "splits", "steps_per_epoch", "task_names", "train_batches",
+    "INVALID_SCORE", "PackingPlan", "PaperSplit", "SOURCE_KINDS", "SUPERGLUE_TASKS", "Source",
+    "TASKS", "Task", "TfdsSource", "bucketed_eval_batches", "compute_metrics",
+    "decode_predictions", "encode", "epoch_permutation", "eval_batches", "fill", "get_task",
+    "limit_eval_rows", "load_paper_splits", "make_batch", "make_source", "pack_batch",
+    "pad_batch", "paper_splits", "plan_packing", "shard_for_host", "split_indices", "splits",
+    "steps_per_epoch", "task_names", "torch_randperm", "train_batches", "unpack_batch",
 ]

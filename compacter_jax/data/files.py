@@ -306,6 +306,20 @@ class FilesSource:
         self._cache: dict[tuple[str, str], list[Example]] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def is_files_layout(data_dir: str | Path) -> bool:
+        """Whether `data_dir` holds `glue/` or `superglue/`, or is such a folder itself."""
+        d = Path(data_dir).expanduser()
+        return (any((d / kind).is_dir() for kind in ("glue", "superglue"))
+                or d.name.lower() in ("glue", "superglue") and d.is_dir())
+
+    def _root(self, kind: str) -> Path:
+        """The `glue/` or `superglue/` folder: under data_dir, or data_dir itself when it is
+        that folder (e.g. --config.data_dir=.../glue)."""
+        if self.data_dir.name.lower() == kind and not (self.data_dir / kind).is_dir():
+            return self.data_dir
+        return self.data_dir / kind
+
     def path(self, task: Task | str, split: str) -> Path:
         """The file holding `split` of `task` (for WNLI train: the re-split folder if needed)."""
         task = get_task(task)
@@ -313,11 +327,11 @@ class FilesSource:
             if split not in _GLUE_FILES:
                 raise DataError(f"unknown split {split!r} for {task.name}; "
                                 f"known: {sorted(_GLUE_FILES)}")
-            return self.data_dir / "glue" / _GLUE[task.name].directory / _GLUE_FILES[split]
+            return self._root("glue") / _GLUE[task.name].directory / _GLUE_FILES[split]
         if split not in _SUPERGLUE_FILES:
             raise DataError(f"unknown split {split!r} for {task.name}; "
                             f"known: {sorted(_SUPERGLUE_FILES)}")
-        return self.data_dir / "superglue" / _SUPERGLUE_DIRS[task.name] / _SUPERGLUE_FILES[split]
+        return self._root("superglue") / _SUPERGLUE_DIRS[task.name] / _SUPERGLUE_FILES[split]
 
     def load(self, task: Task | str, split: str) -> list[Example]:
         """All examples of an official split ("train", "validation", "test", MNLI's

@@ -29,6 +29,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from compacter_jax.data.pipeline import DataState, EncodedData, make_batch, train_batches
+from compacter_jax.models import shift_right
 
 Batch = dict[str, np.ndarray]
 _SOURCE_KEYS = ("input_ids", "attention_mask")
@@ -135,26 +136,6 @@ def assign_rows(source_lengths: Sequence[int], target_lengths: Sequence[int], *,
     return Layout(row, segment, src_off, tgt_off, len(row_src))
 
 
-def _shift_right_within_segments(labels: np.ndarray, segment_ids: np.ndarray,
-                                 start_id: int = 0) -> np.ndarray:
-    """Teacher-forcing decoder inputs of packed labels.
-
-    Args:
-      labels, segment_ids: [R, T] int (segment 0 = padding).
-    Returns:
-      [R, T] int32: labels shifted right by one, `start_id` at the first token of every
-      segment, 0 on padding (seqio `autoregressive_inputs` with a sequence id).
-    """
-    labels = np.asarray(labels)
-    segment_ids = np.asarray(segment_ids)
-    shifted = np.zeros_like(labels)
-    shifted[:, 1:] = labels[:, :-1]
-    prev_segment = np.zeros_like(segment_ids)
-    prev_segment[:, 1:] = segment_ids[:, :-1]
-    out = np.where(segment_ids != prev_segment, start_id, shifted)
-    return np.where(segment_ids == 0, 0, out).astype(np.int32)
-
-
 def _scatter(ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray, offsets: np.ndarray,
              segments: np.ndarray, shape: tuple[int, int]):
     """Copies each example's first `lengths[e]` ids to (rows[e], offsets[e] + k)."""
@@ -212,8 +193,8 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, max_source_length: int,
         "encoder_segment_ids": enc_seg,
         "encoder_positions": enc_pos,
         "labels": labels,
-        "decoder_input_ids": _shift_right_within_segments(labels, dec_seg,
-                                                          decoder_start_token_id),
+        "decoder_input_ids": shift_right(labels, decoder_start_token_id,
+                                         segment_ids=dec_seg).astype(np.int32),
         "decoder_attention_mask": (dec_seg > 0).astype(np.int32),
         "decoder_segment_ids": dec_seg,
         "decoder_positions": dec_pos,

@@ -9,6 +9,11 @@ serves labels and decoder inputs: position t of the decoder input is real iff la
 Evaluation batches add `example_mask` [B] (1 = real example, 0 = padding of the final batch)
 and `example_index` [B] (row in the encoded data, -1 for padding).
 
+An epoch has ceil(N / B) steps, as the original (its last batch is partial): `train_batches`
+yields that last batch with its real rows only, and `pad_batch` fills it up to B with empty
+rows (all masks 0: no loss, no tokens) where a static shape is needed; packing
+(`compacter_jax.data.packing`) packs the real rows instead.
+
 Every host builds the same global batch from the same (seed, epoch) and keeps its slice with
 `shard_for_host`, so no coordination is needed beyond a shared seed and `DataState`.
 """
@@ -22,6 +27,7 @@ from typing import Any, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from compacter_jax.data.tasks import Example, Task, get_task
+from compacter_jax.models import shift_right
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
@@ -37,6 +43,9 @@ class EncodedData:
       references: per row, `task.reference(example)` (for metrics).
       groups: per row, `task.group(example)` (MultiRC question ids; else all None).
       num_truncated_source / num_truncated_target: rows cut to fit S / T.
+      sources / targets: per row, the formatted texts (for per-example predictions).
+      rows: per row, the row of the official split file the example came from (0-based over
+        data rows; -1 where unknown).
     """
 
     task: Task
@@ -48,6 +57,9 @@ class EncodedData:
     groups: tuple[Hashable | None, ...]
     num_truncated_source: int
     num_truncated_target: int
+    sources: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -97,7 +109,8 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def encode(task: Task | str, examples: Sequence[Example], tokenizer, *, max_source_length: int,
-           max_target_length: int, train: bool = False, add_prefix: bool = False) -> EncodedData:
+           max_target_length: int, train: bool = False, add_prefix: bool = False,
+           rows: Sequence[int] | None = None) -> EncodedData:
     """Formats and tokenises examples (T5 tokenizer: EOS appended, pad id 0).
 
     Args:
@@ -105,6 +118,7 @@ def encode(task: Task | str, examples: Sequence[Example], tokenizer, *, max_sour
         evaluation scores each example once.
       add_prefix: start each source with the original's task name ("rte sentence1: ..."), as
         the original does for every method except adapters (see `Task.source`).
+      rows: the official-split row of each example (kept for per-example predictions).
     """
     task = get_task(task)
     if max_source_length < 2 or max_target_length < 2:
@@ -112,14 +126,17 @@ def encode(task: Task | str, examples: Sequence[Example], tokenizer, *, max_sour
                          f"(got {max_source_length}, {max_target_length})")
     if not examples:
         raise ValueError(f"{task.name}: no examples to encode")
-    sources, targets, refs, groups = [], [], [], []
-    for ex in examples:
+    if rows is not None and len(rows) != len(examples):
+        raise ValueError(f"{len(rows)} rows for {len(examples)} examples")
+    sources, targets, refs, groups, origin = [], [], [], [], []
+    for i, ex in enumerate(examples):
         pairs = task.format_all(ex, add_prefix) if train else [task.format(ex, add_prefix)]
         for src, tgt in pairs:
             sources.append(src)
             targets.append(tgt)
             refs.append(task.reference(ex))
             groups.append(task.group(ex))
+            origin.append(-1 if rows is None else int(rows[i]))
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     input_ids, attention_mask, cut_src = _pad_truncate(
@@ -131,14 +148,8 @@ def encode(task: Task | str, examples: Sequence[Example], tokenizer, *, max_sour
                     task.name, cut_src, len(sources), max_source_length, cut_tgt,
                     max_target_length)
     return EncodedData(task, input_ids, attention_mask, labels, decoder_mask, tuple(refs),
-                       tuple(groups), cut_src, cut_tgt)
-
-
-def shift_right(labels: np.ndarray, start_id: int = 0) -> np.ndarray:
-    """[B, T] -> [B, T]: start_id, then labels[:, :-1] (teacher forcing inputs)."""
-    labels = np.asarray(labels)
-    start = np.full((labels.shape[0], 1), start_id, dtype=labels.dtype)
-    return np.concatenate([start, labels[:, :-1]], axis=1)
+                       tuple(groups), cut_src, cut_tgt, tuple(sources), tuple(targets),
+                       tuple(origin))
 
 
 def make_batch(data: EncodedData, rows: np.ndarray, start_id: int = 0) -> Batch:
@@ -160,14 +171,30 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:
-    """Full training batches per epoch (the final partial batch is dropped)."""
-    return num_rows // batch_size
+    """Training batches per epoch: ceil(num_rows / batch_size), the last one partial (as the
+    original's data loader, which does not drop it)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return -(-num_rows // batch_size)
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> Batch:
+    """A batch of fewer than `batch_size` rows filled up with empty rows (every id and mask 0:
+    they add no loss and no tokens), so the train step keeps one static shape."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows > batch_size:
+        raise ValueError(f"batch has {rows} rows, more than batch_size={batch_size}")
+    if rows == batch_size:
+        return dict(batch)
+    return {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
 
 
 def train_batches(data: EncodedData, batch_size: int, *, seed: int,
                   state: DataState | None = None, num_epochs: int | None = None
                   ) -> Iterator[tuple[Batch, DataState]]:
-    """Shuffled full batches, yielded with the `DataState` to save *after* consuming each.
+    """Shuffled batches, yielded with the `DataState` to save *after* consuming each; the last
+    batch of an epoch holds the remaining rows only (see `pad_batch`).
 
     Starts at `state` (default: epoch 0, batch 0) and runs until epoch `num_epochs` (None:
     forever). Resuming from a saved state yields exactly the batches that would have followed.

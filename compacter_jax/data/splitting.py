@@ -1,4 +1,5 @@
-"""The paper's train / validation / test splits (spec §6), row for row as the original code.
+"""The paper's train / validation / test splits (paper §4.1, docs/tasks.md), row for row as the
+original code.
 
 The original (`seq2seq/data/tasks.py`, `AbstractTask.get` with `split_validation_test=True`,
 as in all its configs) permutes with `torch.randperm(n, generator=manual_seed(data_seed))`;
@@ -36,6 +37,7 @@ gives file order only where those ids increase along the file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -140,19 +142,32 @@ def limit_eval_rows(task: Task | str, split: str, rows: np.ndarray | None, num_o
     return torch_randperm(num_official, data_seed)[:max_samples]
 
 
-def paper_splits(task: Task | str, source: Source, *, data_seed: int = 42,
-                 train_samples: int | None = None, max_validation_samples: int | None = None,
-                 max_test_samples: int | None = None) -> dict[str, list[Example]]:
-    """{"train", "validation", "test"} -> examples, read from `source` (see the module doc).
+@dataclasses.dataclass(frozen=True)
+class PaperSplit:
+    """One paper split: its examples and where each came from.
+
+    Attributes:
+      official: the official split the rows are taken from ("train", "validation", ...).
+      rows: int64 [n], each example's row in that split's file (0-based over data rows).
+      examples: the examples, in that order.
+    """
+
+    official: str
+    rows: np.ndarray
+    examples: list[Example]
+
+
+def load_paper_splits(task: Task | str, source: Source, *, data_seed: int = 42,
+                      train_samples: int | None = None,
+                      max_validation_samples: int | None = None,
+                      max_test_samples: int | None = None) -> dict[str, PaperSplit]:
+    """{"train", "validation", "test"} -> `PaperSplit`, read from `source` (see the module doc).
 
     Args:
       task: a `Task` or its registry name.
       source: where official splits are loaded from (`FilesSource`, `TfdsSource`).
       data_seed / train_samples: as `split_indices`.
       max_validation_samples / max_test_samples: as `limit_eval_rows` (None: no limit).
-
-    Returns:
-      {paper split: list of examples}, in the order of the (permuted) row indices.
     """
     task = get_task(task)
     train = source.load(task, "train")
@@ -162,7 +177,7 @@ def paper_splits(task: Task | str, source: Source, *, data_seed: int = 42,
                          train_samples=train_samples)
     limits = {"validation": max_validation_samples, "test": max_test_samples}
     loaded = {"train": train, "validation": validation}
-    out: dict[str, list[Example]] = {}
+    out: dict[str, PaperSplit] = {}
     for split, (official, rows) in plan.items():
         if official not in loaded:
             loaded[official] = source.load(task, official)
@@ -170,8 +185,15 @@ def paper_splits(task: Task | str, source: Source, *, data_seed: int = 42,
         if split in limits:
             rows = limit_eval_rows(task, split, rows, len(data), limits[split],
                                    data_seed=data_seed)
-        out[split] = list(data) if rows is None else [data[i] for i in rows]
+        rows = np.arange(len(data), dtype=np.int64) if rows is None else np.asarray(rows)
+        out[split] = PaperSplit(official, rows, [data[i] for i in rows])
     return out
+
+
+def paper_splits(task: Task | str, source: Source, **kwargs) -> dict[str, list[Example]]:
+    """{"train", "validation", "test"} -> examples, in the order of the (permuted) row indices
+    (`load_paper_splits` with the rows dropped; same keyword arguments)."""
+    return {k: v.examples for k, v in load_paper_splits(task, source, **kwargs).items()}
 
 
 splits = paper_splits

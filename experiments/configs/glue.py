@@ -53,12 +53,18 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.tokenizer = ""  # "" = the real T5 vocabulary under $COMPACTER_DATA_DIR/t5_vocab
     # Data: "tfds", "files", or "auto" (TFDS when prepared there, else the local files).
     c.source = "auto"
-    c.data_dir = ""  # "" = $COMPACTER_DATA_DIR (files) / TFDS default (tfds)
+    # "" = $COMPACTER_DATA_DIR (files) / TFDS default (tfds); a files folder may be the one
+    # holding glue/ and superglue/, or glue/ or superglue/ itself.
+    c.data_dir = ""
     c.download = False
     c.max_source_length = 128
-    c.max_target_length = 8
-    c.train_samples = -1  # > 0: seeded low-resource subsample of the training set
-    c.max_eval_samples = -1  # > 0: evaluate on the first N validation/test examples only
+    c.max_target_length = -1  # -1: the task's (its longest label; 128 for free-text targets)
+    c.train_samples = -1  # > 0: the original's seeded low-resource subsample of the train set
+    c.max_eval_samples = -1  # > 0: at most N validation/test examples (the original's way)
+    # None: the method's rule (the original prefixes the task name unless adapters are trained).
+    c.add_task_prefix = ml_collections.config_dict.placeholder(bool)
+    # Several examples per row (same examples per step); None: on when the method supports it.
+    c.packing = ml_collections.config_dict.placeholder(bool)
     # Optimisation (paper §5).
     c.batch_size = 100  # global batch, split over devices and hosts
     c.eval_batch_size = 100
@@ -81,10 +87,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.per_example_dropout = False
     # Logging, evaluation, checkpoints.
     c.log_every = 10
-    c.eval_every = -1  # steps; -1 = once per epoch
+    c.eval_every = -1  # steps; -1 = once per epoch; 0 = never (no best checkpoint)
     c.save_every = -1  # steps; -1 = at every evaluation
     c.keep_checkpoints = 2
     c.eval_test = True  # evaluate the test split at the best validation checkpoint
+    # "generate" (greedy decoding, the paper's), "rank" (the most likely label string), "both".
+    c.eval_mode = "generate"
 
     if variant == "quick":
         # A few minutes on 2 CPU cores: a short schedule, a small batch, 64 evaluation rows.
@@ -94,6 +102,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         c.max_steps = 80
         c.eval_every = 40
         c.max_eval_samples = 64
+        c.eval_mode = "both"
     elif variant != "paper":
         raise ValueError(f"unknown config variant {variant!r}: use glue.py (quick) or glue.py:paper")
     return c

@@ -268,3 +268,15 @@ def test_good_edge_cases_still_load(tmp_path):
     (tmp_path / "superglue/CB").mkdir(parents=True)
     (tmp_path / "superglue/CB/val.jsonl").write_bytes(b"\xef\xbb\xbf" + _GOOD_CB.encode())
     assert FilesSource(tmp_path).load("cb", "validation")[0]["premise"] == "p"
+
+
+def test_data_dir_may_be_the_root_or_the_glue_or_superglue_folder(shared_data):
+    from compacter_jax.data import FilesSource
+
+    root = FilesSource(shared_data).load("rte", "validation")
+    assert FilesSource(shared_data / "glue").load("rte", "validation") == root
+    cb = FilesSource(shared_data).load("cb", "validation")
+    assert FilesSource(shared_data / "superglue").load("cb", "validation") == cb
+    assert FilesSource.is_files_layout(shared_data)
+    assert FilesSource.is_files_layout(shared_data / "glue")
+    assert not FilesSource.is_files_layout(shared_data / "t5_vocab")

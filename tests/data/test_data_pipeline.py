@@ -13,11 +13,12 @@ from compacter_jax.data import (
     encode,
     eval_batches,
     get_task,
+    pad_batch,
     shard_for_host,
-    shift_right,
     steps_per_epoch,
     train_batches,
 )
+from compacter_jax.models import shift_right
 
 KEYS = {"input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask"}
 S, T = 64, 4
@@ -72,25 +73,40 @@ def test_train_batches_shapes_and_shuffle(encoded):
         it = train_batches(encoded, 5, seed=seed, state=DataState(epoch, 0), num_epochs=epoch + 1)
         return [row_of[r.tobytes()] for b, _ in it for r in b["input_ids"]]
 
-    assert steps_per_epoch(len(encoded), 5) == 4
+    assert steps_per_epoch(len(encoded), 5) == 5 and steps_per_epoch(25, 5) == 5
     e0, e1 = epoch_rows(0, 0), epoch_rows(0, 1)
-    assert len(e0) == len(set(e0)) == 20  # 4 full batches, no repeats, partial batch dropped
+    assert len(e0) == len(set(e0)) == 24  # 4 full batches + the partial one, no repeats
     assert e0 == epoch_rows(0, 0) and e0 != e1 and e0 != epoch_rows(1, 0)
     assert e0 != sorted(e0)
+    last = list(train_batches(encoded, 5, seed=0, num_epochs=1))[-1]
+    assert last[0]["input_ids"].shape == (4, S) and last[1] == DataState(1, 0)
+
+
+def test_pad_batch_adds_empty_rows(encoded):
+    batch = next(eval_batches(encoded, 3))
+    batch = {k: batch[k] for k in KEYS}
+    padded = pad_batch(batch, 5)
+    for k in KEYS:
+        assert padded[k].shape[0] == 5
+        np.testing.assert_array_equal(padded[k][:3], batch[k])
+        assert not padded[k][3:].any()       # no tokens, no loss
+    assert pad_batch(batch, 3).keys() == batch.keys()
+    with pytest.raises(ValueError, match="more than batch_size=2"):
+        pad_batch(batch, 2)
 
 
 def test_resume_from_any_position(encoded):
     full = list(train_batches(encoded, 5, seed=3, num_epochs=3))
-    assert len(full) == 12 and full[3][1] == DataState(1, 0) and full[-1][1] == DataState(3, 0)
-    for k in (1, 3, 4, 9, 11):
+    assert len(full) == 15 and full[4][1] == DataState(1, 0) and full[-1][1] == DataState(3, 0)
+    for k in (1, 3, 4, 5, 9, 14):
         saved = DataState.from_dict(full[k - 1][1].to_dict())
         resumed = list(train_batches(encoded, 5, seed=3, state=saved, num_epochs=3))
-        assert len(resumed) == 12 - k
+        assert len(resumed) == 15 - k
         for (a, sa), (b, sb) in zip(resumed, full[k:]):
             assert sa == sb and all(np.array_equal(a[key], b[key]) for key in KEYS)
     # an index at the end of an epoch rolls over to the next one
-    rolled = next(train_batches(encoded, 5, seed=3, state=DataState(0, 4)))
-    assert np.array_equal(rolled[0]["input_ids"], full[4][0]["input_ids"])
+    rolled = next(train_batches(encoded, 5, seed=3, state=DataState(0, 5)))
+    assert np.array_equal(rolled[0]["input_ids"], full[5][0]["input_ids"])
     endless = train_batches(encoded, 5, seed=3)
     assert len(list(itertools.islice(endless, 30))) == 30
     with pytest.raises(ValueError, match="batch_size 25 must be in 1..24"):

@@ -19,15 +19,13 @@ from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_par
 from compacter_jax.models.t5 import segment_mask
 
 
-def peft_methods_under_test() -> dict[str, peft.PeftConfig]:
-    """Every adapter preset, LoRA and BitFit, sized for the tiny PEFT model (d_model 48,
-    2 encoder blocks). The one place to update when `peft/methods.py` changes shape."""
+def peft_methods_under_test() -> dict[str, peft.Method]:
+    """Every packable preset (adapters, LoRA, BitFit, full), sized for the tiny PEFT model
+    (d_model 48, 2 encoder blocks)."""
     tiny = {"reduction_factor": 4}  # bottleneck 12: n = 4 and n = 12 (phm_adapter) divide it
-    names = [name for name, cfg in peft.PRESETS.items() if cfg.has_adapters]
-    methods = {name: peft.get_method(name, **tiny) for name in names}
+    methods = {name: peft.get_method(name, **tiny) if isinstance(m, peft.AdapterMethod) else m
+               for name, m in peft.PRESETS.items() if m.packable}
     methods["adapterdrop"] = peft.get_method("adapterdrop", drop_first=1, **tiny)
-    methods["lora"] = peft.get_method("lora")
-    methods["bitfit"] = peft.get_method("bitfit")
     return methods
 
 
@@ -191,10 +189,10 @@ def backbone_leaves():
 def test_packed_equals_alone_with_peft_hooks(data, backbone_leaves, name):
     arr, spans, alone = data
     method = peft_methods_under_test()[name]
-    model = T5ForConditionalGeneration(PEFT_T5, peft.PeftHooks(method))
+    model = T5ForConditionalGeneration(PEFT_T5, method.hooks())
     params = random_params(model)  # PEFT leaves random too, so every hook changes the output
-    assert len(jax.tree_util.tree_leaves(params)) > backbone_leaves, \
-        f"{name} inserted nothing into the model"
+    assert len(jax.tree_util.tree_leaves(params)) > backbone_leaves or isinstance(
+        method, peft.FullFineTuning), f"{name} inserted nothing into the model"
     packed, ref = _packed_and_alone(model, params, arr, alone)
     _assert_each_example_equal(packed, ref, spans)
 
@@ -202,7 +200,7 @@ def test_packed_equals_alone_with_peft_hooks(data, backbone_leaves, name):
 def test_prompt_tuning_refuses_packed_inputs(data):
     arr, _, _ = data
     model = T5ForConditionalGeneration(
-        V10, peft.PeftHooks(peft.get_method("prompt_tuning", prompt_length=3)))
+        V10, peft.get_method("prompt_tuning", length=3).hooks())
     with pytest.raises(ValueError, match="prompt tuning does not support packed inputs; set "
                                          "packing off"):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), arr["input_ids"],

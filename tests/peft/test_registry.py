@@ -71,3 +71,35 @@ def test_cli_fields_are_the_union_of_the_families():
             "init", "vocab_ids", "layer_norms", "lm_head"} <= set(fields)
     assert "name" not in fields and "learning_rate" not in fields
     assert fields["rank"] is int and fields["alpha"] is float
+
+
+def test_adding_a_method_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
+    """The worked example of docs/DESIGN.md ("Adding a method"): LN-tuning."""
+    import dataclasses
+
+    import numpy as np
+
+    from compacter_jax import params as param_report
+    from compacter_jax.models import get_preset
+    from compacter_jax.peft.method import Method, is_layer_norm_path
+
+    @dataclasses.dataclass(frozen=True)
+    class LayerNormTuning(Method):
+        final_norms: bool = True
+
+        def is_trainable(self, path):
+            return is_layer_norm_path(path) and (self.final_norms
+                                                 or "final_layer_norm" not in path)
+
+    monkeypatch.setitem(registry.PRESETS, "ln_tuning",
+                        LayerNormTuning(name="ln_tuning", learning_rate=3e-3))
+    r = param_report.report(get_preset("t5-base"), get_method("ln_tuning"))
+    assert r.trainable == 62 * 768 and r.peft == 0
+    assert param_report.report(get_preset("t5-base"),
+                               get_method("ln_tuning", final_norms=False)).trainable == 60 * 768
+    assert "final_norms" in registry.cli_fields()
+    method = get_method("ln_tuning")
+    trainable = {"encoder": {"final_layer_norm": {"scale": np.ones(4, np.float32)}}}
+    peft.save_adapter(tmp_path / "ln", trainable, method, model="random:t5-tiny")
+    _, meta = peft.load_trainable(tmp_path / "ln")
+    assert peft.method_of_export(meta) == method

@@ -1,0 +1,92 @@
+"""Packing changes the layout, not the recipe: with dropout off one step of the library's train
+step on packed real rows gives the loss and trainable gradients of the padded batch of the same
+examples; bucketed evaluation gives the predictions of unbucketed evaluation, in order."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from compacter_jax import data as data_lib
+from compacter_jax import peft
+from compacter_jax.models import greedy_generate
+from compacter_jax.train import TrainState, make_train_step, seq2seq_apply_fn
+from experiments.evaluation import Evaluator
+
+B, S = 16, 128
+
+
+@pytest.fixture(scope="module")
+def rows(files_source, tokenizer):
+    # RTE pairs are long (two share a row at best), SST-2 sentences short (many per row).
+    rte = sorted(files_source.load("rte", "train")[:200],
+                 key=lambda ex: len(ex["sentence1"]) + len(ex["sentence2"]))[:B]
+    sst2 = files_source.load("sst2", "train")[:B]
+    return (data_lib.encode("rte", rte, tokenizer, max_source_length=S, max_target_length=4,
+                            train=True),
+            data_lib.encode("sst2", sst2, tokenizer, max_source_length=S, max_target_length=4,
+                            train=True))
+
+
+@pytest.fixture(scope="module")
+def model_and_method():
+    method = peft.get_method("compacter++", reduction_factor=8)
+    model, params = peft.from_pretrained("random:t5-tiny", method, jax.random.PRNGKey(0))
+    model = model.clone(config=model.config.replace(dropout_rate=0.0))
+    # Non-zero PEFT parameters so that every adapter path carries gradient.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_unflatten(tree, [
+        x + 0.02 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves])
+    return model, method, params
+
+
+@pytest.mark.parametrize("task", [0, 1], ids=["rte", "sst2"])
+def test_packed_step_equals_padded_step(rows, model_and_method, task):
+    model, method, params = model_and_method
+    encoded = rows[task]
+    padded = data_lib.make_batch(encoded, np.arange(B))
+    packed = data_lib.pack_batch(padded, max_source_length=S, packed_target_length=16,
+                                 row_buckets=(4, 8, 16))
+    assert packed["input_ids"].shape[0] < B            # it really packed
+    trainable, frozen = method.partition(params)
+    tx = optax.sgd(1.0)                                 # update = -gradient
+    step = jax.jit(make_train_step(seq2seq_apply_fn(model), tx, merge_fn=method.combine))
+
+    def run(batch):
+        state, metrics = step(TrainState.create(trainable, tx, 0), frozen, batch)
+        grads = jax.tree_util.tree_map(lambda new, old: old - new, state.params, trainable)
+        return metrics, grads
+
+    m_pad, g_pad = run(padded)
+    m_pack, g_pack = run(packed)
+    assert float(m_pack["tokens"]) == float(m_pad["tokens"])
+    np.testing.assert_allclose(float(m_pack["loss"]), float(m_pad["loss"]), rtol=1e-5)
+    norm = float(optax.tree.norm(g_pad))
+    assert norm > 0
+    # Relative to each gradient leaf's norm (float32 sums in another order).
+    for a, b in zip(jax.tree_util.tree_leaves(g_pack), jax.tree_util.tree_leaves(g_pad)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-12
+
+
+def test_bucketed_evaluation_gives_the_unbucketed_predictions_in_order(rows, model_and_method,
+                                                                        tokenizer):
+    model, _, params = model_and_method
+    encoded = rows[1]
+    evaluator = Evaluator(data_lib.get_task("sst2"), tokenizer, model, {"validation": encoded},
+                          batch_size=5, max_new_tokens=4)
+    bucketed = evaluator.generate(params, "validation")
+    plain = [""] * len(encoded)
+    for batch in data_lib.eval_batches(encoded, 5):
+        ids = greedy_generate(model, params, batch["input_ids"], batch["attention_mask"],
+                              max_new_tokens=4)
+        for row, text in zip(batch["example_index"],
+                             data_lib.decode_predictions(tokenizer, np.asarray(ids))):
+            if row >= 0:
+                plain[row] = text
+    assert bucketed == plain
+    shapes = {b["input_ids"].shape[1] for b in data_lib.bucketed_eval_batches(encoded, 5)}
+    assert min(shapes) < S                              # short batches run on short shapes
