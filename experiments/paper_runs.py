@@ -1,37 +1,370 @@
-"""Prints (or runs) the command of every paper run: `python -m experiments.paper_runs [--run]`.
+"""The paper's grid as commands: print them, run them, or list them as JSON.
 
-    python -m experiments.paper_runs --tasks rte,mrpc --methods compacter,compacter++
+    python -m experiments.paper_runs                       # one command per (task, method)
+    python -m experiments.paper_runs --sweep               # the paper's grid (Tables 1 and 2)
+    python -m experiments.paper_runs --sweep --tasks rte --methods compacter --run
+    python -m experiments.paper_runs --low-resource        # 100 ... 4000 training examples
+    python -m experiments.paper_runs --sweep --json --config.model=/path/to/t5-base
+
+`--sweep` enumerates, per task and method, the reduction factors {32, 16, 8} of the adapter
+methods, n in {4, 8, 12} of the PHM ones (only values that fit the model's sizes) and the
+method's learning rate (`--learning-rates` to try others). Workdirs encode the configuration:
+`WORKDIR_ROOT/TASK/METHOD/rf32_n4_lr3e-3[_train100]`. Extra `--config.*` flags are passed to
+every run; `--config.peft.FIELD` only to methods that have FIELD; a flag that sets a swept
+field (`--config.peft.reduction_factor`, `--config.peft.n`, `--config.learning_rate`,
+`--config.train_samples`) pins that axis to its value. `--run` runs the commands one after
+another, skipping runs whose `summary.json` exists (a stopped run resumes from its checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import itertools
+import json
+import os
 import shlex
 import subprocess
 import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from compacter_jax import data as data_lib
+from compacter_jax import peft
+from experiments.configs import paper
 from experiments.configs.paper import GLUE_TASKS, METHODS, SUPERGLUE_TASKS
+
+CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "paper.py"
+SUMMARY_FILE = "summary.json"
+# Config fields a sweep sets itself; a passed-through flag for one pins that axis.
+PINNABLE = {"peft.reduction_factor": int, "peft.n": int, "learning_rate": float,
+            "train_samples": int}
+
+
+def config_path() -> str:
+    """paper.py as the commands name it: relative to the current directory when inside it."""
+    rel = os.path.relpath(CONFIG_FILE)
+    return str(CONFIG_FILE) if rel.startswith("..") else rel
 
 
 def commands(tasks, methods, workdir_root: str, extra: list[str]) -> list[list[str]]:
+    """One command per (task, method) with the method's preset (no sweep)."""
     return [[sys.executable, "-m", "experiments.glue",
-             "--config", f"experiments/configs/paper.py:{task},{method}",
+             "--config", f"{config_path()}:{task},{method}",
              "--workdir", f"{workdir_root}/{task}/{method}", *extra]
             for task in tasks for method in methods]
 
 
+# ------------------------------------------------------------------------------ the grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of the grid.
+
+    Attributes:
+      task / method: registry names ("rte", "compacter").
+      axes: the swept method fields and their values, e.g. (("reduction_factor", 32), ("n", 4)).
+      learning_rate: the peak learning rate.
+      train_samples: training examples of a low-resource run (None: the whole training set).
+      peft_flags: passed-through `--config.peft.*` flags that apply to this method.
+    """
+
+    task: str
+    method: str
+    axes: tuple[tuple[str, int], ...]
+    learning_rate: float
+    train_samples: int | None = None
+    peft_flags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The configuration's directory name, e.g. "rf32_n4_lr3e-3_train100"."""
+        return paper.config_name(dict(self.axes), self.learning_rate, self.train_samples)
+
+    def workdir(self, root: str) -> str:
+        return f"{root}/{self.task}/{self.method}/{self.name}"
+
+    def flags(self, root: str, extra: Sequence[str] = ()) -> list[str]:
+        """The `experiments.glue` flags of this run (`extra` last)."""
+        sweep = [f"--config.peft.{k}={v}" for k, v in self.axes]
+        sweep.append(f"--config.learning_rate={self.learning_rate!r}")
+        if self.train_samples:
+            sweep.append(f"--config.train_samples={self.train_samples}")
+        return ["--config", f"{config_path()}:{self.task},{self.method}",
+                "--workdir", self.workdir(root), *sweep, *self.peft_flags, *extra]
+
+    def command(self, root: str, extra: Sequence[str] = ()) -> list[str]:
+        return [sys.executable, "-m", "experiments.glue", *self.flags(root, extra)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassThrough:
+    """The extra `--config.*` flags, sorted by what the sweep does with them.
+
+    Attributes:
+      common: flags given to every run.
+      peft: {field: flag tokens} of `--config.peft.FIELD` flags (given to methods with FIELD).
+      peft_values: {field: value} of those flags (for checking which configurations fit).
+      pinned: {config field: value} of flags that set a swept field.
+      model: the `--config.model` value, if given.
+    """
+
+    common: tuple[str, ...] = ()
+    peft: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    peft_values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pinned: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: str | None = None
+
+
+def split_extra(extra: Sequence[str]) -> PassThrough:
+    """Sorts `--config.FIELD=VALUE` / `--config.FIELD VALUE` flags (see `PassThrough`).
+
+    Raises ValueError for anything that is not a `--config.` flag (a mistyped option would
+    otherwise reach every run) and for a pinned value of the wrong type.
+    """
+    common: list[str] = []
+    peft_flags: dict[str, tuple[str, ...]] = {}
+    peft_values: dict[str, Any] = {}
+    pinned: dict[str, Any] = {}
+    model = None
+    tokens = list(extra)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--config."):
+            raise ValueError(f"unknown argument {token!r}: only --config.FIELD=VALUE flags are "
+                             "passed through to the runs (see --help)")
+        name, sep, value = token[len("--config."):].partition("=")
+        used = [token]
+        if not sep and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value, sep = tokens[i + 1], "="
+            used.append(value)
+        i += len(used)
+        if name in PINNABLE:
+            if not sep:
+                raise ValueError(f"--config.{name} needs a value")
+            try:
+                pinned[name] = PINNABLE[name](value)
+            except ValueError:
+                raise ValueError(f"--config.{name}={value!r}: expected "
+                                 f"{PINNABLE[name].__name__}") from None
+        elif name.startswith("peft."):
+            field = name[len("peft."):]
+            peft_flags[field] = tuple(used)
+            peft_values[field] = _literal(value) if sep else True
+        else:
+            if name == "model" and sep:
+                model = value
+            common.extend(used)
+    return PassThrough(tuple(common), peft_flags, peft_values, pinned, model)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The runs of a grid and the configurations left out (with why)."""
+
+    runs: list[Run]
+    skipped: list[str]
+
+
+def sweep(tasks: Sequence[str], methods: Sequence[str], *,
+          learning_rates: Sequence[float] | None = None,
+          train_sizes: Sequence[int] | None = None,
+          passthrough: PassThrough = PassThrough()) -> Sweep:
+    """The paper's grid for `tasks` x `methods` (see the module doc).
+
+    Args:
+      tasks / methods: registry names, in the order the runs should come.
+      learning_rates: rates to try for every method (None: the method's own, the original's).
+      train_sizes: low-resource training sizes (None: the whole training set). A size at or
+        above a task's training set is left out (it would repeat the full-data run).
+      passthrough: the extra flags (`split_extra`); `model` decides which n and reduction
+        factors fit (default the paper's t5-base).
+
+    Returns:
+      `Sweep`: the runs, task-major, then method, configuration, learning rate and size.
+    """
+    t5 = paper.model_config(passthrough.model or paper.PAPER_MODEL)
+    pinned = passthrough.pinned
+    runs: list[Run] = []
+    skipped: list[str] = []
+    for method_name in methods:
+        peft.get_method(method_name)  # an unknown name raises, listing the valid ones
+    for task in tasks:
+        data_lib.get_task(task)  # an unknown task raises, naming the valid ones
+        sizes = _sizes(task, train_sizes, pinned.get("train_samples"), skipped)
+        for method_name in methods:
+            method = peft.get_method(method_name)
+            fields = set(method.config_field_names())
+            peft_flags = tuple(t for f, toks in passthrough.peft.items() if f in fields
+                               for t in toks)
+            fixed = {f: v for f, v in passthrough.peft_values.items() if f in fields}
+            axes = {k: (pinned[f"peft.{k}"],) if f"peft.{k}" in pinned else values
+                    for k, values in paper.sweep_axes(method).items()}
+            rates = (learning_rates or ([pinned["learning_rate"]] if "learning_rate" in pinned
+                                        else [method.learning_rate]))
+            for combo in itertools.product(*axes.values()):
+                chosen = dict(zip(axes, combo))
+                try:
+                    method.replace(**fixed, **chosen).validate(t5)
+                except ValueError as e:
+                    if task == tasks[0]:  # the same for every task: say it once
+                        skipped.append(f"{method_name} {paper.config_name(chosen, rates[0])}: "
+                                       f"{e}")
+                    continue
+                for lr, size in itertools.product(rates, sizes):
+                    runs.append(Run(task, method_name, tuple(chosen.items()), float(lr), size,
+                                    peft_flags))
+    return Sweep(runs, skipped)
+
+
+def _sizes(task: str, train_sizes, pinned_size, skipped: list[str]) -> list[int | None]:
+    if pinned_size is not None:
+        return [pinned_size]
+    if not train_sizes:
+        return [None]
+    try:
+        available = paper.paper_train_size(task)
+    except ValueError:  # a task outside the paper's tables: no size known, keep every size
+        return list(train_sizes)
+    kept = [n for n in train_sizes if n < available]
+    for n in sorted(set(train_sizes) - set(kept)):
+        skipped.append(f"{task} train{n}: the training set has only {available} examples "
+                       "(the full-data run covers it)")
+    return kept
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def parse_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """The config `experiments.glue` runs with for these flags (`Run.flags`), parsed by
+    ml_collections as the CLI does (a fresh flag registry, so it can be called repeatedly)."""
+    argv = ["experiments.glue", *argv]
+    registry = flags.FlagValues()
+    # sys_argv: the override flags (--config.x) are registered from the argv given here.
+    holder = config_flags.DEFINE_config_file("config", None, "config file",
+                                             flag_values=registry, lock_config=True,
+                                             sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "run directory", flag_values=registry)
+    with warnings.catch_warnings():  # ml_collections loads the file with importlib's old API
+        warnings.filterwarnings("ignore", r"the load_module\(\) method is deprecated",
+                                DeprecationWarning)
+        registry(argv)
+    return holder.value
+
+
+def run_steps(run: Run, root: str, extra: Sequence[str] = ()) -> tuple[int, int]:
+    """(training examples, total optimizer steps) of `run` with the paper's data sizes."""
+    from experiments.finetune import schedule_length  # imports JAX: only when asked
+
+    config = parse_config(run.flags(root, extra))
+    task = data_lib.get_task(config.task)
+    n_train = paper.paper_train_size(task.name, config.train_samples if config.train_samples > 0
+                                     else None)
+    per_epoch = data_lib.steps_per_epoch(n_train, config.batch_size)
+    return n_train, schedule_length(config, task.is_small, per_epoch)[0]
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def run_all(cmds: list[tuple[str, list[str]]]) -> int:
+    """Runs (workdir, command) pairs in order, skipping finished ones; 1 if any failed."""
+    failed = []
+    for workdir, cmd in cmds:
+        if (Path(workdir) / SUMMARY_FILE).exists():
+            print(f"# done, skipped: {workdir}", file=sys.stderr, flush=True)
+            continue
+        print(shlex.join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(workdir)
+            print(f"# FAILED: {workdir}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"# {len(failed)} run(s) failed:\n" + "\n".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _csv(text: str | None, kind=str) -> list | None:
+    return None if text is None else [kind(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", default=",".join(GLUE_TASKS + SUPERGLUE_TASKS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", help="comma-separated (default: Tables 1 and 2; "
+                        "--low-resource: GLUE)")
+    parser.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)}; "
+                        f"--low-resource: {','.join(paper.LOW_RESOURCE_METHODS)})")
     parser.add_argument("--workdir-root", default="runs/paper")
+    parser.add_argument("--sweep", action="store_true", help="the paper's grid per method")
+    parser.add_argument("--low-resource", action="store_true",
+                        help="the grid on subsampled training sets (implies --sweep)")
+    parser.add_argument("--train-sizes", help="low-resource sizes (default: "
+                        f"{','.join(map(str, paper.LOW_RESOURCE_SIZES))}; implies "
+                        "--low-resource)")
+    parser.add_argument("--learning-rates", help="rates to try for every method (default: "
+                        "each method's own)")
     parser.add_argument("--run", action="store_true", help="run them one after another")
+    parser.add_argument("--json", action="store_true", help="print the grid as JSON")
     args, extra = parser.parse_known_args(argv)
-    cmds = commands(args.tasks.split(","), args.methods.split(","), args.workdir_root, extra)
-    for cmd in cmds:
-        print(shlex.join(cmd))
-        if args.run:
-            subprocess.run(cmd, check=True)
+    low_resource = args.low_resource or args.train_sizes is not None
+    tasks = _csv(args.tasks) or list(GLUE_TASKS if low_resource else GLUE_TASKS + SUPERGLUE_TASKS)
+    methods = _csv(args.methods) or list(paper.LOW_RESOURCE_METHODS if low_resource else METHODS)
+
+    if not (args.sweep or low_resource):  # one command per (task, method), as before
+        cmds = commands(tasks, methods, args.workdir_root, extra)
+        for cmd in cmds:
+            print(shlex.join(cmd))
+            if args.run:
+                subprocess.run(cmd, check=True)
+        return 0
+
+    try:
+        passthrough = split_extra(extra)
+        grid = sweep(tasks, methods,
+                     learning_rates=_csv(args.learning_rates, float),
+                     train_sizes=(_csv(args.train_sizes, int) or list(paper.LOW_RESOURCE_SIZES)
+                                  if low_resource else None),
+                     passthrough=passthrough)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in grid.skipped:
+        print(f"# left out: {note}", file=sys.stderr)
+    root, common = args.workdir_root, passthrough.common
+    if args.json:
+        out = []
+        for r in grid.runs:
+            n_train, steps = run_steps(r, root, common)
+            out.append({"task": r.task, "method": r.method, "name": r.name,
+                        "workdir": r.workdir(root), "learning_rate": r.learning_rate,
+                        "axes": dict(r.axes), "train_samples": r.train_samples,
+                        "train_examples": n_train, "steps": steps,
+                        "done": (Path(r.workdir(root)) / SUMMARY_FILE).exists(),
+                        "command": r.command(root, common)})
+        print(json.dumps(out, indent=1))
+        return 0
+    if args.run:
+        return run_all([(r.workdir(root), r.command(root, common)) for r in grid.runs])
+    for r in grid.runs:
+        print(shlex.join(r.command(root, common)))
+    print(f"# {len(grid.runs)} runs", file=sys.stderr)
     return 0
 
 

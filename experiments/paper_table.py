@@ -1,0 +1,440 @@
+"""The paper's Table 1 (GLUE), Table 2 (SuperGLUE) and low-resource figure from finished runs.
+
+    python -m experiments.paper_table runs/paper --out results/paper [--model t5-base]
+
+Reads every `summary.json` below RUNS_DIR (`experiments.finetune` writes one per run), and per
+(method, task) keeps the configuration with the best validation score (the original selects
+on validation and reports test). Writes into --out:
+
+* `table1.md`, `table1.csv`: rows = methods in the paper's order, columns = GLUE tasks (test
+  scores, 0-100; MRPC/QQP "acc/F1", STS-B "Pearson/Spearman" as the paper), the averages and
+  "% trained" (trainable / backbone), then the paper's own numbers where they are known;
+  `table2.*` the same for SuperGLUE when there are SuperGLUE runs;
+* `selection.csv`: every run, its validation and test score, and which one was chosen;
+* `low_resource.png`, `low_resource.csv`: test score against training-set size per method,
+  one panel per task (runs with `--config.train_samples`).
+
+Missing runs are blanks, never zeros; averages are over the tasks present, marked "(k/n)" when
+some are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compacter_jax import data as data_lib
+from compacter_jax import peft
+from compacter_jax.params import report
+from experiments.configs import paper
+
+SUMMARY_FILE = "summary.json"
+TABLES = {"table1": ("GLUE", paper.GLUE_TASKS), "table2": ("SuperGLUE", paper.SUPERGLUE_TASKS)}
+
+# Recipe fields compared with configs/paper.py to flag runs off the paper's recipe.
+RECIPE_FIELDS = ("batch_size", "warmup_steps", "epochs", "max_steps", "max_source_length",
+                 "max_eval_samples", "weight_decay", "clip_norm", "seed", "data_seed", "dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One finished run, as its summary.json tells.
+
+    Attributes:
+      workdir: the run's directory.
+      task / method / model: registry names and the backbone the run used.
+      config: the configuration's name ("rf32_n4_lr3e-3"), as `paper_runs` names workdirs.
+      train_samples: the low-resource size, or None for the whole training set.
+      validation_score: the best validation score (selection key); None if never evaluated.
+      test: test metrics (0-100) at the best validation checkpoint; {} if not evaluated.
+      trainable_params / total_params: parameter counts.
+      run_config: the full run config (for the recipe check).
+    """
+
+    workdir: Path
+    task: str
+    method: str
+    model: str
+    config: str
+    train_samples: int | None
+    validation_score: float | None
+    test: Mapping[str, float]
+    trainable_params: int
+    total_params: int
+    run_config: Mapping[str, Any]
+
+    @property
+    def test_score(self) -> float | None:
+        """The task score: the mean of its metrics (None without test metrics)."""
+        return task_score(self.task, self.test)
+
+
+def load_run(path: Path) -> RunResult:
+    """A `RunResult` from one summary.json. Raises ValueError naming the file and the field."""
+    try:
+        s = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable summary.json ({e})") from None
+    missing = [k for k in ("task", "method", "model", "trainable_params", "total_params")
+               if k not in s]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}; it was not written by "
+                         "experiments.finetune (delete it or re-run that workdir)")
+    run_config = s.get("config", {})
+    train_samples = run_config.get("train_samples", -1)
+    validation = s.get("best_validation_score")
+    if validation is None:
+        validation = s.get("validation", {}).get("validation/score")
+    return RunResult(
+        workdir=Path(path).parent, task=data_lib.get_task(s["task"]).name, method=s["method"],
+        model=s["model"], config=_config_name(s), validation_score=validation,
+        train_samples=train_samples if train_samples and train_samples > 0 else None,
+        test={k: float(v) for k, v in s.get("test", {}).items()},
+        trainable_params=int(s["trainable_params"]), total_params=int(s["total_params"]),
+        run_config=run_config)
+
+
+def _config_name(summary: Mapping[str, Any]) -> str:
+    """The swept fields and learning rate of a run, named as `paper_runs` names its workdir."""
+    lr = summary.get("learning_rate", summary.get("config", {}).get("learning_rate"))
+    axes = {}
+    try:
+        method = peft.method_from_dict(summary["method_config"])
+        axes = {k: getattr(method, k) for k in paper.sweep_axes(method)}
+    except (KeyError, ValueError, TypeError):  # an older summary or an unknown family
+        pass
+    return paper.config_name(axes, lr) if lr else "preset"
+
+
+def find_runs(runs_dir: Path) -> list[RunResult]:
+    """Every run below `runs_dir` (sorted by path)."""
+    return [load_run(p) for p in sorted(Path(runs_dir).rglob(SUMMARY_FILE))]
+
+
+def task_score(task: str, metrics: Mapping[str, float]) -> float | None:
+    """The mean of the task's metrics (as the paper's task score), None if any is missing."""
+    names = data_lib.get_task(task).metric_names
+    if not all(n in metrics for n in names):
+        return None
+    return float(np.mean([metrics[n] for n in names]))
+
+
+def select_best(runs: Iterable[RunResult]) -> dict[tuple[str, str, int | None], RunResult]:
+    """(method, task, train_samples) -> the run with the best validation score; ties go to
+    the configuration whose name sorts first. Runs never evaluated cannot be selected."""
+    best: dict[tuple[str, str, int | None], RunResult] = {}
+    for run in sorted(runs, key=lambda r: (r.config, str(r.workdir))):
+        if run.validation_score is None or not math.isfinite(run.validation_score):
+            continue
+        key = (run.method, run.task, run.train_samples)
+        if key not in best or run.validation_score > best[key].validation_score:
+            best[key] = run
+    return best
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One table row: the test metrics of each task present, and what the row averages.
+
+    Attributes:
+      method: registry name; source: "ours" or "paper".
+      cells: task -> {metric: value} for the tasks present.
+      percent_trained: (min, max) over the row's runs, or None when unknown.
+      average: a reported average standing in for the computed one (paper rows only).
+    """
+
+    method: str
+    source: str
+    cells: Mapping[str, Mapping[str, float]]
+    percent_trained: tuple[float, float] | None
+    average: float | None = None
+
+
+def row_averages(row: Row, tasks: Sequence[str]) -> tuple[float | None, float | None, int]:
+    """(mean of every value in the row, as the paper's Avg; mean of the task scores; number
+    of tasks present)."""
+    present = [t for t in tasks if t in row.cells]
+    if row.average is not None and not present:
+        return row.average, None, 0
+    if not present:
+        return None, None, 0
+    values = [row.cells[t][m] for t in present for m in data_lib.get_task(t).metric_names]
+    scores = [task_score(t, row.cells[t]) for t in present]
+    return float(np.mean(values)), float(np.mean(scores)), len(present)
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_size(model: str) -> int | None:
+    """T5 weights of `model` (embedding included, PEFT excluded), from its sizes alone; None
+    when the model's config cannot be read here (not a preset or a local directory)."""
+    try:
+        return report(paper.model_config(model), peft.Method()).backbone
+    except (ValueError, OSError):
+        return None
+
+
+def percent_trained(run: RunResult) -> float:
+    """100 x trainable / backbone (the total parameter count when the backbone is unknown)."""
+    return 100.0 * run.trainable_params / (backbone_size(run.model) or run.total_params)
+
+
+def measured_rows(best: Mapping[tuple, RunResult], tasks: Sequence[str]) -> list[Row]:
+    """One row per method with a full-data run on any of `tasks`, in the paper's order."""
+    chosen = {k: r for k, r in best.items() if k[2] is None and k[1] in tasks}
+    methods = {m for m, _, _ in chosen}
+    order = [m for m in paper.PAPER_METHODS if m in methods] + sorted(
+        methods - set(paper.PAPER_METHODS))
+    rows = []
+    for method in order:
+        runs = {t: chosen[(method, t, None)] for t in tasks if (method, t, None) in chosen}
+        cells = {t: {m: r.test[m] for m in data_lib.get_task(t).metric_names}
+                 for t, r in runs.items() if task_score(t, r.test) is not None}
+        pcts = [percent_trained(r) for r in runs.values()]
+        rows.append(Row(method, "ours", cells, (min(pcts), max(pcts))))
+    return rows
+
+
+def paper_rows(methods: Sequence[str]) -> list[Row]:
+    """The paper's reported GLUE numbers for `methods` (those it has any number for)."""
+    rows = []
+    for m in methods:
+        pct = paper.PAPER_PERCENT_TRAINED.get(m)
+        cells = paper.PAPER_GLUE_SCORES.get(m, {})
+        if pct is not None or cells or m in paper.PAPER_GLUE_AVERAGES:
+            rows.append(Row(m, "paper", cells, None if pct is None else (pct, pct),
+                            paper.PAPER_GLUE_AVERAGES.get(m)))
+    return rows
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def _pct(p: tuple[float, float] | None) -> str:
+    if p is None:
+        return ""
+    lo, hi = (f"{v:.3f}" if v < 100 else "100" for v in p)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _avg(value: float | None, present: int, total: int) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" + ("" if present in (0, total) else f" ({present}/{total})")
+
+
+def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    head = ["method", "% trained", *(paper.TASK_TITLES.get(t, t) for t in tasks), "avg",
+            "avg (task scores)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in rows:
+        avg, task_avg, present = row_averages(row, tasks)
+        cells = ["/".join(_num(row.cells[t][m]) for m in data_lib.get_task(t).metric_names)
+                 if t in row.cells else "" for t in tasks]
+        lines.append("| " + " | ".join([paper.METHOD_TITLES.get(row.method, row.method),
+                                        _pct(row.percent_trained), *cells,
+                                        _avg(avg, present, len(tasks)),
+                                        _avg(task_avg, present, len(tasks))]) + " |")
+    return "\n".join(lines)
+
+
+def csv_records(rows: Sequence[Row], tasks: Sequence[str]) -> list[dict[str, Any]]:
+    """Numeric columns: `TASK` (task score) and `TASK.METRIC` for tasks with several metrics."""
+    out = []
+    for row in rows:
+        avg, task_avg, present = row_averages(row, tasks)
+        rec: dict[str, Any] = {"source": row.source, "method": row.method,
+                               "percent_trained_min": row.percent_trained[0]
+                               if row.percent_trained else "",
+                               "percent_trained_max": row.percent_trained[1]
+                               if row.percent_trained else ""}
+        for t in tasks:
+            names = data_lib.get_task(t).metric_names
+            score = task_score(t, row.cells[t]) if t in row.cells else None
+            rec[t] = "" if score is None else round(score, 4)
+            if len(names) > 1:
+                for m in names:
+                    rec[f"{t}.{m}"] = row.cells[t][m] if t in row.cells else ""
+        rec.update(avg="" if avg is None else round(avg, 4),
+                   avg_task_scores="" if task_avg is None else round(task_avg, 4),
+                   tasks_present=present, tasks_total=len(tasks))
+        out.append(rec)
+    return out
+
+
+def write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def recipe_notes(runs: Iterable[RunResult]) -> list[str]:
+    """Where runs depart from configs/paper.py's recipe (e.g. "max_steps=4 (3 runs)")."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        reference = paper.get_config(f"{r.task},{r.method}")
+        for field in RECIPE_FIELDS:
+            if field in r.run_config and r.run_config[field] != reference[field]:
+                key = f"{field}={r.run_config[field]}"
+                counts[key] = counts.get(key, 0) + 1
+        if r.model != paper.PAPER_MODEL:
+            counts[f"model={r.model}"] = counts.get(f"model={r.model}", 0) + 1
+    return [f"{k} ({n} run{'s' * (n > 1)})" for k, n in sorted(counts.items())]
+
+
+def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
+                   reference: Sequence[Row], runs: Sequence[RunResult]) -> str:
+    models = sorted({r.model for r in runs})
+    parts = [f"# {title}: test scores at the best validation configuration", "",
+             markdown_table(rows, tasks) if rows else "No full-data runs on these tasks."]
+    if reference:
+        parts += ["", "The paper (T5-base), as reported:", "", markdown_table(reference, tasks)]
+    parts += ["", "- Cells: test scores (0-100) of the configuration with the best validation "
+              "score per method and task (`selection.csv`). MRPC, QQP: accuracy/F1; STS-B: "
+              "Pearson/Spearman; CoLA: Matthews correlation; CB: F1/accuracy; MultiRC, "
+              "ReCoRD: F1/EM; others: accuracy. Blank: no run.",
+              "- avg: mean of every value in the row, as the paper's Avg column; avg (task "
+              "scores): mean of the task scores (a task's score is the mean of its metrics). "
+              "(k/n): over the k of n tasks present only.",
+              "- % trained: trainable / backbone parameters; a range when the chosen "
+              "configurations differ between tasks.",
+              f"- Model: {', '.join(models) or 'none'}."]
+    if any(m.startswith("random:") for m in models):
+        parts.append("- **Random backbone: these scores mean nothing.**")
+    if notes := recipe_notes(runs):
+        parts.append("- Off the paper's recipe: " + "; ".join(notes) + ".")
+    if reference:
+        parts.append(f"- Paper numbers: {paper.PAPER_SOURCES}")
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------ the figure
+
+
+def low_resource_points(best: Mapping[tuple, RunResult]) -> list[RunResult]:
+    """The chosen low-resource runs, sorted by task, method and size."""
+    return sorted((r for (_, _, n), r in best.items() if n is not None),
+                  key=lambda r: (r.task, r.method, r.train_samples))
+
+
+def plot_low_resource(points: Sequence[RunResult], path: Path) -> Path:
+    """Test score against training-set size, one line per method, one panel per task (PNG;
+    matplotlib's Agg canvas, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(r.task for r in points))
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig = Figure(figsize=(3.6 * cols, 3.0 * rows))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    order = {m: i for i, m in enumerate(paper.PAPER_METHODS)}
+    methods = sorted({r.method for r in points}, key=lambda m: (order.get(m, 99), m))
+    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method
+    for ax, task in zip(axes, tasks):
+        mine = [r for r in points if r.task == task and r.test_score is not None]
+        for method in (m for m in methods if any(r.method == m for r in mine)):
+            line = [(r.train_samples, r.test_score) for r in mine if r.method == method]
+            ax.plot(*zip(*line), marker="o", color=color[method],
+                    label=paper.METHOD_TITLES.get(method, method))
+        sizes = sorted({r.train_samples for r in mine})
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set(title=paper.TASK_TITLES.get(task, task), xlabel="training examples",
+               ylabel="test score")
+        ax.legend(fontsize=7)
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def _selection_records(runs: Sequence[RunResult], best: Mapping[tuple, RunResult]):
+    chosen = {id(r) for r in best.values()}
+    return [{"method": r.method, "task": r.task, "train_samples": r.train_samples or "",
+             "config": r.config, "validation_score": _num(r.validation_score),
+             "test_score": _num(r.test_score), "selected": id(r) in chosen,
+             "workdir": str(r.workdir)} for r in runs]
+
+
+def write_all(runs: Sequence[RunResult], out: Path) -> dict[str, Path]:
+    """Writes the tables, selection.csv and the low-resource figure; returns name -> path."""
+    out.mkdir(parents=True, exist_ok=True)
+    best = select_best(runs)
+    written = {"selection.csv": write_csv(out / "selection.csv", _selection_records(runs, best))}
+    for name, (title, tasks) in TABLES.items():
+        table_runs = [r for r in runs if r.task in tasks and r.train_samples is None]
+        if name != "table1" and not table_runs:
+            continue
+        rows = measured_rows(best, tasks)
+        reference = paper_rows(paper.PAPER_METHODS) if name == "table1" else []
+        title = f"Table {name[-1]} ({title})"
+        (out / f"{name}.md").write_text(table_markdown(title, tasks, rows, reference,
+                                                       table_runs))
+        written[f"{name}.md"] = out / f"{name}.md"
+        written[f"{name}.csv"] = write_csv(out / f"{name}.csv",
+                                           csv_records([*rows, *reference], tasks))
+    if points := low_resource_points(best):
+        written["low_resource.png"] = plot_low_resource(points, out / "low_resource.png")
+        written["low_resource.csv"] = write_csv(out / "low_resource.csv", [
+            {"method": r.method, "task": r.task, "train_samples": r.train_samples,
+             "config": r.config, "validation_score": r.validation_score,
+             "test_score": "" if r.test_score is None else r.test_score,
+             "workdir": str(r.workdir)} for r in points])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs_dir", type=Path, help="directory holding the runs")
+    parser.add_argument("--out", type=Path, required=True, help="where the tables go")
+    parser.add_argument("--model", help="only runs on this backbone (needed when several)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.runs_dir.is_dir():
+            raise ValueError(f"{args.runs_dir} is not a directory")
+        runs = find_runs(args.runs_dir)
+        if args.model:
+            runs = [r for r in runs if r.model == args.model]
+        models = sorted({r.model for r in runs})
+        if not runs:
+            raise ValueError(f"no {SUMMARY_FILE} below {args.runs_dir}"
+                             + (f" with model {args.model!r}" if args.model else ""))
+        if len(models) > 1:
+            raise ValueError(f"runs on several backbones ({', '.join(models)}): pick one with "
+                             "--model (configurations are compared on one backbone)")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    written = write_all(runs, args.out)
+    print(written["table1.md"].read_text())
+    for name, path in written.items():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`experiments.paper_table`: Table 1 and the low-resource figure from real (tiny) runs; the
+selection, averaging and reading rules on their own.
+
+The real runs: a random t5-tiny fine-tuned 4 steps on RTE (the shared files), Compacter++ in
+two configurations (learning rates), BitFit in one, and one low-resource Compacter++ run.
+Evaluation ranks the label strings, so validation scores differ between configurations even on
+a random backbone. Compiles are shared through JAX's persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import finetune, paper_table
+from experiments.configs import paper
+from experiments.configs.glue import get_config
+from experiments.paper_table import Row, RunResult
+
+
+def tiny_config(method, learning_rate, train_samples=-1):
+    c = get_config()
+    c.task, c.method, c.model, c.fallback_model = "rte", method, "random:t5-tiny", ""
+    if method == "compacter++":
+        c.peft.reduction_factor = 8  # t5-tiny: d_model 64 -> bottleneck 8, divisible by n = 4
+    c.learning_rate, c.train_samples = learning_rate, train_samples
+    c.max_source_length, c.batch_size, c.eval_batch_size, c.max_eval_samples = 32, 8, 16, 16
+    c.warmup_steps, c.max_steps, c.eval_every, c.log_every = 1, 4, 2, 2
+    c.num_devices, c.eval_mode, c.packing = 1, "rank", False  # one padded shape: shared compiles
+    return c
+
+
+RUNS = {  # workdir below the runs root -> (method, learning rate, train_samples)
+    "rte/compacter++/rf8_n4_lr1e-2": ("compacter++", 1e-2, -1),
+    "rte/compacter++/rf8_n4_lr3e-3": ("compacter++", 3e-3, -1),
+    "rte/bitfit/lr1e-2": ("bitfit", 1e-2, -1),
+    "rte/compacter++/rf8_n4_lr1e-2_train16": ("compacter++", 1e-2, 16),
+}
+
+
+@pytest.fixture(scope="module")
+def tables(shared_data, t5_vocab, tmp_path_factory):
+    """The four runs, and paper_table's output on their directory."""
+    # Compile time dominates these runs: identical programs compile once (persistent cache)
+    # and XLA skips most optimisations (halves the compiles; the tables do not care).
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_disable_most_optimizations": True}
+    old = {k: jax.config.values[k] for k in settings}
+    try:
+        for k, v in settings.items():
+            jax.config.update(k, v)
+        root = tmp_path_factory.mktemp("runs")
+        summaries = {name: finetune.train_and_evaluate(tiny_config(*spec), root / name)
+                     for name, spec in RUNS.items()}
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+    out = tmp_path_factory.mktemp("tables")
+    assert paper_table.main([str(root), "--out", str(out)]) == 0
+    return summaries, root, out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def md_row(text, title):
+    """The cells of the first markdown table row whose method cell is `title`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == title:
+            return cells
+    raise AssertionError(f"no row {title!r} in\n{text}")
+
+
+@pytest.mark.slow
+def test_table1_holds_the_best_validation_configuration(tables):
+    summaries, root, out = tables
+    candidates = sorted(n for n in RUNS if n.startswith("rte/compacter++/") and "train" not in n)
+    best_val = max(summaries[n]["best_validation_score"] for n in candidates)
+    chosen = next(n for n in candidates if summaries[n]["best_validation_score"] == best_val)
+    rte = summaries[chosen]["test"]["accuracy"]
+
+    md = (out / "table1.md").read_text()
+    cells = md_row(md, "Compacter++")  # our row comes before the paper's
+    columns = ["method", "%", *paper.GLUE_TASKS, "avg", "task avg"]
+    assert dict(zip(columns, cells))["rte"] == f"{rte:.2f}"
+    assert all(dict(zip(columns, cells))[t] == "" for t in paper.GLUE_TASKS if t != "rte")
+    assert dict(zip(columns, cells))["avg"] == f"{rte:.2f} (1/8)"  # marked incomplete
+
+    rows = {(r["source"], r["method"]): r for r in read_csv(out / "table1.csv")}
+    ours = rows[("ours", "compacter++")]
+    assert float(ours["rte"]) == pytest.approx(rte, abs=1e-4)
+    assert ours["cola"] == "" and ours["mrpc.f1"] == ""  # blanks, never zeros
+    assert (ours["tasks_present"], ours["tasks_total"]) == ("1", "8")
+    assert rows[("ours", "bitfit")]["rte"] != ""
+
+    chosen_rows = {str(paper_table.Path(r["workdir"]).relative_to(root)): r["selected"]
+                   for r in read_csv(out / "selection.csv")}
+    assert len(chosen_rows) == len(RUNS)
+    assert chosen_rows[chosen] == "True"
+    assert [chosen_rows[n] for n in candidates].count("True") == 1
+
+
+@pytest.mark.slow
+def test_percent_trained_is_over_the_backbone(tables):
+    summaries, root, out = tables
+    bitfit = summaries["rte/bitfit/lr1e-2"]
+    # BitFit trains only biases it inserted, so its total minus its trainables is the backbone.
+    backbone = bitfit["total_params"] - bitfit["trainable_params"]
+    rows = {(r["source"], r["method"]): r for r in read_csv(out / "table1.csv")}
+    for name, method in (("rte/bitfit/lr1e-2", "bitfit"),
+                         ("rte/compacter++/rf8_n4_lr1e-2", "compacter++")):
+        expected = 100 * summaries[name]["trainable_params"] / backbone
+        assert float(rows[("ours", method)]["percent_trained_min"]) == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_paper_reference_row_and_notes(tables):
+    _, _, out = tables
+    md = (out / "table1.md").read_text()
+    paper_part = md.split("The paper (T5-base), as reported:")[1]
+    cells = md_row(paper_part, "Compacter++")
+    assert cells[1] == "0.047" and cells[4] == "90.69/93.33" and cells[-2] == "86.47"
+    assert md_row(paper_part, "Adapter")[-2] == "85.78"
+    assert "Random backbone" in md and "max_steps=4" in md
+
+
+@pytest.mark.slow
+def test_low_resource_figure_and_csv(tables):
+    summaries, root, out = tables
+    png = (out / "low_resource.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    points = read_csv(out / "low_resource.csv")
+    assert [(p["method"], p["train_samples"]) for p in points] == [("compacter++", "16")]
+    for p in points:
+        s = summaries[f"rte/compacter++/rf8_n4_lr1e-2_train{p['train_samples']}"]
+        assert s["train_examples"] == int(p["train_samples"])
+        assert float(p["test_score"]) == pytest.approx(s["test"]["score"])
+
+
+# ------------------------------------------------------------------ the rules on their own
+
+
+def result(method="compacter", task="rte", config="rf32_n4_lr3e-3", validation=50.0,
+           test=None, train_samples=None, name=None):
+    return RunResult(workdir=paper_table.Path(name or f"/runs/{task}/{method}/{config}"),
+                     task=task, method=method, model="t5-base", config=config,
+                     train_samples=train_samples, validation_score=validation,
+                     test=test or {"accuracy": 60.0}, trainable_params=1, total_params=2,
+                     run_config={})
+
+
+def test_select_best_takes_the_highest_validation_per_method_task_and_size():
+    runs = [result(config="rf32_n4_lr3e-3", validation=70.0),
+            result(config="rf16_n4_lr3e-3", validation=72.5),
+            result(config="rf8_n4_lr3e-3", validation=None),       # never evaluated
+            result(config="rf8_n8_lr3e-3", validation=72.5),       # a tie: the first name wins
+            result(config="rf32_n4_lr3e-3", validation=10.0, train_samples=100),
+            result(method="bitfit", config="lr3e-4", validation=1.0)]
+    best = paper_table.select_best(runs)
+    assert set(best) == {("compacter", "rte", None), ("compacter", "rte", 100),
+                         ("bitfit", "rte", None)}
+    assert best[("compacter", "rte", None)].config == "rf16_n4_lr3e-3"
+    assert best[("compacter", "rte", 100)].validation_score == 10.0
+
+
+def test_averages_are_over_values_and_over_task_scores():
+    row = Row("compacter", "ours", {"cola": {"matthews_correlation": 60.0},
+                                    "mrpc": {"accuracy": 80.0, "f1": 90.0}}, None)
+    avg, task_avg, present = paper_table.row_averages(row, paper.GLUE_TASKS)
+    assert avg == pytest.approx((60 + 80 + 90) / 3)           # the paper's Avg
+    assert task_avg == pytest.approx((60 + (80 + 90) / 2) / 2)  # mean of task scores
+    assert present == 2
+    # The paper's Compacter++ row: its 11 values average to the paper's 86.47.
+    (compacter_pp,) = paper_table.paper_rows(["compacter++"])
+    values = [61.27, 93.81, 90.69, 93.33, 90.17, 86.93, 90.46, 90.93, 85.71, 93.08, 74.82]
+    assert paper_table.row_averages(compacter_pp, paper.GLUE_TASKS)[0] == pytest.approx(
+        np.mean(values))
+    assert round(np.mean(values), 2) == 86.47
+
+
+def test_bad_summaries_and_mixed_backbones_are_named(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"a/summary.json: not a readable summary"):
+        paper_table.find_runs(tmp_path)
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"task": "rte"}))
+    with pytest.raises(ValueError, match=r"missing \['method', 'model'"):
+        paper_table.find_runs(tmp_path)
+    for name, model in (("a", "t5-base"), ("b", "random:t5-small")):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"task": "rte", "method": "bitfit", "model": model, "trainable_params": 1,
+             "total_params": 2, "best_validation_score": 1.0, "learning_rate": 3e-4}))
+    assert paper_table.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "several backbones (random:t5-small, t5-base)" in capsys.readouterr().err
+    assert paper_table.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_task_score_needs_every_metric():
+    assert paper_table.task_score("mrpc", {"accuracy": 80.0}) is None
+    assert paper_table.task_score("mrpc", {"accuracy": 80.0, "f1": 90.0}) == 85.0
+    assert math.isclose(paper_table.task_score("stsb", {"pearson": 1.0, "spearmanr": 2.0}), 1.5)
