@@ -113,10 +113,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def format_table(rows: list[ParamReport], skipped: dict[str, str]) -> str:
-    head = f"{'method':<14} {'trainable':>13} {'total':>13} {'% of backbone':>14}"
+    width = max([len("method"), *(len(r.method) for r in rows)])
+    head = f"{'method':<{width}} {'trainable':>13} {'total':>13} {'% of backbone':>14}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.method:<14} {r.trainable:>13,} {r.total:>13,} {r.percent:>14.3f}")
+        lines.append(f"{r.method:<{width}} {r.trainable:>13,} {r.total:>13,} {r.percent:>14.3f}")
     if rows:
         lines.append(f"backbone: {rows[0].backbone:,} parameters (percent denominator)")
     for name, why in skipped.items():
