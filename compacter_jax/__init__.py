@@ -13,8 +13,8 @@ Layers point one way: `models` (the T5, its insertion points) <- `peft` (methods
 
 from compacter_jax.models import (T5Config, T5ForConditionalGeneration, T5Hooks, get_preset,
                                   greedy_generate, save_pretrained, shift_right)
-from compacter_jax.peft import (AdapterMethod, BitFitMethod, FullFineTuning, LoRAMethod, Method,
-                                PromptTuning, build_model, count, freezing_optimizer,
+from compacter_jax.peft import (AdapterMethod, BitFitMethod, FullFineTuning, IntrinsicSAID,
+                                LoRAMethod, Method, PromptTuning, build_model, count, freezing_optimizer,
                                 from_pretrained, get_method, load_adapter, merge, method_names,
                                 save_adapter, split)
 from compacter_jax.peft.layers import (Adapter, BitFitBias, LoRA, LowRankLinear, PeftRoot,
@@ -31,7 +31,8 @@ __all__ = [
     "T5Config", "T5ForConditionalGeneration", "T5Hooks", "get_preset", "greedy_generate",
     "save_pretrained", "shift_right",
     # methods
-    "AdapterMethod", "BitFitMethod", "FullFineTuning", "LoRAMethod", "Method", "PromptTuning",
+    "AdapterMethod", "BitFitMethod", "FullFineTuning", "IntrinsicSAID", "LoRAMethod", "Method",
+    "PromptTuning",
     "build_model", "from_pretrained", "get_method", "load_adapter", "method_names",
     "save_adapter",
     # trainable / frozen

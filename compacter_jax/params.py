@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import flax.traverse_util as traverse_util
-import jax
 
 from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.models import T5Config, is_backbone_path
@@ -81,8 +80,8 @@ def report(t5_config: T5Config, method: Method) -> ParamReport:
     sizes = {p: _numel(v) for p, v in flat.items()}
     backbone = sum(n for p, n in sizes.items() if is_backbone_path(p))
     total = sum(sizes.values())
-    # The method's own split (Intrinsic-SAID's trainable vector is not in the model's tree).
-    trainable = _numel_tree(jax.eval_shape(lambda p: method.partition(p)[0], shapes))
+    # The method's own count (Intrinsic-SAID's trainable vector is not in the model's tree).
+    trainable = method.trainable_count(shapes)
     return ParamReport(method=method.name, trainable=trainable, peft=total - backbone,
                        total=total, backbone=backbone, percent=100.0 * trainable / backbone)
 
@@ -94,8 +93,6 @@ def _numel(x: Any) -> int:
     return n
 
 
-def _numel_tree(tree: Any) -> int:
-    return sum(_numel(x) for x in traverse_util.flatten_dict(tree).values())
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

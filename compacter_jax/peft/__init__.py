@@ -10,8 +10,9 @@ from compacter_jax.peft.export import (AdapterFileError, export_trainable, load_
                                        load_trainable, method_of_export, save_adapter)
 from compacter_jax.peft.legacy import method_from_dict
 from compacter_jax.peft.method import Method, is_layer_norm_path, is_peft_path
-from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning, LoRAMethod,
-                                        PromptTuning, init_prompt_from_vocab)
+from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning,
+                                        IntrinsicSAID, LoRAMethod, PromptTuning,
+                                        init_prompt_from_vocab)
 from compacter_jax.peft.model import build_model, from_pretrained
 from compacter_jax.peft.partition import (FROZEN, TRAINABLE, count, freezing_optimizer,
                                           label_params, merge, split, trainable_count)
@@ -19,7 +20,7 @@ from compacter_jax.peft.registry import PRESETS, cli_fields, get_method, method_
 
 __all__ = [
     "FROZEN", "PRESETS", "TRAINABLE", "AdapterFileError", "AdapterMethod", "BitFitMethod",
-    "FullFineTuning", "LoRAMethod", "Method", "PromptTuning", "build_model", "cli_fields",
+    "FullFineTuning", "IntrinsicSAID", "LoRAMethod", "Method", "PromptTuning", "build_model", "cli_fields",
     "count", "export_trainable", "freezing_optimizer", "from_pretrained", "get_method",
     "init_prompt_from_vocab", "is_layer_norm_path", "is_peft_path", "label_params",
     "load_adapter", "load_trainable", "merge", "method_from_dict", "method_names",

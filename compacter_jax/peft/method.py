@@ -9,8 +9,9 @@ A method is a frozen (hashable) dataclass holding only its own fields. It answer
 * `prepare(params, t5_config)` — a last touch after the backbone is loaded (e.g. prompt tuning
   copies vocabulary rows into its soft prompt);
 * `partition(params)` / `combine(trainable, frozen)` — the trainable/frozen split and its
-  inverse. The default splits by `is_trainable`; Intrinsic-SAID overrides both (its trainable
-  vector is not part of the model's tree, and `combine` projects it onto the backbone);
+  inverse; `trainable_count(params)` — its size. The default splits by `is_trainable`;
+  Intrinsic-SAID overrides them (its trainable vector is not part of the model's tree, and
+  `combine` projects it onto the backbone);
 * `learning_rate` — the peak rate of the paper's recipe for this method.
 
 Families live one per module under `compacter_jax.peft.methods`; presets are instances in
@@ -102,6 +103,10 @@ class Method:
     def combine(self, trainable: Any, frozen: Any) -> dict:
         """The parameters the model is applied with (the `merge_fn` of the train step)."""
         return partition.merge(trainable, frozen)
+
+    def trainable_count(self, params: Any) -> int:
+        """How many numbers `partition(params)` trains; `params` may be ShapeDtypeStructs."""
+        return partition.trainable_count(params, self.is_trainable)
 
     # -- configuration ---------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Method":

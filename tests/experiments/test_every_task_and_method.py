@@ -29,7 +29,8 @@ OVERRIDES = {"adapter": {"reduction_factor": 4}, "pfeiffer": {"reduction_factor"
              "adapterdrop": {"reduction_factor": 4, "drop_first": 1},
              "lowrank": {"reduction_factor": 4}, "phm_adapter": {"reduction_factor": 4},
              "compacter": {"reduction_factor": 4}, "compacter++": {"reduction_factor": 4},
-             "prompt_tuning": {"length": 4}, "prompt_tuning_vocab": {"length": 4}}
+             "prompt_tuning": {"length": 4}, "prompt_tuning_vocab": {"length": 4},
+             "intrinsic_said": {"dim": 2000}}
 SYNTHETIC = ("qqp", "mnli", "qnli", "boolq", "multirc", "record", "superglue_rte", "wic",
              "wsc.fixed")
 

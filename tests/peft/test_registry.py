@@ -9,14 +9,14 @@ from compacter_jax.peft.registry import get_method
 
 EXPECTED = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "phm_adapter", "compacter",
             "compacter++", "bitfit", "prompt_tuning", "lora", "bitfit_projections",
-            "prompt_tuning_vocab")
+            "prompt_tuning_vocab", "intrinsic_said")
 ADAPTERS = EXPECTED[1:8]
 LN_SCALE = ("encoder", "final_layer_norm", "scale")
 # The original configs' peak learning rates (paper §5; LoRA is not in the paper).
 PAPER_LR = {"full": 3e-4, "adapter": 3e-4, "pfeiffer": 3e-4, "adapterdrop": 3e-4,
             "lowrank": 3e-3, "phm_adapter": 3e-3, "compacter": 3e-3, "compacter++": 3e-3,
             "bitfit": 3e-4, "bitfit_projections": 3e-4, "prompt_tuning": 3e-2,
-            "prompt_tuning_vocab": 3e-1, "lora": 1e-3}
+            "prompt_tuning_vocab": 3e-1, "lora": 1e-3, "intrinsic_said": 3e-2}
 
 
 def test_presets_and_their_key_fields():
@@ -31,7 +31,7 @@ def test_presets_and_their_key_fields():
     assert all(get_method(m).train_layer_norms for m in ADAPTERS)
     assert all(get_method(m).is_trainable(LN_SCALE) for m in ADAPTERS)
     assert not any(get_method(m).is_trainable(LN_SCALE)
-                   for m in ("bitfit", "prompt_tuning", "lora"))
+                   for m in ("bitfit", "prompt_tuning", "lora", "intrinsic_said"))
     assert isinstance(get_method("full"), peft.FullFineTuning)
     assert get_method("full").is_trainable(("shared", "embedding"))
     assert get_method("prompt_tuning").length == 100
@@ -39,7 +39,8 @@ def test_presets_and_their_key_fields():
     assert get_method("bitfit").layer_norms and not get_method("bitfit_projections").layer_norms
     assert {m: get_method(m).learning_rate for m in EXPECTED} == PAPER_LR
     assert [m for m in EXPECTED if get_method(m).task_prefix] == [
-        "full", "bitfit", "prompt_tuning", "bitfit_projections", "prompt_tuning_vocab"]
+        "full", "bitfit", "prompt_tuning", "bitfit_projections", "prompt_tuning_vocab",
+        "intrinsic_said"]
     hash(get_method("compacter"))     # static model structure: must be hashable
 
 

@@ -3,10 +3,12 @@
 from compacter_jax.peft.methods.adapter import AdapterHooks, AdapterMethod
 from compacter_jax.peft.methods.bitfit import BitFitHooks, BitFitMethod
 from compacter_jax.peft.methods.full import FullFineTuning
+from compacter_jax.peft.methods.intrinsic import IntrinsicSAID
 from compacter_jax.peft.methods.lora import LoRAHooks, LoRAMethod
 from compacter_jax.peft.methods.prompt import PromptHooks, PromptTuning, init_prompt_from_vocab
 
 __all__ = [
     "AdapterHooks", "AdapterMethod", "BitFitHooks", "BitFitMethod", "FullFineTuning",
+    "IntrinsicSAID",
     "LoRAHooks", "LoRAMethod", "PromptHooks", "PromptTuning", "init_prompt_from_vocab",
 ]
