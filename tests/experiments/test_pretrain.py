@@ -1,0 +1,136 @@
+"""Span-corruption pretraining (experiments.pretrain) with a tiny T5 on two small real tasks,
+and the shipped checkpoint `checkpoints/t5-mini-glue`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from compacter_jax.data import make_source
+from compacter_jax.data.corpus import chunk_documents, chunks_fingerprint, corpus_documents
+from compacter_jax.data.span_corruption import SpanCorruption, eval_batches
+from compacter_jax.models import from_pretrained
+from experiments import pretrain
+from experiments.configs.pretrain import get_config
+
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "t5-mini-glue"
+
+
+def tiny_config(**overrides):
+    c = get_config("tiny")
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def events(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(shared_data, t5_vocab, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pretrain")
+    return workdir, pretrain.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_a_few_steps_lower_the_loss(finished):
+    workdir, summary = finished
+    train = [e["train/loss"] for e in events(workdir) if "train/loss" in e]
+    heldout = [e["heldout/loss"] for e in events(workdir) if "heldout/loss" in e]
+    assert len(train) == 6 and len(heldout) == 2  # log every 2 of 12 steps; eval at 6, 12
+    assert train[-1] < train[0] - 1.0, train  # from ~ln(32128) = 10.4
+    assert heldout[1] < heldout[0] < 10.0, heldout
+    assert summary["finished"] and summary["steps"] == 12
+    assert summary["heldout_loss"] == pytest.approx(heldout[-1])
+    diag = summary["heldout_diagnostics"]
+    assert diag["loss"] == pytest.approx(summary["heldout_loss"], abs=1e-5)
+    # 34 raw tokens -> 5 noise tokens in 2 spans -> targets: 2 sentinels, 5 content, EOS.
+    assert diag["content_fraction"] == pytest.approx(5 / 8)
+    assert diag["content_fraction"] * diag["content_loss"] + (
+        1 - diag["content_fraction"]) * diag["format_loss"] == pytest.approx(diag["loss"])
+    assert np.isfinite(diag["mismatched_inputs_loss"])
+    assert summary["corpus"]["tasks"] == ["cb", "copa"]
+    assert (workdir / "checkpoints" / "steps" / "12").is_dir()
+    assert list((workdir / "tensorboard").iterdir())
+    config = json.loads((workdir / "hf" / "config.json").read_text())
+    assert config["d_model"] == 64 and config["dropout_rate"] == 0.1
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(finished, tmp_path):
+    workdir, _ = finished
+    partial = pretrain.train_and_evaluate(tiny_config(stop_after=5), tmp_path)
+    assert partial == {"steps": 5, "finished": False}
+    assert (tmp_path / "checkpoints" / "steps" / "5").is_dir()
+    assert not (tmp_path / "hf").exists()
+    resumed = pretrain.train_and_evaluate(tiny_config(), tmp_path)
+    want = load_file(workdir / "hf" / "model.safetensors")
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert resumed["heldout_loss"] == finished[1]["heldout_loss"]
+    # The same losses were logged for the steps after the resume.
+    tail = lambda d: [(e["step"], e["train/loss"]) for e in events(d)  # noqa: E731
+                      if "train/loss" in e and e["step"] > 6]
+    assert tail(tmp_path) == tail(workdir)
+
+
+def test_checkpoint_loads_in_hf_pytorch_t5_with_equal_logits(finished):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    workdir, _ = finished
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(workdir / "hf").eval()
+    model, params = from_pretrained(str(workdir / "hf"))
+    spec = SpanCorruption(inputs_length=32)
+    chunks = np.random.default_rng(0).integers(2, 32000, (3, spec.tokens_length))
+    batch = next(eval_batches(chunks, 3, spec, seed=0))
+    batch["attention_mask"][2, 20:] = 0  # some padding too
+    ours = np.asarray(model.apply({"params": params}, batch["input_ids"],
+                                  batch["attention_mask"], batch["decoder_input_ids"],
+                                  batch["decoder_attention_mask"], deterministic=True))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                 attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                 decoder_input_ids=torch.tensor(batch["decoder_input_ids"], dtype=torch.long),
+                 decoder_attention_mask=torch.tensor(batch["decoder_attention_mask"],
+                                                     dtype=torch.long)).logits.numpy()
+    assert ours.shape == ref.shape == (3, spec.targets_length, 32128)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def _readme_record(readme: Path) -> dict:
+    blocks = re.findall(r"```json\n(.*?)\n```", readme.read_text(), flags=re.S)
+    assert blocks, f"{readme} has no ```json record block"
+    return json.loads(blocks[0])
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
+                    reason=f"no shipped checkpoint at {SHIPPED}")
+def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t5_vocab):
+    from compacter_jax.tokenizer import load_tokenizer
+
+    record = _readme_record(SHIPPED / "README.md")
+    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
+    assert size < 64 * 2**20 and not (SHIPPED / "spiece.model").exists()
+    model, params = from_pretrained(str(SHIPPED))
+    assert pretrain.count_params(params) == record["parameters"]
+    # Rebuild the held-out text the README names and check it is that very text.
+    docs = corpus_documents(make_source("files", data_dir=shared_data),
+                            data_seed=record["corpus"]["data_seed"],
+                            heldout_fraction=record["config"]["heldout_fraction"])
+    assert list(docs.tasks) == record["corpus"]["tasks"]
+    spec = SpanCorruption(**{k: record["span_corruption"][k] for k in
+                             ("inputs_length", "noise_density", "mean_noise_span_length")})
+    chunks = chunk_documents(docs.heldout_texts, load_tokenizer(t5_vocab), spec.tokens_length)
+    assert chunks_fingerprint(chunks) == record["corpus"]["heldout_sha256"], (
+        "the held-out text changed (data files or paper splits differ from the run's)")
+    loss = pretrain.heldout_loss(pretrain.make_heldout_loss(model), params, eval_batches(
+        chunks, record["eval_batch_size"], spec, seed=record["heldout_corruption_seed"]))
+    assert loss["tokens"] == record["heldout_tokens"]
+    # Same float32 program on the same data: only XLA's thread scheduling may differ.
+    assert loss["loss"] == pytest.approx(record["heldout_loss"], abs=1e-4)
