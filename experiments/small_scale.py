@@ -1,0 +1,141 @@
+"""The paper's comparison at small scale, on the T5 pretrained here (checkpoints/t5-mini-glue):
+
+    python -m experiments.small_scale --run              # every run (skips finished ones)
+    python -m experiments.small_scale --report           # tables + figure from finished runs
+    python -m experiments.small_scale                    # print the commands only
+
+Three groups of runs, each an `experiments.glue` run with the paper's recipe (configs/glue.py
+:paper: the method's learning rate, AdamW, linear warm-up and decay, clipping 1.0) except for
+the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps):
+
+* main: full fine-tuning, Adapter, Pfeiffer, Adapter-LowRank, PHM-Adapter, Compacter,
+  Compacter++, BitFit, prompt tuning and LoRA on SST-2, MRPC, CoLA, STS-B and RTE;
+* low_resource: full fine-tuning and Compacter++ with 100 / 500 / 1000 / 2000 / 4000 training
+  examples (the original's subsamples) on SST-2 and MRPC;
+* control: the same runs as `main` for full fine-tuning and Compacter++ on a randomly
+  initialised T5 of the same shape (saved once under WORKDIR_ROOT/random-backbone).
+
+`--report` writes, for each group and backbone, the tables of `experiments.paper_table`
+(test scores at the best validation checkpoint) under `--out` (default docs/small_scale/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import jax
+
+from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_params,
+                                  save_pretrained)
+from experiments import paper_table
+from experiments.paper_runs import run_all
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKBONE = ROOT / "checkpoints" / "t5-mini-glue"
+METHODS = ("full", "adapter", "pfeiffer", "lowrank", "phm_adapter", "compacter", "compacter++",
+           "bitfit", "prompt_tuning", "lora")
+TASKS = ("sst2", "mrpc", "cola", "stsb", "rte")
+LOW_RESOURCE_TASKS = ("sst2", "mrpc")
+LOW_RESOURCE_SIZES = (100, 500, 1000, 2000, 4000)
+LOW_RESOURCE_METHODS = ("full", "compacter++")
+CONTROL_METHODS = ("full", "compacter++")
+# d_model 256 is not divisible by the paper's n = 12 for PHM-Adapter: the nearest divisor.
+METHOD_FLAGS = {"phm_adapter": ["--config.peft.n=8"]}
+
+
+def random_backbone(backbone: Path, root: Path, seed: int = 0) -> Path:
+    """A randomly initialised T5 with `backbone`'s config.json, saved once under `root`."""
+    out = root / "random-backbone"
+    if not (out / "model.safetensors").is_file():
+        config = T5Config.from_hf_dict(json.loads((backbone / "config.json").read_text()))
+        model = T5ForConditionalGeneration(config)
+        save_pretrained(out, config, init_params(model, jax.random.PRNGKey(seed)))
+    return out
+
+
+def _command(workdir: Path, model: Path, task: str, method: str, args,
+             train_samples: int | None = None) -> tuple[str, list[str]]:
+    flags = [f"--config.model={model}", "--config.fallback_model=", f"--config.task={task}",
+             f"--config.method={method}", "--config.source=files",
+             f"--config.max_steps={args.steps}", f"--config.batch_size={args.batch}",
+             f"--config.eval_batch_size={args.eval_batch}",
+             f"--config.warmup_steps={max(1, args.steps // 10)}",
+             f"--config.eval_every={max(1, args.steps // 2)}", "--config.log_every=20",
+             *METHOD_FLAGS.get(method, [])]
+    if train_samples:
+        flags.append(f"--config.train_samples={train_samples}")
+    cmd = [sys.executable, "-m", "experiments.glue", "--config",
+           f"{ROOT / 'experiments' / 'configs' / 'glue.py'}:paper", "--workdir", str(workdir),
+           *flags]
+    return str(workdir), cmd
+
+
+def plan(args) -> list[tuple[str, list[str]]]:
+    """(workdir, command) of every run of the selected groups."""
+    root, backbone = Path(args.workdir_root), Path(args.backbone)
+    cmds = []
+    if "main" in args.groups:
+        cmds += [_command(root / "main" / task / method, backbone, task, method, args)
+                 for task in TASKS for method in METHODS]
+    if "low_resource" in args.groups:
+        cmds += [_command(root / "low_resource" / task / method / f"train{n}", backbone, task,
+                          method, args, n)
+                 for task in LOW_RESOURCE_TASKS for method in LOW_RESOURCE_METHODS
+                 for n in LOW_RESOURCE_SIZES]
+    if "control" in args.groups:
+        control = root / "random-backbone"
+        cmds += [_command(root / "control" / task / method, control, task, method, args)
+                 for task in TASKS for method in CONTROL_METHODS]
+    return cmds
+
+
+def report(args) -> dict[str, Path]:
+    """The tables and the figure of every group with finished runs."""
+    root, out, written = Path(args.workdir_root), Path(args.out), {}
+    for group in args.groups:
+        if (root / group).is_dir() and (runs := paper_table.find_runs(root / group)):
+            files = paper_table.write_all(runs, out / group)
+            written.update({f"{group}/{k}": v for k, v in files.items()})
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default=str(BACKBONE), help="pretrained HF-format T5 directory")
+    p.add_argument("--workdir-root", default="runs/small_scale")
+    p.add_argument("--groups", default="main,low_resource,control",
+                   type=lambda s: [g for g in s.split(",") if g])
+    p.add_argument("--steps", type=int, default=200, help="steps per run (the cap)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--eval-batch", type=int, default=100)
+    p.add_argument("--run", action="store_true", help="run the commands (finished ones skip)")
+    p.add_argument("--report", action="store_true", help="write the tables and the figure")
+    p.add_argument("--out", default=str(ROOT / "docs" / "small_scale"))
+    args = p.parse_args(argv)
+    bad = sorted(set(args.groups) - {"main", "low_resource", "control"})
+    if bad or not Path(args.backbone, "config.json").is_file():
+        print(f"error: unknown groups {bad}" if bad else
+              f"error: --backbone {args.backbone} has no config.json (pretrain it first: "
+              "python -m experiments.pretrain, see checkpoints/t5-mini-glue/README.md)",
+              file=sys.stderr)
+        return 2
+    if "control" in args.groups:
+        random_backbone(Path(args.backbone), Path(args.workdir_root))
+    cmds = plan(args)
+    if not args.run and not args.report:
+        for _, cmd in cmds:
+            print(shlex.join(cmd))
+    status = run_all(cmds) if args.run else 0
+    if args.report:
+        for name, path in report(args).items():
+            print(f"wrote {path}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
