@@ -1,6 +1,8 @@
 """Shared test setup: 4 fake CPU devices for data-parallel tests, the data-dir skip marker, one
 cached FilesSource (SST-2 train is read once) and the real T5 tokenizer."""
 
+import os
+
 import jax
 import pytest
 
@@ -42,3 +44,13 @@ def tokenizer(t5_vocab):
     from compacter_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(str(t5_vocab))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.long` tests take minutes; they run only with COMPACTER_LONG_TESTS=1."""
+    if os.environ.get("COMPACTER_LONG_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="several minutes; set COMPACTER_LONG_TESTS=1 to run (a fast version runs by default)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
