@@ -13,7 +13,8 @@ ALLOWED = {
     "peft": {"models"},
     "data": {"models"},
     "train": set(),
-    "experiments": {"models", "peft", "data", "train"},
+    "experiments": {"models", "peft", "data", "train", "serve"},
+    "serve": {"models", "peft", "data"},   # compacter_jax/serve.py: mixed-task serving
 }
 HELPERS = {"paths", "host", "tokenizer"}   # root-level modules any layer may use
 CLIS = {"params"}                          # root-level tools, above peft

@@ -1,0 +1,321 @@
+"""Mixed-task serving: one frozen T5, one adapter per task, batches that mix tasks freely.
+
+    predictor = Predictor("t5-base", {"rte": "runs/rte/adapter", "mrpc": "runs/mrpc/adapter"})
+    predictor.predict([{"task": "rte", "sentence1": "...", "sentence2": "..."},
+                       {"task": "mrpc", "sentence1": "...", "sentence2": "..."}])
+    # -> the examples with "prediction" (generated text) and "parsed" (the task's label) added
+
+The adapters (`peft.save_adapter` / `experiments.glue` / `experiments.multitask` exports) must
+come from one method and one backbone; they are stacked into a bank
+(`compacter_jax.peft.bank`) next to one copy of the frozen backbone. Each example is formatted
+as its adapter was trained (`Task.source` with the export's `add_task_prefix`, cut to its
+`max_source_length`), examples are sorted by length into batches trimmed to a few length
+buckets, and greedy decoding with the KV cache runs every row with its own adapter
+(`bank_greedy_generate`): one compiled program per bucket, whatever the mix of tasks. A row's
+output is cut to its task's `max_target_length`, so every prediction is token for token what
+the single-task model with that adapter generates (greedy decoding is causal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compacter_jax import data as data_lib
+from compacter_jax import peft
+from compacter_jax.data.packing import default_length_buckets
+from compacter_jax.models import T5ForConditionalGeneration, stack_blocks
+from compacter_jax.peft import bank as bank_lib
+from compacter_jax.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+# Export fields that do not change what a method computes (a lr override is still the method).
+_IGNORED_METHOD_FIELDS = ("learning_rate",)
+
+
+class ServeError(ValueError):
+    """Bad adapters or examples; `index` is the example's position in `predict`'s input."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter export records about how its task was trained.
+
+    Attributes:
+      task: the task's registry name; path: the export directory.
+      method: the Method it was trained with; model / init_seed: its backbone (a `random:`
+        backbone is drawn from init_seed).
+      max_source_length / max_target_length: its source cut and decode length.
+      add_task_prefix: whether its inputs start with the task name.
+    """
+
+    task: str
+    path: Path
+    method: peft.Method
+    model: str | None
+    init_seed: int
+    max_source_length: int
+    max_target_length: int
+    add_task_prefix: bool
+
+
+def read_adapter(task: str, path: str | Path) -> tuple[AdapterSpec, dict]:
+    """(spec, trained tree) of the export at `path`, given for `task`.
+
+    Raises ServeError for an unknown task, an export trained on another task or lacking the
+    lengths it was trained with; FileNotFoundError / AdapterFileError (naming the file) for a
+    missing or corrupt export."""
+    try:
+        name = data_lib.get_task(task).name
+    except ValueError as e:
+        raise ServeError(f"adapter {task}={path}: {e}") from None
+    trained, meta = peft.load_trainable(path)
+    method = peft.method_of_export(meta, path)
+    recorded = meta.get("task")
+    if recorded is not None and data_lib.get_task(recorded).name != name:
+        raise ServeError(f"adapter {path} was trained on task {recorded!r} but is given for "
+                         f"{task!r}: pass it as {recorded}={path}")
+    lengths = {}
+    for field in ("max_source_length", "max_target_length"):
+        value = meta.get(field)
+        if not isinstance(value, int) or value < 1:
+            raise ServeError(f"{path}: the export records no {field} ({value!r}); re-export it "
+                             "with experiments.glue or save_adapter(..., max_source_length=, "
+                             "max_target_length=, add_task_prefix=)")
+        lengths[field] = value
+    prefix = meta.get("add_task_prefix")
+    spec = AdapterSpec(name, Path(path), method, meta.get("model"),
+                       int(meta.get("init_seed", 0)), lengths["max_source_length"],
+                       lengths["max_target_length"],
+                       type(method).task_prefix if prefix is None else bool(prefix))
+    return spec, trained
+
+
+def _method_key(method: peft.Method) -> dict:
+    return {k: v for k, v in method.to_dict().items() if k not in _IGNORED_METHOD_FIELDS}
+
+
+def check_compatible(specs: Sequence[AdapterSpec]) -> None:
+    """Raises ServeError naming the tasks when the adapters differ in method or backbone."""
+    first = specs[0]
+    for spec in specs[1:]:
+        if _method_key(spec.method) != _method_key(first.method):
+            a, b = _method_key(first.method), _method_key(spec.method)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ServeError(
+                f"adapters of different methods cannot share a bank: {first.task} "
+                f"({first.path}) is {first.method.name!r}, {spec.task} ({spec.path}) is "
+                f"{spec.method.name!r} (they differ in {diff})")
+        if spec.model != first.model:
+            raise ServeError(
+                f"adapters of different backbones: {first.task} was trained on "
+                f"{first.model!r}, {spec.task} on {spec.model!r}; serve adapters of one backbone")
+        if str(spec.model).startswith("random:") and spec.init_seed != first.init_seed:
+            raise ServeError(
+                f"adapters of different backbones: {first.task} and {spec.task} were trained "
+                f"on {spec.model} drawn with init_seed {first.init_seed} and {spec.init_seed}")
+
+
+def _fit(spec: AdapterSpec, trained: dict, template: dict, scanned: bool) -> dict:
+    """The export's tree in the layout and dtypes of the model's trainable tree."""
+    if scanned:
+        trained = stack_blocks(trained)
+    want = traverse_util.flatten_dict(template)
+    got = traverse_util.flatten_dict(trained)
+    missing = sorted("/".join(k) for k in set(want) - set(got))
+    extra = sorted("/".join(k) for k in set(got) - set(want))
+    if missing or extra:
+        raise ServeError(f"{spec.path}: the {spec.task} adapter does not fit the backbone "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for key, value in got.items():
+        if tuple(np.shape(value)) != tuple(want[key].shape):
+            raise ServeError(f"{spec.path}: {'/'.join(key)} has shape {np.shape(value)}, the "
+                             f"backbone expects {tuple(want[key].shape)}")
+        want[key] = jnp.asarray(value, want[key].dtype)
+    return traverse_util.unflatten_dict(want)
+
+
+def _load_backbone(backbone: str, method: peft.Method, init_seed: int, dtype: str,
+                   scan: bool):
+    """(model, params) of the backbone with the method's hooks. A `random:` backbone is drawn
+    unscanned, as `peft.load_adapter` draws it (a scanned draw gives other weights), and
+    stacked when scanning: the served model is then the one `load_adapter` rebuilds."""
+    rng = jax.random.PRNGKey(init_seed)
+    if not (scan and backbone.startswith("random:")):
+        return peft.from_pretrained(backbone, method, rng, dtype=dtype, scan_layers=scan)
+    model, params = peft.from_pretrained(backbone, method, rng, dtype=dtype)
+    scanned = T5ForConditionalGeneration(model.config.replace(scan_layers=True), model.hooks)
+    return scanned, stack_blocks(params)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Predictor:
+    """Serves several task adapters of one method on one frozen backbone.
+
+    Args:
+      backbone: checkpoint dir, cached Hub id or `random:<preset>`; None = the backbone the
+        adapters record.
+      adapters: {task name: export directory}.
+      tokenizer: a tokenizer dir (default: the shared T5 vocabulary).
+      batch_size: rows per decoding batch (the last batch of a call is padded).
+      dtype: compute dtype ("float32" | "bfloat16").
+      scan_layers: scan the T5 blocks (None: when the method allows it).
+      length_buckets: source widths of the batches (default: powers of two up to the longest
+        max_source_length of the adapters).
+    Raises ServeError (unknown task, mixed methods or backbones, an adapter that does not
+    fit) and FileNotFoundError (a missing export), naming the task and the file.
+    """
+
+    def __init__(self, backbone: str | None, adapters: Mapping[str, str | Path], *,
+                 tokenizer: Any = None, batch_size: int = 32, dtype: str = "float32",
+                 scan_layers: bool | None = None, length_buckets: Sequence[int] | None = None):
+        if not adapters:
+            raise ServeError("no adapters given: pass {task: export directory}")
+        if batch_size < 1:
+            raise ServeError(f"batch_size must be >= 1, got {batch_size}")
+        read = [read_adapter(task, path) for task, path in adapters.items()]
+        specs = [spec for spec, _ in read]
+        twice = sorted({s.task for s in specs if [t.task for t in specs].count(s.task) > 1})
+        if twice:
+            raise ServeError(f"task(s) {twice} given more than once")
+        check_compatible(specs)
+        self.method = specs[0].method
+        bank_lib.check_bankable(self.method)
+        backbone = backbone or specs[0].model
+        if not backbone:
+            raise ServeError(f"{specs[0].path}: no backbone recorded; pass the backbone")
+        if specs[0].model and backbone != specs[0].model:
+            log.warning("serving adapters trained on %s with the backbone %s", specs[0].model,
+                        backbone)
+        scan = self.method.hooks().uniform_over_layers() if scan_layers is None else scan_layers
+        self.model, params = _load_backbone(backbone, self.method, specs[0].init_seed, dtype,
+                                            scan)
+        template, self.frozen = self.method.partition(params)
+        del params
+        self.bank = bank_lib.stack_adapters([_fit(s, t, template, scan) for s, t in read])
+        self.specs = {s.task: s for s in specs}
+        self.task_index = {s.task: k for k, s in enumerate(specs)}
+        self.tokenizer = load_tokenizer(tokenizer) if not hasattr(tokenizer, "batch_decode") \
+            else tokenizer
+        self.batch_size = int(batch_size)
+        widest = max(s.max_source_length for s in specs)
+        self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(widest)))
+        self.max_new_tokens = max(s.max_target_length for s in specs)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    # -- input ---------------------------------------------------------------------------
+    def _task_of(self, i: int, example: Any) -> str:
+        if not isinstance(example, Mapping):
+            raise ServeError(f"example {i} is a {type(example).__name__}, expected an object "
+                             "with a 'task' and the task's fields", i)
+        if "task" not in example:
+            raise ServeError(f"example {i} has no 'task' field (the adapter to use; loaded: "
+                             f"{', '.join(self.tasks)})", i)
+        try:
+            name = data_lib.get_task(example["task"]).name
+        except ValueError as e:
+            raise ServeError(f"example {i}: {e}", i) from None
+        if name not in self.specs:
+            raise ServeError(f"example {i}: task {example['task']!r} has no adapter here; "
+                             f"loaded: {', '.join(self.tasks)}", i)
+        return name
+
+    def encode(self, examples: Sequence[Mapping[str, Any]]) -> tuple[list, np.ndarray]:
+        """(source ids per example, adapter index per example) as each task was trained."""
+        names = [self._task_of(i, ex) for i, ex in enumerate(examples)]
+        ids: list[np.ndarray | None] = [None] * len(examples)
+        for name in dict.fromkeys(names):
+            spec, rows = self.specs[name], [i for i, n in enumerate(names) if n == name]
+            # Labels play no part in a prediction: blank them so unlabelled input encodes.
+            blank = [{**examples[i], "label": -1, "answers": ()} for i in rows]
+            try:
+                encoded = data_lib.encode(name, blank, self.tokenizer,
+                                          max_source_length=spec.max_source_length,
+                                          max_target_length=2, add_prefix=spec.add_task_prefix)
+            except (KeyError, ValueError) as e:
+                bad = next((i for i in rows if not _formats(name, examples[i])), rows[0])
+                message = e.args[0] if isinstance(e, KeyError) else str(e)
+                raise ServeError(f"example {bad}: {message}", bad) from None
+            for i, row, mask in zip(rows, encoded.input_ids, encoded.attention_mask):
+                ids[i] = row[:int(mask.sum())]
+        return ids, np.array([self.task_index[n] for n in names], np.int32)
+
+    # -- prediction ----------------------------------------------------------------------
+    def _batches(self, ids: list[np.ndarray], task_ids: np.ndarray):
+        """(rows, task_ids, input_ids, attention_mask) of length-sorted batches, each trimmed
+        to the smallest length bucket that holds it; the last one repeats its final row."""
+        lengths = np.array([len(x) for x in ids])
+        if lengths.max() > self.length_buckets[-1]:
+            raise ServeError(f"a source has {lengths.max()} tokens, more than the largest "
+                             f"length bucket {self.length_buckets[-1]}")
+        order = np.lexsort((np.arange(len(ids)), lengths))
+        for start in range(0, len(order), self.batch_size):
+            real = order[start:start + self.batch_size]
+            rows = np.concatenate([real, np.full(self.batch_size - len(real), real[-1])])
+            width = next(b for b in self.length_buckets if b >= lengths[real].max())
+            input_ids = np.zeros((len(rows), width), np.int32)
+            for r, i in enumerate(rows):
+                input_ids[r, :lengths[i]] = ids[i]
+            mask = (np.arange(width)[None] < lengths[rows][:, None]).astype(np.int32)
+            yield real, task_ids[rows], input_ids, mask
+
+    def generate(self, examples: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+        """Generated token ids of every example (in input order), each cut to its task's
+        max_target_length (0 after EOS)."""
+        if not len(examples):
+            return []
+        ids, task_ids = self.encode(examples)
+        limits = np.array([s.max_target_length for s in self.specs.values()])
+        out: list[np.ndarray | None] = [None] * len(examples)
+        for real, batch_tasks, input_ids, mask in self._batches(ids, task_ids):
+            tokens = np.asarray(bank_lib.bank_greedy_generate(
+                self.model, self.method, self.bank, self.frozen, batch_tasks, input_ids, mask,
+                max_new_tokens=self.max_new_tokens))
+            for r, i in enumerate(real):
+                out[i] = tokens[r, :limits[batch_tasks[r]]]
+        return out
+
+    def predict(self, examples: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """Each example (a dict in the task registry's field names plus "task") with
+        `prediction` (the generated text) and `parsed` (`Task.parse_prediction`) added."""
+        tokens = self.generate(examples)
+        padded = np.zeros((len(tokens), self.max_new_tokens), np.int32)  # 0 = pad, skipped
+        for i, ids in enumerate(tokens):
+            padded[i, :len(ids)] = ids
+        texts = data_lib.decode_predictions(self.tokenizer, padded) if tokens else []
+        return [{**example, "prediction": text,
+                 "parsed": _jsonable(data_lib.get_task(example["task"]).parse_prediction(text))}
+                for example, text in zip(examples, texts)]
+
+
+def _formats(task: str, example: Mapping[str, Any]) -> bool:
+    try:
+        data_lib.get_task(task).source(example)
+        return True
+    except (KeyError, ValueError):
+        return False

@@ -1,0 +1,446 @@
+r"""Train one adapter per task in one job, on one frozen backbone.
+
+  python -m experiments.multitask --config experiments/configs/multitask.py \
+      --config.tasks=rte,mrpc,cola --workdir runs/glue3
+
+`train_and_evaluate(config, workdir)` reads top-down, as experiments/finetune.py:
+
+  tasks and their data -> T5 + method -> a bank of K adapters (trainable, [K, ...]) + the
+  frozen backbone -> K optimizers, one joint train step -> resume -> the loop (joint batches,
+  logging, per-task evaluation and best checkpoints, joint checkpoints) -> per task: test at
+  its best validation checkpoint, adapter export, predictions -> metrics, summary, plots.
+
+The sampling rule: every step holds `batch_size` examples of *each* task that is still
+training, drawn exactly as a single-task run draws them (`data.train_batches` with the same
+seed), so task k sees the batches of its own `experiments.glue` run. A task trains for its own
+number of steps (`schedule_length`: its epochs, or `max_steps`) with its own schedule,
+optimizer state, clipping and loss normalisation (`compacter_jax.train.multitask`); once it has
+finished, it sends no examples and its adapter is left alone. Packed (the method permitting),
+the rows of one step are packed with one row per task at most sharing (`pack_batch` with
+`task_ids`), in shapes fitted to the run's joint batches.
+
+The workdir gets: `adapters/<task>/` (a `save_adapter` export each, loadable with
+`peft.load_adapter`), `predictions/<task>/{validation,test}.jsonl`, `metrics.jsonl` (keys
+`train/...` for the joint step, `<task>/train/...`, `<task>/validation/...`,
+`<task>/test/...`), `checkpoints/steps/` (the joint TrainState and every task's data
+position), `checkpoints/<task>/best/` (its best validation adapter), `summary.json` and
+`learning_curves_<task>.png`. Re-running with the same workdir resumes where it stopped, with
+the result of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from compacter_jax import data as data_lib
+from compacter_jax import peft
+from compacter_jax.data import packing as packing_lib
+from compacter_jax.peft import bank as bank_lib
+from compacter_jax.tokenizer import load_tokenizer
+from compacter_jax.train import (Checkpointer, MetricsBuffer, due, init_distributed,
+                                 make_optimizer, make_strategy, mean_metrics, seq2seq_apply_fn)
+from compacter_jax.train.multitask import (init_multitask_state, make_multitask_train_step,
+                                           slice_tree)
+from experiments import finetune, reporting
+from experiments.evaluation import Evaluator
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def task_names(config) -> list[str]:
+    """The registry names of `config.tasks` ("rte,mrpc" or a sequence), in order.
+
+    Raises ValueError for an empty list, an unknown name (listing the valid ones) or a task
+    given twice."""
+    raw = config.tasks
+    items = raw.split(",") if isinstance(raw, str) else list(raw or ())
+    names = [data_lib.get_task(n.strip()).name for n in items if str(n).strip()]
+    if not names:
+        raise ValueError("--config.tasks is empty: list the tasks, e.g. "
+                         "--config.tasks=rte,mrpc,cola")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--config.tasks lists {twice} more than once; each task gets one "
+                         "adapter")
+    return names
+
+
+def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """A copy of `config` with `task` set: the single-task config of one task of the job (what
+    the experiments.finetune helpers read)."""
+    c = copy.deepcopy(config)
+    c.task = name
+    return c
+
+
+@dataclasses.dataclass
+class TaskRun:
+    """One task of the job: its slice `index` of the bank, data and schedule.
+
+    Attributes:
+      config: the job's config with `task` set to this task.
+      encoded: {"train", "validation", "test"} tokenised splits.
+      per_epoch / total_steps / eval_every: as a single-task run of it computes them
+        (eval_every 0 = never).
+      max_target_length: its target length (label length, or the config's).
+    """
+
+    index: int
+    name: str
+    task: data_lib.Task
+    config: ml_collections.ConfigDict
+    encoded: dict[str, data_lib.EncodedData]
+    per_epoch: int
+    total_steps: int
+    eval_every: int
+    max_target_length: int
+
+
+def prepare_tasks(config, names: list[str], tokenizer, add_prefix: bool) -> list[TaskRun]:
+    """Each task's data and schedule, exactly as `experiments.finetune` prepares them."""
+    runs = []
+    for index, name in enumerate(names):
+        cfg = task_config(config, name)
+        task = data_lib.get_task(name)
+        encoded = finetune.load_data(cfg, task, tokenizer, add_prefix)
+        per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
+        total, _ = finetune.schedule_length(cfg, task.is_small, per_epoch)
+        eval_every = per_epoch if config.eval_every < 0 else config.eval_every
+        runs.append(TaskRun(index, name, task, cfg, encoded, per_epoch, total, eval_every,
+                            finetune.target_length(cfg, task, tokenizer)))
+        log.info("%s: %d training rows, %d steps (%d per epoch)", name, len(encoded["train"]),
+                 total, per_epoch)
+    return runs
+
+
+# --------------------------------------------------------------------- joint batches
+
+
+def _widen_targets(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """Target arrays padded with masked zeros to `width` columns (tasks differ in target
+    length; padding after the real tokens changes no real position)."""
+    out = dict(batch)
+    for key in ("labels", "decoder_input_ids", "decoder_attention_mask"):
+        pad = width - out[key].shape[1]
+        if pad:
+            out[key] = np.pad(out[key], ((0, 0), (0, pad)))
+    return out
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def joint_batch(config, runs: list[TaskRun], batches: list[dict | None],
+                plan: data_lib.PackingPlan | None) -> dict[str, np.ndarray]:
+    """One step's global batch: each task's batch (None: finished) with `task_ids`.
+
+    Padded: task k fills rows k*B..(k+1)*B-1 (its last batch of an epoch and a finished task
+    are filled with empty rows), so the shape never changes. Packed: the real rows of the
+    active tasks, packed by `plan` with one task per row."""
+    width = max(r.max_target_length for r in runs)
+    parts = []
+    for run, batch in zip(runs, batches):
+        if batch is None and plan is not None:
+            continue
+        if batch is None:
+            template = data_lib.make_batch(run.encoded["train"], np.zeros(1, np.int64))
+            batch = {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in template.items()}
+        if plan is None:
+            batch = data_lib.pad_batch(batch, config.batch_size)
+        rows = len(batch["input_ids"])
+        parts.append({**_widen_targets(batch, width),
+                      bank_lib.TASK_IDS: np.full(rows, run.index, np.int32)})
+    joint = _concat(parts)
+    return plan.pack(joint) if plan is not None else joint
+
+
+def train_batches(config, runs: list[TaskRun], positions: dict[str, data_lib.DataState],
+                  start_step: int, plan: data_lib.PackingPlan | None):
+    """(data positions after, this host's slice of the joint batch) of steps start_step+1, ...
+    A task's stream stops at its last step, so its position stays where it ended."""
+    streams = {r.name: data_lib.train_batches(r.encoded["train"], config.batch_size,
+                                              seed=config.seed, state=positions[r.name])
+               for r in runs}
+    positions = dict(positions)
+    step = start_step
+    while True:
+        step += 1
+        batches = []
+        for run in runs:
+            batch = None
+            if step <= run.total_steps:
+                batch, positions[run.name] = next(streams[run.name])
+            batches.append(batch)
+        joint = joint_batch(config, runs, batches, plan)
+        yield dict(positions), data_lib.shard_for_host(joint, jax.process_index(),
+                                                       jax.process_count())
+
+
+def joint_packing_plan(config, method: peft.Method, runs: list[TaskRun],
+                       num_devices: int) -> data_lib.PackingPlan | None:
+    """Packed shapes for the joint batches of the run, or None (padded batches).
+
+    Widths: the widest of the tasks' own plans (`finetune.packing_plan`); row buckets:
+    `fit_row_buckets` over the rows every joint batch of the run packs into. A pure function
+    of the data and the config, so a resumed run computes the same plan."""
+    plans = [finetune.packing_plan(r.config, method, r.encoded["train"],
+                                   math.ceil(r.total_steps / r.per_epoch), num_devices)
+             for r in runs]
+    if plans[0] is None:
+        return None
+    source_length = max(p.max_source_length for p in plans)
+    target_length = max(p.packed_target_length for p in plans)
+    lengths = []  # per task: (source, target) lengths of each of its batches, in order
+    for run in runs:
+        stream = data_lib.train_batches(run.encoded["train"], config.batch_size, seed=config.seed)
+        lengths.append([(b["attention_mask"].sum(1), b["decoder_attention_mask"].sum(1))
+                        for b, _ in (next(stream) for _ in range(run.total_steps))])
+    counts = []
+    for step in range(max(r.total_steps for r in runs)):
+        active = [(k, lengths[k][step]) for k, r in enumerate(runs) if step < r.total_steps]
+        layout = packing_lib.assign_rows(
+            np.concatenate([s for _, (s, _) in active]),
+            np.concatenate([t for _, (_, t) in active]),
+            max_source_length=source_length, packed_target_length=target_length,
+            groups=np.concatenate([np.full(len(s), k) for k, (s, _) in active]))
+        counts.append(layout.num_rows)
+    buckets = packing_lib.fit_row_buckets(counts, multiple_of=num_devices)
+    return data_lib.PackingPlan(source_length, target_length, buckets)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _task_history(history: list[dict], name: str) -> list[dict]:
+    """One task's events with its prefix removed (for `reporting.plot_curves`)."""
+    prefix = f"{name}/"
+    out = []
+    for record in history:
+        own = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+        if own:
+            out.append({"step": record["step"], **own})
+    return out
+
+
+def _train_record(window: list[dict], names: list[str]) -> dict[str, float]:
+    """The logged train metrics of a window: the joint ones, and each task's over the steps
+    where it was still training."""
+    joint = mean_metrics([{k: v for k, v in r.items() if "/" not in k} for r in window])
+    out = {f"train/{k}": v for k, v in joint.items() if k != "finite"}
+    for name in names:
+        mine = [{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(f"{name}/")}
+                for r in window if r.get(f"{name}/active", 0.0) > 0]
+        if mine:
+            out.update({f"{name}/train/{k}": v for k, v in mean_metrics(mine).items()
+                        if k != "active"})
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Runs (or resumes) one multi-task job in `workdir`; returns the summary dict."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = task_names(config)
+    method = peft.get_method(config.method, **finetune.peft_overrides(config))
+    bank_lib.check_bankable(method)
+    learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
+    add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
+    tokenizer = load_tokenizer(config.tokenizer or None)
+    runs = prepare_tasks(config, names, tokenizer, add_prefix)
+    last_step = max(r.total_steps for r in runs)
+
+    # One backbone, one adapter init, as each single-task run with this seed draws them.
+    init_rng = jax.random.PRNGKey(config.seed)
+    model, params, model_name = finetune.load_model(task_config(config, names[0]), method,
+                                                    init_rng)
+    trainable, frozen = method.partition(params)
+    del params
+    bank = bank_lib.stack_adapters([trainable] * len(runs))
+    n_trainable, n_frozen = peft.count(trainable), peft.count(frozen)
+    log.info("model %s, method %s: %d adapters of %s params on %s frozen ones", model_name,
+             method.name, len(runs), f"{n_trainable:,}", f"{n_frozen:,}")
+
+    # K optimizers (own schedule length each), the joint step, the packing plan.
+    devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
+    strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
+    plan = joint_packing_plan(config, method, runs, strategy.num_devices)
+    optimizers = [make_optimizer(learning_rate, config.warmup_steps, r.total_steps,
+                                 weight_decay=config.weight_decay,
+                                 clip_norm=config.clip_norm if config.clip_norm > 0 else None)
+                  for r in runs]
+    txs = [tx for tx, _ in optimizers]
+    bank_apply = bank_lib.make_bank_apply(seq2seq_apply_fn(model), method)
+    train_step = strategy.compile_train_step(make_multitask_train_step(
+        bank_apply, txs, total_steps=[r.total_steps for r in runs], names=names,
+        schedules=[s for _, s in optimizers]))
+    evaluators = {r.name: Evaluator(r.task, tokenizer, model,
+                                    {k: v for k, v in r.encoded.items() if k != "train"},
+                                    config.eval_batch_size, r.max_target_length,
+                                    mode=config.eval_mode,
+                                    predictions_dir=workdir / "predictions" / r.name)
+                  for r in runs}
+    eval_periods = [r.eval_every or r.per_epoch for r in runs]
+    save_every = config.save_every if config.save_every > 0 else min(eval_periods)
+
+    # Resume: the joint state and every task's data position, or start.
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    best = {r.name: Checkpointer(workdir / "checkpoints" / r.name, max_to_keep=1) for r in runs}
+    state = init_multitask_state(bank, txs, jax.random.fold_in(init_rng, 1))
+    positions = {r.name: data_lib.DataState() for r in runs}
+    if (restored := ckpt.restore_latest(state)) is not None:
+        state, meta = restored
+        positions = {n: data_lib.DataState.from_dict(p)
+                     for n, p in meta["data_positions"].items()}
+        log.info("resumed from step %d", int(state.step))
+    start_step = int(state.step)
+    dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(frozen)
+    writer = reporting.MetricsWriter(workdir)
+    progress = reporting.Progress(last_step, config.batch_size * len(runs), start_step)
+    batches = train_batches(config, runs, positions, start_step, plan)
+    buffer, window = MetricsBuffer(strategy), []
+
+    with contextlib.ExitStack() as stack:
+        for c in (ckpt, *best.values()):
+            stack.enter_context(c)
+        for step in range(start_step + 1, last_step + 1):
+            positions, batch = next(batches)
+            dev_state, metrics = train_step(dev_state, dev_frozen, strategy.shard_batch(batch))
+            tokens = data_lib.fill(batch)
+            buffer.add(step, {**metrics,
+                              "source_fill": tokens["source_tokens"] / tokens["source_slots"],
+                              "target_fill": tokens["target_tokens"] / tokens["target_slots"]})
+            evaluating = [r for r in runs if r.eval_every > 0 and step <= r.total_steps
+                          and due(step, r.eval_every, r.total_steps)]
+            do_log = due(step, config.log_every, last_step)
+            do_save = due(step, save_every, last_step)
+            if do_log or evaluating or do_save:
+                window += buffer.flush()  # one host sync; NaN/inf raise before any save
+            if do_log:
+                writer.write(step, _train_record(window, names))
+                progress.update(step, window)
+                window = []
+            for run in evaluating:
+                start = time.perf_counter()
+                params = method.combine(
+                    slice_tree(strategy.one_copy(dev_state.params), run.index),
+                    strategy.one_copy(dev_frozen))
+                scores = evaluators[run.name].evaluate(params, "validation")
+                writer.write(step, {f"{run.name}/validation/{k}": v for k, v in scores.items()})
+                progress.note(f"step {step}: {run.name} validation "
+                              + reporting.format_metrics(scores)
+                              + f" ({time.perf_counter() - start:.1f}s)")
+                best[run.name].save_best(
+                    step, slice_tree(strategy.unreplicate(dev_state.params), run.index),
+                    scores["score"], {"config": config.to_dict(), "task": run.name})
+            if do_save:
+                ckpt.save(step, strategy.unreplicate(dev_state),
+                          {"data_positions": {n: p.to_dict() for n, p in positions.items()},
+                           "config": config.to_dict(),
+                           "best_scores": {n: c.best_score for n, c in best.items()}})
+        progress.close()
+        for c in (ckpt, *best.values()):
+            c.wait()
+        restored_best = {r.name: best[r.name].restore_best(trainable) for r in runs}
+        best_scores = {n: c.best_score for n, c in best.items()}
+
+    # Per task: test at its best validation checkpoint, export its adapter.
+    final = strategy.unreplicate(dev_state.params)
+    history = writer.read()
+    summary: dict[str, Any] = {
+        "tasks": {}, "method": method.name, "model": model_name,
+        "trainable_params_per_task": n_trainable, "frozen_params": n_frozen,
+        "steps": last_step, "learning_rate": learning_rate, "method_config": method.to_dict(),
+        "packed": plan is not None, "config": config.to_dict(),
+    }
+    for run in runs:
+        found = restored_best[run.name]
+        best_params = found[0] if found else slice_tree(final, run.index)
+        best_step = int(found[1].get("step", run.total_steps)) if found else run.total_steps
+        record: dict[str, Any] = {
+            "steps": run.total_steps, "best_step": best_step,
+            "best_validation_score": best_scores[run.name],
+            "train_examples": len(run.encoded["train"]),
+            "validation": next((
+                {k.split("/", 2)[2]: v for k, v in h.items()
+                 if k.startswith(f"{run.name}/validation/")}
+                for h in reversed(history) if h["step"] == best_step
+                and any(k.startswith(f"{run.name}/validation/") for k in h)), {}),
+        }
+        if config.eval_test and "test" in run.encoded:
+            params = method.combine(strategy.one_copy(strategy.replicate(best_params)),
+                                    strategy.one_copy(dev_frozen))
+            test = evaluators[run.name].evaluate(params, "test")
+            writer.write(best_step, {f"{run.name}/test/{k}": v for k, v in test.items()})
+            record["test"] = test
+        peft.save_adapter(workdir / "adapters" / run.name, best_params, method,
+                          model=model_name, task=run.name, step=best_step,
+                          init_seed=config.seed, max_source_length=config.max_source_length,
+                          max_target_length=run.max_target_length, add_task_prefix=add_prefix)
+        summary["tasks"][run.name] = record
+        reporting.plot_curves(_task_history(history, run.name),
+                              workdir / f"learning_curves_{run.name}.png",
+                              title=f"{run.name} · {method.name} · {model_name} (multi-task)")
+    (workdir / reporting.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    for name, record in summary["tasks"].items():
+        print(f"| {name:<10} | best step {record['best_step']:>6} | validation "
+              f"{reporting.format_metrics(record['validation'])} | test "
+              f"{reporting.format_metrics(record.get('test', {}))} |", flush=True)
+    writer.close()
+    return summary
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str]) -> int:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "absl.logging"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def define_flags() -> None:
+    """The CLI flags (defined only when run as a program, so importing this module next to
+    experiments.glue in one process defines no duplicate absl flags)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, "Directory for adapters, checkpoints, metrics and "
+                        "predictions.", required=True)
+    config_flags.DEFINE_config_file("config", "experiments/configs/multitask.py",
+                                    "Multi-task config file (ml_collections).",
+                                    lock_config=True)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,144 @@
+r"""Predict a mixed-task JSONL file with one backbone and one adapter per task.
+
+  python -m experiments.predict --backbone t5-base \
+      --adapters rte=runs/rte/adapter,mrpc=runs/mrpc/adapter \
+      --input in.jsonl --output out.jsonl
+
+Each input line is a JSON object in the task registry's field names plus "task", e.g.
+`{"task": "rte", "sentence1": "...", "sentence2": "..."}`; each output line is that object
+with `prediction` (the generated text) and `parsed` (the task's label, or -1 when the text is
+no valid label) added, in input order. Bad input (an unknown task, a task without an adapter,
+adapters of different methods or backbones, a missing file, a malformed line) exits with code
+2 and a message naming the task, the file and line, or the mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from compacter_jax.data import get_task
+from compacter_jax.peft import AdapterFileError
+from compacter_jax.serve import Predictor, ServeError
+
+
+class InputError(ValueError):
+    pass
+
+
+def parse_adapters(text: str) -> dict[str, str]:
+    """"rte=DIR,mrpc=DIR" -> {"rte": "DIR", "mrpc": "DIR"}."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        task, sep, path = item.partition("=")
+        if not sep or not task.strip() or not path.strip():
+            raise InputError(f"--adapters item {item!r} is not TASK=DIR (e.g. "
+                             "--adapters rte=runs/rte/adapter,mrpc=runs/mrpc/adapter)")
+        if task.strip() in out:
+            raise InputError(f"--adapters gives task {task.strip()!r} twice")
+        out[task.strip()] = path.strip()
+    if not out:
+        raise InputError("--adapters is empty: give TASK=DIR[,TASK=DIR...]")
+    return out
+
+
+def read_examples(path: Path) -> tuple[list[dict], list[int]]:
+    """(examples, their line numbers) of a JSONL file (blank lines skipped)."""
+    if not path.is_file():
+        raise InputError(f"input file {path} not found")
+    examples, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(example, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got "
+                                 f"{type(example).__name__}")
+            examples.append(example)
+            lines.append(number)
+    return examples, lines
+
+
+def write_examples(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def check_tasks(path: Path, examples: list[dict], lines: list[int], adapters: dict) -> None:
+    """Every example names a task that has an adapter (checked before the backbone loads)."""
+    loaded = {}
+    for name in adapters:
+        try:
+            loaded[get_task(name).name] = name
+        except ValueError as e:
+            raise InputError(f"--adapters {name}={adapters[name]}: {e}") from None
+    for example, line in zip(examples, lines):
+        if "task" not in example:
+            raise InputError(f"{path}:{line}: no 'task' field (the adapter to use: one of "
+                             f"{', '.join(adapters)})")
+        try:
+            task = get_task(example["task"]).name
+        except ValueError as e:
+            raise InputError(f"{path}:{line}: {e}") from None
+        if task not in loaded:
+            raise InputError(f"{path}:{line}: task {example['task']!r} has no adapter; "
+                             f"--adapters gives {', '.join(adapters)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    adapters = parse_adapters(args.adapters)
+    examples, lines = read_examples(Path(args.input))
+    check_tasks(Path(args.input), examples, lines, adapters)
+    predictor = Predictor(args.backbone or None, adapters, tokenizer=args.tokenizer or None,
+                          batch_size=args.batch_size, dtype=args.dtype)
+    try:
+        rows = predictor.predict(examples)
+    except ServeError as e:
+        if e.index is None:
+            raise
+        raise InputError(f"{args.input}:{lines[e.index]}: {e}") from None
+    write_examples(Path(args.output), rows)
+    print(f"{len(rows)} predictions for tasks {', '.join(predictor.tasks)} -> {args.output}",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="", help="checkpoint dir, cached Hub id or "
+                   "random:<preset> (default: the backbone the adapters record)")
+    p.add_argument("--adapters", required=True, help="TASK=DIR[,TASK=DIR...] adapter exports")
+    p.add_argument("--input", required=True, help="JSONL of examples with a 'task' field")
+    p.add_argument("--output", required=True, help="JSONL to write (input order)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the shared T5 "
+                   "vocabulary under $COMPACTER_DATA_DIR/t5_vocab)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (InputError, ServeError, AdapterFileError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
