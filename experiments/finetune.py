@@ -8,10 +8,12 @@ workdir)` reads top-down, as flax examples/wmt/train.py:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,14 @@ import ml_collections
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
+from compacter_jax.models.hf_io import ModelNotCachedError
 from compacter_jax.tokenizer import load_tokenizer
-from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
-                                 make_strategy, make_train_step, mean_metrics, seq2seq_apply_fn)
-from experiments import reporting
+from compacter_jax.train import (Checkpointer, MetricsBuffer, NonFiniteLossError, TrainState,
+                                 due, make_optimizer, make_strategy, make_train_step,
+                                 mean_metrics, seq2seq_apply_fn)
+from experiments import multihost, reporting, validation
+from experiments import workdir as workdir_lib
+from experiments.configs.glue import DEFAULT_MODEL
 from experiments.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -99,14 +105,16 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
 
 
 def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState,
-                  plan: data_lib.PackingPlan | None):
+                  plan: data_lib.PackingPlan | None, *, with_fill: bool = False):
     """(position after, this host's slice of the global batch) from `position` on: the
     recipe's batches, packed by `plan` or padded to the batch size. Every host builds the same
-    global batch (same seed) and keeps its own rows."""
+    global batch (same seed) and keeps its own rows. `with_fill=True` adds a third item, the
+    token fill of the *global* batch (`data.fill`), the same on every host."""
     for batch, after in data_lib.train_batches(encoded, config.batch_size, seed=config.seed,
                                                state=position):
         batch = plan.pack(batch) if plan else data_lib.pad_batch(batch, config.batch_size)
-        yield after, data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
+        mine = data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
+        yield (after, mine, data_lib.fill(batch)) if with_fill else (after, mine)
 
 
 # ---------------------------------------------------------------------------- model
@@ -117,9 +125,13 @@ def peft_overrides(config) -> dict[str, Any]:
     return {k: v for k, v in config.peft.items() if v is not None}
 
 
-def load_model(config, method: peft.Method, rng):
-    """(model, params, name): the configured model, or the fallback with a loud warning.
-    Layers are scanned when asked and the method places the same modules in every block."""
+def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = DEFAULT_MODEL):
+    """(model, params, name): the configured model. Only when `config.model` is
+    `fallback_from` (the default t5-base of `make run`) and that Hub id is not in the local HF
+    cache is `config.fallback_model` used instead, with a loud warning. Any other model that
+    does not load (a local path without weights or config.json, another Hub id, a corrupt
+    checkpoint) raises. Layers are scanned when asked and the method places the same modules
+    in every block."""
     scan = config.scan_layers and method.hooks().uniform_over_layers()
     if config.scan_layers and not scan:
         log.info("%s places its modules in some blocks only: layers are not scanned",
@@ -128,8 +140,8 @@ def load_model(config, method: peft.Method, rng):
     try:
         model, params = peft.from_pretrained(config.model, method, **kwargs)
         name = config.model
-    except FileNotFoundError as e:
-        if not config.fallback_model:
+    except ModelNotCachedError as e:
+        if not config.fallback_model or config.model != fallback_from:
             raise
         name = config.fallback_model
         banner = "!" * 78
@@ -148,15 +160,76 @@ def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[
     return total, epochs
 
 
+def flush_metrics(buffer: MetricsBuffer, ckpt: Checkpointer) -> list[dict[str, float]]:
+    """`buffer.flush()`; on a non-finite loss, first sets aside the step checkpoints from the
+    state that loss was computed from (update N's loss comes from the state after update
+    N-1: it diverged), so a re-run does not resume it."""
+    try:
+        return buffer.flush()
+    except NonFiniteLossError as e:
+        ckpt.set_aside_from(e.step - 1, "the loss of the next update was non-finite")
+        raise
+
+
+# --------------------------------------------------------------------------- workdir
+
+
+@contextlib.contextmanager
+def claim_workdir(config, workdir: Path) -> Iterator[None]:
+    """Process 0 checks that every output can be written, locks the workdir (one run at a
+    time), removes what a killed run left half-written and checks the config against the run
+    the workdir holds; every process stops if any of that failed. The lock is released at
+    exit.
+
+    Raises:
+      WorkdirError naming the path, the changed fields, or the lock's holder, and the fix.
+    """
+    lock, error = None, None
+    if multihost.is_primary():
+        try:
+            workdir_lib.check_writable(workdir)
+            lock = workdir_lib.WorkdirLock(workdir, force=config.get("force_unlock", False))
+            lock.acquire()
+            workdir_lib.remove_stale_temporaries(workdir)
+            workdir_lib.check_resume_config(
+                workdir, config.to_dict(), allow_change=config.get("allow_config_change", False))
+        except Exception as e:  # every process must hear of it before anyone raises
+            error = e
+            if lock is not None:
+                lock.release()
+    if not multihost.agree(error is None):
+        raise error if error is not None else workdir_lib.WorkdirError(
+            f"process 0 refused workdir {workdir}: see its error")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) one fine-tuning job in `workdir`; returns the summary dict."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    task = data_lib.get_task(config.task)
+    """Runs (or resumes) one fine-tuning job in `workdir`; returns the summary dict.
+
+    Before anything is loaded or compiled: the config is validated (`ConfigError`), the
+    model's config.json is read, the workdir is checked writable, locked, and a resume must
+    match the config it resumes (`WorkdirError`); all name the field or path and the fix.
+    """
+    validation.validate_config(config, available_devices=len(jax.devices()),
+                               processes=jax.process_count())
     method = peft.get_method(config.method, **peft_overrides(config))
+    validation.check_model_config(config, method)
+    workdir = Path(workdir).expanduser().absolute()
+    with claim_workdir(config, workdir):
+        return _fine_tune(config, workdir, method)
+
+
+def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Method) -> dict:
+    """The run itself, top-down, in a claimed workdir."""
+    primary = multihost.is_primary()
+    task = data_lib.get_task(config.task)
     learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
     add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
     tokenizer = load_tokenizer(config.tokenizer or None)
@@ -188,31 +261,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_step = strategy.compile_train_step(make_train_step(
         seq2seq_apply_fn(model), tx, merge_fn=method.combine, schedule=schedule,
         per_example_dropout=config.per_example_dropout))
-    evaluator = Evaluator(task, tokenizer, model,
-                          {k: v for k, v in encoded.items() if k != "train"},
-                          config.eval_batch_size, target_length(config, task, tokenizer),
-                          mode=config.eval_mode, predictions_dir=workdir / "predictions")
+    # Several processes: each decodes its share of the batches on its own devices, from
+    # process-local parameters, and the texts are gathered.
+    sharded_eval = jax.process_count() > 1
+    evaluator = (multihost.HostShardedEvaluator if sharded_eval else Evaluator)(
+        task, tokenizer, model, {k: v for k, v in encoded.items() if k != "train"},
+        config.eval_batch_size, target_length(config, task, tokenizer),
+        mode=config.eval_mode, predictions_dir=workdir / "predictions")
 
-    # Resume where the last checkpoint stopped (state and data position), or start.
+    def eval_params(dev_params):
+        if sharded_eval:
+            return method.combine(strategy.unreplicate(dev_params), frozen)
+        return method.combine(strategy.one_copy(dev_params), strategy.one_copy(dev_frozen))
+
+    # Resume where the last checkpoint stopped (state and data position), or start. A
+    # checkpoint that does not restore is set aside and the one before it used.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     state = TrainState.create(trainable, tx, jax.random.fold_in(init_rng, 1))
     position = data_lib.DataState()
     if (restored := ckpt.restore_latest(state)) is not None:
         state, meta = restored
+        if isinstance(meta.get("config"), dict):  # the config that state was trained with
+            workdir_lib.refuse_or_allow(
+                workdir_lib.config_changes(meta["config"], config.to_dict()),
+                config.get("allow_config_change", False), f"checkpoint step {int(state.step)}")
         position = data_lib.DataState.from_dict(meta["data_position"])
         log.info("resumed from step %d at %s", int(state.step), position)
+    if ckpt.best_step is not None:
+        ckpt.restore_best(trainable)  # a corrupt best is found now, not after training
     start_step = int(state.step)
     dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(frozen)
-    writer = reporting.MetricsWriter(workdir)
-    progress = reporting.Progress(total_steps, config.batch_size, start_step)
-    batches = train_batches(config, encoded["train"], position, plan)
+    writer = reporting.MetricsWriter(workdir, enabled=primary)
+    if (dropped := writer.resume_at(start_step)):
+        log.info("metrics.jsonl: dropped %d record(s) after step %d (they are recomputed)",
+                 dropped, start_step)
+    progress = reporting.Progress(total_steps, config.batch_size, start_step, enabled=primary)
+    batches = train_batches(config, encoded["train"], position, plan, with_fill=True)
     buffer, window = MetricsBuffer(strategy), []
 
     with ckpt:
         for step in range(start_step + 1, total_steps + 1):
-            position, batch = next(batches)
+            position, batch, tokens = next(batches)
             dev_state, metrics = train_step(dev_state, dev_frozen, strategy.shard_batch(batch))
-            tokens = data_lib.fill(batch)
             buffer.add(step, {**metrics,
                               "source_fill": tokens["source_tokens"] / tokens["source_slots"],
                               "target_fill": tokens["target_tokens"] / tokens["target_slots"]})
@@ -220,25 +310,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             do_eval = eval_every > 0 and due(step, eval_every, total_steps)
             do_save = due(step, save_every, total_steps)
             if do_log or do_eval or do_save:
-                window += buffer.flush()  # one host sync; NaN/inf raise before any save
+                window += flush_metrics(buffer, ckpt)  # one host sync; NaN/inf raise
             if do_log:
                 writer.write(step, {f"train/{k}": v for k, v in mean_metrics(window).items()})
                 progress.update(step, window)
                 window = []
             if do_eval:
                 start = time.perf_counter()
-                params = method.combine(strategy.one_copy(dev_state.params),
-                                        strategy.one_copy(dev_frozen))
-                scores = evaluator.evaluate(params, "validation")
+                scores = evaluator.evaluate(eval_params(dev_state.params), "validation")
                 writer.write(step, {f"validation/{k}": v for k, v in scores.items()})
                 progress.note(f"step {step}: validation " + reporting.format_metrics(scores)
                               + f" ({time.perf_counter() - start:.1f}s)")
+                # Refuses NaN/inf parameters; committed before the step checkpoint below.
                 ckpt.save_best(step, strategy.unreplicate(dev_state.params), scores["score"],
                                {"config": config.to_dict()})
             if do_save:
                 ckpt.save(step, strategy.unreplicate(dev_state),
                           {"data_position": position.to_dict(), "config": config.to_dict(),
-                           "best_score": ckpt.best_score})
+                           "best_score": ckpt.best_score, "best_step": ckpt.best_step})
         progress.close()
         ckpt.wait()
         best = ckpt.restore_best(trainable)
@@ -252,23 +341,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "best_step": best_step, "best_validation_score": ckpt.best_score,
         "learning_rate": learning_rate, "train_examples": len(encoded["train"]),
         "method_config": method.to_dict(), "config": config.to_dict(),
+        "processes": jax.process_count(), "devices": strategy.num_devices,
     }
+    if ckpt.problems:
+        summary["warnings"] = list(ckpt.problems)
+    if history := workdir_lib.config_history(workdir):
+        summary["config_history"] = history  # --config.allow_config_change resumes
     if config.eval_test and "test" in encoded:
-        params = method.combine(strategy.one_copy(strategy.replicate(best_params)),
-                                strategy.one_copy(dev_frozen))
+        params = (method.combine(best_params, frozen) if sharded_eval else
+                  method.combine(strategy.one_copy(strategy.replicate(best_params)),
+                                 strategy.one_copy(dev_frozen)))
         test = evaluator.evaluate(params, "test")
         writer.write(best_step, {f"test/{k}": v for k, v in test.items()})
         summary["test"] = test
-    history = writer.read()
-    summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
-                                  and any(k.startswith("validation/") for k in h)), {})
     peft.save_adapter(workdir / "adapter", best_params, method, model=model_name,
                       task=task.name, step=best_step, init_seed=config.seed,
                       max_source_length=config.max_source_length,
                       max_target_length=target_length(config, task, tokenizer),
                       add_task_prefix=add_prefix)
-    reporting.write_summary(workdir, summary)
-    reporting.plot_curves(history, workdir / "learning_curves.png",
-                          title=f"{task.name} · {method.name} · {model_name}")
+    history = writer.read()
+    summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
+                                  and any(k.startswith("validation/") for k in h)), {})
+    if primary:
+        reporting.write_summary(workdir, summary)
+        reporting.plot_curves(history, workdir / "learning_curves.png",
+                              title=f"{task.name} · {method.name} · {model_name}")
     writer.close()
     return summary

@@ -4,7 +4,9 @@ a closing summary table and a learning-curve plot."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+log = logging.getLogger(__name__)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -23,47 +26,99 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 class MetricsWriter:
     """Appends one JSON object per event to DIR/metrics.jsonl (keys: `step` and metric names
-    such as `train/loss`, `validation/accuracy`) and mirrors scalars to TensorBoard."""
+    such as `train/loss`, `validation/accuracy`) and mirrors scalars to TensorBoard.
 
-    def __init__(self, workdir: Path):
-        from tensorboardX import SummaryWriter  # TensorBoard events without TensorFlow
+    Each record is one `write` of one line to a file opened for appending, so a kill leaves at
+    most a torn last line, which `read` skips. With `enabled=False` (processes other than 0 of
+    a multi-process run) nothing is written and `read` still works.
+    """
 
+    def __init__(self, workdir: Path, enabled: bool = True):
         self.path = Path(workdir) / METRICS_FILE
-        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # TensorBoard events without TensorFlow
+
+            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), "time": round(time.time(), 3),
                   **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
         for k, v in metrics.items():
             if math.isfinite(float(v)):
                 self.tb.add_scalar(k, float(v), int(step))
         self.tb.flush()
 
+    def _records(self) -> list[dict[str, Any]]:
+        """Every well-formed record in file order; a torn or garbled line (a kill during a
+        write) is skipped with a warning naming the file and line."""
+        if not self.path.exists():
+            return []
+        out = []
+        text = self.path.read_bytes().decode("utf-8", "replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("not a metrics record")
+            except ValueError as e:
+                log.warning("%s:%d: skipping a malformed line (%s)", self.path, lineno, e)
+                continue
+            out.append(record)
+        return out
+
+    @staticmethod
+    def _dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        latest: dict[tuple, dict] = {}
+        for record in records:
+            key = (record["step"], tuple(sorted(k for k in record if k not in ("step", "time"))))
+            latest.pop(key, None)
+            latest[key] = record
+        return sorted(latest.values(), key=lambda r: (r["step"], r.get("time", 0)))
+
     def read(self) -> list[dict[str, Any]]:
         """All events; after a resume, a step's later record replaces the earlier one with
         the same metric names (the steps after the last checkpoint ran twice)."""
-        if not self.path.exists():
-            return []
-        latest: dict[tuple, dict] = {}
-        for line in self.path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                key = (record["step"], tuple(sorted(k for k in record if k not in ("step", "time"))))
-                latest[key] = record
-        return sorted(latest.values(), key=lambda r: (r["step"], r["time"]))
+        return self._dedupe(self._records())
+
+    def resume_at(self, step: int) -> int:
+        """Rewrites metrics.jsonl (atomically) for a run resumed at `step`: keeps the
+        well-formed records of steps <= `step`, one per (step, metric names), drops test
+        records (recomputed at the end) and everything later (recomputed by the resumed run).
+        Returns the number of well-formed records dropped (malformed lines go too)."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        records = self._records()
+        kept = [r for r in self._dedupe(records) if r["step"] <= step
+                and not any(k.startswith("test/") for k in r)]
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        return len(records) - len(kept)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 class Progress:
     """A tqdm bar over training steps showing the loss and throughput (examples/s)."""
 
-    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0,
+                 enabled: bool = True):
         self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                             dynamic_ncols=True)
+                             dynamic_ncols=True, disable=not enabled)
         self.batch_size = batch_size
         self.last_time = time.perf_counter()
         self.last_step = start_step
@@ -78,16 +133,31 @@ class Progress:
         self.last_time, self.last_step = now, step
 
     def note(self, message: str) -> None:
-        self.bar.write(message)
+        if not self.bar.disable:
+            self.bar.write(message)
         self.last_time = time.perf_counter()  # evaluation time is not training throughput
 
     def close(self) -> None:
         self.bar.close()
 
 
+def _replace_atomically(path: Path, write) -> Path:
+    """`write(tmp)` then rename onto `path`: a kill never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_summary(workdir: Path, summary: dict[str, Any]) -> str:
-    """Writes DIR/summary.json and returns (and prints) a closing table."""
-    (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    """Writes DIR/summary.json (atomically) and returns (and prints) a closing table."""
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    _replace_atomically(Path(workdir) / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
     rows = [("task", summary["task"]), ("method", summary["method"]),
             ("model", summary["model"]),
             ("trainable params", f"{summary['trainable_params']:,} of "
@@ -128,5 +198,4 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> P
         ax_eval.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))

@@ -95,55 +95,55 @@ class T5Config:
         """Builds a config from a HF T5 `config.json` dict; `runtime` sets dtype/remat/... .
 
         Missing `scale_decoder_outputs` (transformers < 5 files) means "scaled iff tied".
-        Raises ValueError naming the field for unsupported values.
+        Raises ValueError naming the field for unsupported values or wrong types (a
+        non-object document, `"num_layers": "two"`, ...).
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object of T5 settings, got a "
+                             f"JSON {_json_kind(d)}")
         model_type = d.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
             raise ValueError(f"config.json model_type={model_type!r}: only T5 models are supported")
-        if not d.get("is_encoder_decoder", True):
+        if not _hf_bool(d, "is_encoder_decoder", True):
             raise ValueError("config.json is_encoder_decoder=false: only the encoder-decoder T5 "
                              "(T5ForConditionalGeneration) is supported")
-        if d.get("is_decoder", False):
+        if _hf_bool(d, "is_decoder", False):
             raise ValueError("config.json is_decoder=true: only the encoder-decoder T5 is "
                              "supported")
         ff = d.get("feed_forward_proj", "relu")
         if ff not in _FF_PROJS:
             raise ValueError(f"config.json feed_forward_proj={ff!r} is not supported; "
                              f"supported: {_FF_PROJS}")
-        tie = d.get("tie_word_embeddings", True)
-        tie = True if tie is None else bool(tie)
-        scale = d.get("scale_decoder_outputs")
-        scale = tie if scale is None else bool(scale)
-        eos = d.get("eos_token_id", 1)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
-        pad = d.get("pad_token_id", 0)
-        pad = 0 if pad is None else pad
-        start = d.get("decoder_start_token_id")
-        start = pad if start is None else start
-        num_layers = int(d.get("num_layers", 6))
-        ndec = d.get("num_decoder_layers")
+        tie = _hf_bool(d, "tie_word_embeddings", True)
+        scale = _hf_bool(d, "scale_decoder_outputs", tie)
+        if isinstance(d.get("eos_token_id"), (list, tuple)) and d["eos_token_id"]:
+            d = {**d, "eos_token_id": d["eos_token_id"][0]}
+        pad = _hf_int(d, "pad_token_id", 0)
+        num_layers = _hf_int(d, "num_layers", 6)
         kwargs = dict(
-            vocab_size=int(d.get("vocab_size", 32128)),
-            d_model=int(d.get("d_model", 512)),
-            d_kv=int(d.get("d_kv", 64)),
-            d_ff=int(d.get("d_ff", 2048)),
+            vocab_size=_hf_int(d, "vocab_size", 32128),
+            d_model=_hf_int(d, "d_model", 512),
+            d_kv=_hf_int(d, "d_kv", 64),
+            d_ff=_hf_int(d, "d_ff", 2048),
             num_layers=num_layers,
-            num_decoder_layers=num_layers if ndec is None else int(ndec),
-            num_heads=int(d.get("num_heads", 8)),
-            relative_attention_num_buckets=int(d.get("relative_attention_num_buckets", 32)),
-            relative_attention_max_distance=int(d.get("relative_attention_max_distance", 128)),
-            dropout_rate=float(d.get("dropout_rate", 0.1)),
-            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-6)),
+            num_decoder_layers=_hf_int(d, "num_decoder_layers", num_layers),
+            num_heads=_hf_int(d, "num_heads", 8),
+            relative_attention_num_buckets=_hf_int(d, "relative_attention_num_buckets", 32),
+            relative_attention_max_distance=_hf_int(d, "relative_attention_max_distance", 128),
+            dropout_rate=_hf_float(d, "dropout_rate", 0.1),
+            layer_norm_epsilon=_hf_float(d, "layer_norm_epsilon", 1e-6),
             feed_forward_proj=ff,
             tie_word_embeddings=tie,
             scale_decoder_outputs=scale,
-            pad_token_id=int(pad),
-            eos_token_id=int(eos),
-            decoder_start_token_id=int(start),
+            pad_token_id=pad,
+            eos_token_id=_hf_int(d, "eos_token_id", 1),
+            decoder_start_token_id=_hf_int(d, "decoder_start_token_id", pad),
         )
         kwargs.update(runtime)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # "T5Config.num_heads must be positive" -> name the file's field
+            raise ValueError(f"config.json: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF `config.json` dict (loadable by transformers 4.x and 5.x)."""
@@ -174,6 +174,42 @@ class T5Config:
             "decoder_start_token_id": self.decoder_start_token_id,
             "use_cache": True,
         }
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _hf_int(d: dict[str, Any], key: str, default: int) -> int:
+    """`d[key]` as an int (`default` when absent or null); an integral float is accepted."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ValueError(f"config.json field {key!r} must be an integer, got {value!r} "
+                         f"(a JSON {_json_kind(value)})")
+    return int(value)
+
+
+def _hf_float(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json field {key!r} must be a number, got {value!r} "
+                         f"(a JSON {_json_kind(value)})")
+    return float(value)
+
+
+def _hf_bool(d: dict[str, Any], key: str, default: bool) -> bool:
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json field {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _v10(d_model: int, d_ff: int, layers: int, heads: int) -> T5Config:

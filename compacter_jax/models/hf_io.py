@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -181,12 +181,17 @@ class _Checkpoint:
             raise ValueError(f"cannot read tensor {key!r} from {f} (corrupt file?): {e}") from e
 
 
+class ModelNotCachedError(FileNotFoundError):
+    """A Hub model id that is not in the local HF cache (never raised for a local path)."""
+
+
 def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path} is not a directory with config.json")
+        raise FileNotFoundError(f"{name_or_path} is not a directory with config.json "
+                                f"({'a file' if path.exists() else 'no such directory'})")
     repo_id = HUB_IDS.get(name_or_path, name_or_path)
     try:
         from huggingface_hub import snapshot_download
@@ -194,7 +199,7 @@ def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool
             repo_id, revision=revision, local_files_only=local_files_only,
             allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"])
     except Exception as e:  # LocalEntryNotFoundError, offline / HTTP errors, bad repo id
-        raise FileNotFoundError(
+        raise ModelNotCachedError(
             f"model {repo_id!r} (revision {revision or 'main'}) is not in the local HF cache "
             f"({type(e).__name__}: {e}). On a machine with internet run "
             f"`hf download {repo_id} --include config.json '*.safetensors*'` (shares the cache "
@@ -208,10 +213,36 @@ def _load_config(directory: Path, **runtime: Any) -> T5Config:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"missing {cfg_file}: a T5 checkpoint directory needs config.json")
     try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt {cfg_file}: {e}") from e
-    return T5Config.from_hf_dict(d, **runtime)
+        d = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt {cfg_file}: not valid JSON ({e})") from None
+    try:
+        return T5Config.from_hf_dict(d, **runtime)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}; fix the file or re-save the checkpoint") from None
+
+
+def load_config(name_or_path: str, *, revision: str | None = None,
+                local_files_only: bool = True, check_weights: bool = False) -> T5Config:
+    """The `T5Config` of a local checkpoint dir, a cached Hub id or `random:<preset>`, without
+    reading any weights (a cheap check before a run). `check_weights=True` also opens the
+    weight files' headers (no tensor is read), so a checkpoint without weights or with a
+    truncated header fails here too.
+
+    Raises FileNotFoundError (ModelNotCachedError for an uncached Hub id) or ValueError
+    naming the file and field, as `from_pretrained` would.
+    """
+    if name_or_path.startswith("random:"):
+        preset = name_or_path[len("random:"):]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
+                             f"known: {sorted(PRESETS)}")
+        return PRESETS[preset]
+    directory = _resolve_dir(name_or_path, revision, local_files_only)
+    config = _load_config(directory)
+    if check_weights:
+        _Checkpoint(directory)
+    return config
 
 
 def init_fn(model: T5ForConditionalGeneration):
@@ -296,7 +327,13 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
         if not np.array_equal(ckpt.get("lm_head.weight"), _get(ckpt, "shared.weight")):
             config = config.replace(tie_word_embeddings=False)
     model = T5ForConditionalGeneration(config, hooks)
-    abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(model), rng))
+    try:
+        abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(model), rng))
+    except Exception:
+        # A hook may refuse the config (e.g. PHM divisibility) when the real problem is that
+        # config.json does not describe the weights: report the mismatch if there is one.
+        _check_backbone_shapes(ckpt, config, directory)
+        raise
 
     loaded: dict[Path_, Any] = {}
     fresh: list[Path_] = []
@@ -313,12 +350,9 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
             arr = arr.T if transpose else arr
             arrays.append(arr)
             used.add(key)
-            expected = spec.shape[1:] if per_layer else spec.shape
-            if tuple(arr.shape) != tuple(expected):
-                found = arr.T.shape if transpose else arr.shape
-                want = tuple(reversed(expected)) if transpose else tuple(expected)
-                raise ValueError(f"shape mismatch for {key!r} in {directory}: expected {want}, "
-                                 f"found {tuple(found)} (config.json does not match the weights?)")
+            _check_shape(key, arr, spec.shape[1:] if per_layer else spec.shape, transpose,
+                         directory)
+            _check_finite(key, arr, ckpt)
         value = np.stack(arrays) if per_layer else arrays[0]
         loaded[path] = jnp.asarray(value, dtype=spec.dtype)
     unexpected = sorted(k for k in ckpt.keys if k not in used and not _IGNORED.search(k)
@@ -330,6 +364,35 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
     return model, traverse_util.unflatten_dict(loaded)
 
 
+def _check_shape(key: str, arr: np.ndarray, expected: tuple[int, ...], transpose: bool,
+                 directory: Path) -> None:
+    if tuple(arr.shape) != tuple(expected):
+        found = arr.T.shape if transpose else arr.shape
+        want = tuple(reversed(expected)) if transpose else tuple(expected)
+        raise ValueError(f"shape mismatch for {key!r} in {directory}: expected {want} from "
+                         f"config.json, found {tuple(found)} (config.json does not match the "
+                         "weights?)")
+
+
+def _check_finite(key: str, arr: np.ndarray, ckpt: "_Checkpoint") -> None:
+    """Corrupt weights (NaN/inf) would surface as a NaN loss blamed on the learning rate."""
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise ValueError(f"checkpoint weight {key!r} in {ckpt.keys[key][0]} holds {bad} "
+                         "NaN/inf values: the file is corrupt; re-download or re-save it")
+
+
+def _check_backbone_shapes(ckpt: "_Checkpoint", config: T5Config, directory: Path) -> None:
+    """Raises the first shape mismatch between the checkpoint and `config` (plain T5)."""
+    plain = T5ForConditionalGeneration(config.replace(scan_layers=False), NO_HOOKS)
+    abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(plain), jax.random.PRNGKey(0)))
+    for path, spec in abstract.items():
+        key, transpose = flax_path_to_hf(path)
+        if key in ckpt:
+            arr = ckpt.get(key)
+            _check_shape(key, arr.T if transpose else arr, spec.shape, transpose, directory)
+
+
 def _get(ckpt: _Checkpoint, key: str) -> np.ndarray:
     if key not in ckpt:
         raise ValueError(f"checkpoint is missing weight {key!r} (files: "
@@ -339,13 +402,17 @@ def _get(ckpt: _Checkpoint, key: str) -> np.ndarray:
 
 
 def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    """`write(tmp_path)` then rename onto `target`, with the mode a plain open() gives
+    (0o666 minus the umask; not 0600, which mkstemp and safetensors' writer use)."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = tmp.stat().st_mode & 0o777  # what the umask made of 0o666
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -88,6 +88,8 @@ def export_trainable(path: str | os.PathLike, params: Any, metadata: Mapping[str
                   "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(tensors.items())}}
         record["sha256"] = {WEIGHTS: _digest(tmp / WEIGHTS), CONFIG: _method_digest(record)}
         (tmp / CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True))
+        # safetensors writes 0600; give the weights the mode a plain open() gave the JSON.
+        os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode & 0o777)
         old = path.with_name(path.name + f".old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)       # keep the previous export until the new one is in place
@@ -117,7 +119,11 @@ def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
         raise AdapterFileError(f"{config}: not valid JSON ({e}); re-export the adapter") from None
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{config}: expected a JSON object, got {type(meta).__name__}")
-    sums = meta.get("sha256")
+    sums, expected = meta.get("sha256"), meta.get("tensors")
+    for key, value in (("sha256", sums), ("tensors", expected)):
+        if value is not None and not isinstance(value, dict):
+            raise AdapterFileError(f"{config}: field {key!r} must be an object, got "
+                                   f"{type(value).__name__}; re-export the adapter")
     if sums is not None:
         if sums.get(CONFIG) != _method_digest(meta):
             raise AdapterFileError(f"{config} was modified after export (checksum mismatch); "
@@ -130,13 +136,22 @@ def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"cannot read {weights} (truncated or corrupt?): {e}") from None
     flat = {tuple(k.split("/")): np.asarray(v) for k, v in loaded.items()}
-    expected = meta.get("tensors")
     if expected is not None:
         missing = sorted(set(expected) - set(loaded))
         extra = sorted(set(loaded) - set(expected))
         if missing or extra:
             raise AdapterFileError(f"{weights}: tensors differ from the manifest (missing "
                                    f"{missing[:5]}, unexpected {extra[:5]})")
+        for key, value in sorted(loaded.items()):
+            want = expected[key]
+            got = [list(value.shape), str(value.dtype)]
+            if not (isinstance(want, (list, tuple)) and len(want) == 2
+                    and isinstance(want[0], (list, tuple))):
+                raise AdapterFileError(f"{config}: manifest entry for {key!r} is {want!r}, "
+                                       "expected [shape, dtype]; re-export the adapter")
+            if [list(want[0]), str(want[1])] != got:
+                raise AdapterFileError(f"{weights}: tensor {key!r} is {got[1]}{got[0]}, the "
+                                       f"manifest says {want[1]}{list(want[0])}")
     nonfinite = ["/".join(k) for k, v in flat.items()
                  if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
     if nonfinite:

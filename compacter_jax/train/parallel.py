@@ -30,21 +30,66 @@ from compacter_jax.host import to_host
 AXIS = "data"
 
 
-def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, *, auto_detect: bool = False) -> bool:
-    """Starts multi-process JAX when asked to; returns True if running distributed.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
-    Initialises when an argument is given, when `JAX_COORDINATOR_ADDRESS` is set, or with
-    `auto_detect=True` (SLURM/MPI/TPU/K8s cluster detection). Otherwise a no-op, so the same
-    entry point runs on one machine. Must be called before any other JAX call.
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name}={value!r} is not an integer") from None
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, auto_detect: bool = False,
+                     initialization_timeout: int = 300) -> bool:
+    """Joins a multi-process JAX run when asked to; returns True if running distributed.
+
+    Each setting comes from its argument, else from `$JAX_COORDINATOR_ADDRESS`,
+    `$JAX_NUM_PROCESSES`, `$JAX_PROCESS_ID`. With none of them set and `auto_detect=False`
+    this is a no-op, so the same entry point runs on one machine. `auto_detect=True` lets
+    `jax.distributed.initialize` fill in what is unset from the cluster (Cloud TPU pod slices,
+    SLURM, Open MPI, Kubernetes). On CPU, cross-process collectives use gloo (JAX's default).
+    Must be called before any other JAX call.
+
+    Args:
+      coordinator_address: "host:port" of process 0 (reachable from every process).
+      num_processes: number of processes (hosts) in the run.
+      process_id: this process's index, 0..num_processes-1.
+      auto_detect: let JAX detect the cluster when settings are missing.
+      initialization_timeout: seconds to wait for every process to join.
+    Returns:
+      True when `jax.distributed` is initialised (now or before), False for a single process.
+    Raises:
+      ValueError naming the setting when settings are incomplete or out of range.
     """
     if jax.distributed.is_initialized():
         return True
-    explicit = any(a is not None for a in (coordinator_address, num_processes, process_id))
-    if explicit or auto_detect or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return True
-    return False
+    coordinator_address = coordinator_address or os.environ.get(DISTRIBUTED_ENV[0]) or None
+    num_processes = num_processes if num_processes is not None else _env_int(DISTRIBUTED_ENV[1])
+    process_id = process_id if process_id is not None else _env_int(DISTRIBUTED_ENV[2])
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    if not auto_detect and all(v is None for v in given.values()):
+        return False
+    if not auto_detect and any(v is None for v in given.values()):
+        missing = [k for k, v in given.items() if v is None]
+        raise ValueError(
+            f"multi-process run: {', '.join(missing)} not set (set all three of "
+            "--config.coordinator_address, --config.num_processes, --config.process_id, or "
+            f"${', $'.join(DISTRIBUTED_ENV)}; or --config.detect_cluster=True on TPU pods, "
+            "SLURM or Open MPI)")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not (
+            0 <= process_id < num_processes):
+        raise ValueError(f"process_id {process_id} is not in 0..{num_processes - 1}")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=initialization_timeout)
+    return True
 
 
 def _put(x: Any, shape: tuple[int, ...], sharding: NamedSharding,

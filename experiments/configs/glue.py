@@ -17,6 +17,10 @@ import ml_collections
 
 from compacter_jax import peft
 
+# The model `make run` asks for; only this one falls back to `fallback_model` when it is not in
+# the local HF cache (an explicitly requested model that does not load is an error).
+DEFAULT_MODEL = "t5-base"
+
 
 def _placeholder_type(annotation) -> type:
     """int | None -> int, tuple[str, ...] -> tuple, Literal/str -> str."""
@@ -43,9 +47,10 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.method = "compacter++"
     # Per-method overrides of the PEFT preset (None keeps the preset's value).
     c.peft = peft_fields()
-    # Model: a Hub id, a local HF checkpoint dir, or random:<preset>. When the model is not
-    # available locally, `fallback_model` is used with a loud warning.
-    c.model = "t5-base"
+    # Model: a Hub id, a local HF checkpoint dir, or random:<preset>. When the default model
+    # (t5-base) is not in the local HF cache, `fallback_model` is used with a loud warning;
+    # any other model that does not load is an error ("" disables the fallback).
+    c.model = DEFAULT_MODEL
     c.fallback_model = "random:t5-small"
     c.dtype = "float32"
     c.scan_layers = True
@@ -81,6 +86,14 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.strategy = "jit"
     c.num_devices = -1
     c.shard_frozen = False  # jit only: shard the frozen backbone over devices (large T5s)
+    # Multi-process (multi-host) runs through jax.distributed: each setting "" / -1 falls back
+    # to $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID; with none set the
+    # run is one process. detect_cluster=True lets JAX detect the rest (TPU pod slices, SLURM,
+    # Open MPI, Kubernetes). The global batch is split over all devices of all processes.
+    c.coordinator_address = ""  # host:port of process 0
+    c.num_processes = -1
+    c.process_id = -1
+    c.detect_cluster = False
     # Dropout keys: False = one key per step (jit gives the same numbers on any number of
     # devices); True = one key per example from its global row, so pmap matches jit too, at
     # ~17% step time for Compacter on CPU (the model is vmapped over examples).
@@ -90,6 +103,9 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.eval_every = -1  # steps; -1 = once per epoch; 0 = never (no best checkpoint)
     c.save_every = -1  # steps; -1 = at every evaluation
     c.keep_checkpoints = 2
+    # Workdir: one run at a time (a lock); a resume must match the run's stored config.
+    c.allow_config_change = False  # True: resume with changed fields (e.g. more steps)
+    c.force_unlock = False  # True: take over a lock recorded by a run on another host
     c.eval_test = True  # evaluate the test split at the best validation checkpoint
     # "generate" (greedy decoding, the paper's), "rank" (the most likely label string), "both".
     c.eval_mode = "generate"

@@ -168,3 +168,106 @@ def test_hook_params_are_fresh_and_backbone_from_checkpoint(checkpoint, scan):
     # saving drops the hook params
     assert set(load_file(save_pretrained(path.parent / f"hooked{scan}", model.config, loaded)
                          / "model.safetensors")) == set(load_file(path / "model.safetensors"))
+
+
+# ---- issue 12: files as saved, bad config.json, corrupt weights, path vs Hub id ----
+
+def test_saved_files_get_the_umask_mode_not_0600(checkpoint, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = save_pretrained(tmp_path / "saved", CFG, checkpoint[1])
+    finally:
+        os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", r"config.json: config.json must hold a JSON object of T5 settings, got a JSON "
+               r"array"),
+    ('{"num_layers": "two"}', r"config.json: config.json field 'num_layers' must be an "
+                              r"integer, got 'two'"),
+    ('{"d_model": 64.5}', r"field 'd_model' must be an integer, got 64.5"),
+    ('{"tie_word_embeddings": "yes"}', r"field 'tie_word_embeddings' must be true or false"),
+    ('{"num_heads": 0}', r"config.json: T5Config.num_heads must be positive"),
+    ("{oops", r"corrupt .*config.json: not valid JSON"),
+])
+def test_bad_config_json_names_file_and_field(checkpoint, tmp_path, content, message):
+    from compacter_jax.models.hf_io import load_config
+
+    d = _copy(checkpoint[0], tmp_path / "c")
+    (d / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as raised:
+        load_config(str(d))
+    assert str(d / "config.json") in str(raised.value)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(str(d))
+
+
+def test_nonfinite_weights_are_refused_naming_the_key(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    tensors = load_file(d / "model.safetensors")
+    tensors["decoder.final_layer_norm.weight"][3] = np.inf
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'decoder.final_layer_norm.weight' in .*"
+                                         r"model.safetensors holds 1 NaN/inf values"):
+        from_pretrained(str(d))
+
+
+class _Picky(nn.Module):
+    want: int
+
+    @nn.compact
+    def __call__(self, x, shared):
+        if x.shape[-1] != self.want:
+            raise ValueError(f"this adapter needs d_model {self.want}, got {x.shape[-1]}")
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _PickyHooks(T5Hooks):
+    want: int = 16
+
+    def sublayer_adapter(self, site, d_model, name):
+        return _Picky(self.want, name=name)
+
+
+def test_wrong_d_model_is_a_shape_mismatch_before_a_hook_error(checkpoint, tmp_path):
+    d = _copy(checkpoint[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "d_model": 18}))  # weights have 16
+    with pytest.raises(ValueError, match=r"shape mismatch for .*expected \(.*18.*\) from "
+                                         r"config.json, found"):
+        from_pretrained(str(d), hooks=_PickyHooks(want=16))
+    with pytest.raises(ValueError, match="needs d_model 12, got 16"):  # a genuine hook error
+        from_pretrained(str(checkpoint[0]), hooks=_PickyHooks(want=12))
+
+
+def test_only_an_uncached_hub_id_is_model_not_cached(tmp_path, monkeypatch):
+    from compacter_jax.models.hf_io import ModelNotCachedError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotCachedError):
+        from_pretrained("t5-large")
+    for path in (tmp_path / "nope", tmp_path):  # a missing path; a dir without config.json
+        with pytest.raises(FileNotFoundError) as raised:
+            from_pretrained(str(path))
+        assert not isinstance(raised.value, ModelNotCachedError)
+
+
+def test_load_config_checks_the_weight_headers_only_when_asked(checkpoint, tmp_path):
+    from compacter_jax.models.hf_io import load_config
+
+    d = _copy(checkpoint[0], tmp_path / "c")
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated header
+    assert load_config(str(d)) == load_config(str(checkpoint[0]))  # config.json alone
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*model.safetensors "
+                                         r"\(corrupt or truncated\?\)"):
+        load_config(str(d), check_weights=True)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors or "
+                                                r"model.safetensors.index.json in"):
+        load_config(str(d), check_weights=True)

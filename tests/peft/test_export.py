@@ -39,6 +39,8 @@ def test_export_and_load_trainable(tmp_path):
     assert_trees_equal(loaded, jax.tree_util.tree_map(np.asarray, params))
     assert loaded["adapter"]["kernel"].dtype == jnp.bfloat16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no stray temp dirs
+    modes = {f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(modes) == 1 and modes != {0o600}  # both as a plain open() makes them
     with pytest.raises(FileNotFoundError, match="adapter export"):
         peft.load_trainable(tmp_path)
 
@@ -130,3 +132,37 @@ def test_load_adapter_refuses_an_export_that_does_not_fit(tmp_path):
                       model="random:t5-tiny", init_seed=3)
     with pytest.raises(peft.AdapterFileError, match=r"does not fit .*missing \['.*phm_left'\]"):
         peft.load_adapter(tmp_path / "partial")
+
+
+def test_manifest_shapes_and_loader_errors_name_the_path(tmp_path):
+    """Item 5 / 12 of issue 12: every loader failure names the file and says what to do."""
+    from safetensors.numpy import save_file
+
+    def without_checksums(name):
+        path = peft.export_trainable(tmp_path / name, TREE, {"method": {"family": "Method"}})
+        record = json.loads((path / CONFIG).read_text())
+        del record["sha256"]
+        return path, record
+
+    reshaped, record = without_checksums("reshaped")  # same names, another shape
+    save_file({**{k: v for k, v in traverse_util.flatten_dict(TREE, sep="/").items()},
+               "adapter/bias": np.ones(4, np.float32)}, str(reshaped / WEIGHTS))
+    (reshaped / CONFIG).write_text(json.dumps(record))
+    with pytest.raises(peft.AdapterFileError,
+                       match=r"reshaped/trainable.safetensors: tensor 'adapter/bias' is "
+                             r"float32\[4\], the manifest says float32\[3\]"):
+        peft.load_trainable(reshaped)
+
+    unknown, record = without_checksums("unknown_field")  # an unknown method field
+    record["method"] = {**peft.get_method("compacter++").to_dict(), "foo": 3}
+    (unknown / CONFIG).write_text(json.dumps(record))
+    with pytest.raises(peft.AdapterFileError, match=r"unknown_field: the export's method does "
+                                                    r"not build: unknown field\(s\) \['foo'\]"):
+        peft.load_adapter(unknown, backbone="random:t5-tiny")
+
+    listed, record = without_checksums("listed")
+    record["sha256"] = ["not", "an", "object"]
+    (listed / CONFIG).write_text(json.dumps(record))
+    with pytest.raises(peft.AdapterFileError, match=r"listed/trainable_config.json: field "
+                                                    r"'sha256' must be an object"):
+        peft.load_trainable(listed)

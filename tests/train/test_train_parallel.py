@@ -103,3 +103,20 @@ def test_init_distributed_is_a_noop_on_one_process(monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert init_distributed() is False
     assert jax.process_count() == 1
+
+
+def test_init_distributed_refuses_incomplete_settings_before_joining(monkeypatch):
+    from compacter_jax.train.parallel import DISTRIBUTED_ENV
+
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"num_processes, process_id not set \(set all three "
+                                         r"of --config.coordinator_address"):
+        init_distributed("127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"\$JAX_NUM_PROCESSES='two' is not an integer"):
+        init_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match=r"process_id 2 is not in 0..1"):
+        init_distributed("127.0.0.1:1234", process_id=2)
+    assert not jax.distributed.is_initialized()

@@ -1,0 +1,206 @@
+"""A run's config checked once, up front: before data are loaded, a model is read or anything is
+compiled, every field is checked and a bad one is refused with `ConfigError`, which names the
+flag (`--config.<field>`), the value and the fix. The fine-tuning CLI exits 2 on it.
+
+    validate_config(config)                              # static checks (no JAX backend)
+    validate_config(config, available_devices=len(jax.devices()))   # + the device count
+
+Reusable by any experiment whose config has the fields of `experiments/configs/glue.py`
+(fields a config lacks are skipped).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compacter_jax import data as data_lib
+from compacter_jax import peft
+from compacter_jax.data.sources import SOURCE_KINDS
+from compacter_jax.models import hf_io
+from experiments.evaluation import EVAL_MODES
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+STRATEGIES = ("jit", "pmap")
+DTYPES = ("float32", "bfloat16")
+_ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$")
+
+
+class ConfigError(ValueError):
+    """A config field with a value the run cannot use; the message names `--config.<field>`."""
+
+
+def _flag(field: str, value: Any) -> str:
+    return f"--config.{field}={value!r}"
+
+
+def _check_int(config, field: str, ok: Callable[[int], bool], want: str) -> None:
+    if field not in config:
+        return
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{_flag(field, value)}: expected an integer, {want}")
+    if not ok(int(value)):
+        raise ConfigError(f"{_flag(field, value)}: must be {want}")
+
+
+def _check_float(config, field: str, ok: Callable[[float], bool], want: str,
+                 optional: bool = False) -> None:
+    if field not in config:
+        return
+    value = config[field]
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise ConfigError(f"{_flag(field, value)}: expected a number, {want}")
+    if not math.isfinite(float(value)) or not ok(float(value)):
+        raise ConfigError(f"{_flag(field, value)}: must be {want}")
+
+
+def _check_choice(config, field: str, choices: tuple[str, ...]) -> None:
+    if field in config and config[field] not in choices:
+        raise ConfigError(f"{_flag(field, config[field])}: use one of {', '.join(choices)}")
+
+
+def _positive(v):
+    return v >= 1
+
+
+def _minus_one_or_positive(v):
+    return v == -1 or v >= 1
+
+
+def validate_config(config, *, available_devices: int | None = None,
+                    processes: int = 1) -> None:
+    """Raises ConfigError for the first field the run cannot use.
+
+    Args:
+      config: an `ml_collections.ConfigDict` (or mapping) with the fields of
+        `experiments/configs/glue.py`.
+      available_devices: the number of JAX devices (`len(jax.devices())`, all processes) to
+        check `num_devices` and the batch split against; None skips those checks (call
+        before `jax.distributed` is initialised).
+      processes: `jax.process_count()`.
+    Raises:
+      ConfigError (a ValueError) naming the flag, its value and the fix.
+    """
+    # What to train: names are checked against the registries (which list the valid ones).
+    if "task" in config:
+        try:
+            data_lib.get_task(config["task"])
+        except ValueError as e:
+            raise ConfigError(f"--config.task: {e}") from None
+    overrides = {k: v for k, v in config["peft"].items() if v is not None} if "peft" in config \
+        else {}
+    try:
+        method = peft.get_method(config["method"])
+    except ValueError as e:
+        raise ConfigError(f"--config.method: {e}") from None
+    try:
+        method.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--config.peft: {e}") from None
+    if "model" in config and (not isinstance(config["model"], str)
+                              or not config["model"].strip()):
+        raise ConfigError(f"{_flag('model', config['model'])}: name a local HF checkpoint "
+                          "directory, a cached Hub id or random:<preset>")
+
+    _check_choice(config, "source", SOURCE_KINDS + ("auto",))
+    _check_choice(config, "dtype", DTYPES)
+    _check_choice(config, "strategy", STRATEGIES)
+    _check_choice(config, "eval_mode", EVAL_MODES)
+    if config.get("shard_frozen") and config.get("strategy") == "pmap":
+        raise ConfigError("--config.shard_frozen=True needs --config.strategy=jit (pmap "
+                          "replicates every leaf)")
+    if config.get("download") and config.get("source") == "files":
+        raise ConfigError("--config.download=True only applies to --config.source=tfds")
+    data_dir = config.get("data_dir")
+    if data_dir and not config.get("download") and not Path(data_dir).expanduser().is_dir():
+        raise ConfigError(f"{_flag('data_dir', data_dir)}: no such directory; point it at the "
+                          "folder of GLUE/SuperGLUE files (or of prepared TFDS data), or leave "
+                          "it empty for $COMPACTER_DATA_DIR")
+
+    # Sizes and schedule.
+    for field in ("batch_size", "eval_batch_size", "max_source_length", "log_every",
+                  "keep_checkpoints"):
+        _check_int(config, field, _positive, "a positive integer")
+    for field in ("max_target_length", "epochs", "max_steps", "train_samples",
+                  "max_eval_samples"):
+        _check_int(config, field, _minus_one_or_positive, "-1 (the default) or a positive "
+                   "integer")
+    _check_int(config, "warmup_steps", lambda v: v >= 0, "0 or more")
+    _check_int(config, "eval_every", lambda v: v >= -1,
+               "-1 (once per epoch), 0 (never) or a number of steps")
+    _check_int(config, "save_every", lambda v: v >= -1,
+               "-1 (at every evaluation) or a number of steps")
+    for field in ("seed", "data_seed"):  # PRNGKey and numpy seeds are unsigned 32-bit
+        _check_int(config, field, lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1")
+    _check_float(config, "learning_rate", lambda v: 0 < v <= FLOAT32_MAX,
+                 "a positive finite float32 (e.g. 3e-3); leave it unset for the method's "
+                 "rate", optional=True)
+    _check_float(config, "weight_decay", lambda v: v >= 0, "0 or more")
+    _check_float(config, "clip_norm", lambda v: v >= 0, "0 (no clipping) or more")
+
+    # Parallelism and processes.
+    _check_int(config, "num_devices", lambda v: v == -1 or v >= 1,
+               "-1 (all devices) or a positive integer")
+    _check_int(config, "num_processes", _minus_one_or_positive,
+               "-1 (unset) or the number of processes")
+    _check_int(config, "process_id", lambda v: v >= -1, "-1 (unset) or this process's index")
+    if config.get("num_processes", -1) > 0 and config.get("process_id", -1) >= \
+            config["num_processes"]:
+        raise ConfigError(f"{_flag('process_id', config['process_id'])}: must be below "
+                          f"--config.num_processes={config['num_processes']}")
+    address = config.get("coordinator_address", "")
+    if address and not _ADDRESS.match(address):
+        raise ConfigError(f"{_flag('coordinator_address', address)}: expected host:port of "
+                          "process 0, e.g. 10.0.0.2:1234")
+    if available_devices is not None:
+        packing = config.get("packing")
+        _check_devices(config, available_devices, processes,
+                       padded=packing is False or (packing is None and not method.packable))
+
+
+def _check_devices(config, available: int, processes: int, padded: bool) -> None:
+    requested = config.get("num_devices", -1)
+    if requested > available:
+        raise ConfigError(f"{_flag('num_devices', requested)}: only {available} device(s) "
+                          "are available; use -1 for all of them or a smaller number")
+    if processes > 1 and requested not in (-1, available):
+        raise ConfigError(f"{_flag('num_devices', requested)}: a run of {processes} processes "
+                          f"uses all their {available} devices; leave it at -1")
+    used = available if requested == -1 else requested
+    # Packed batches get a multiple of the devices in rows; padded ones have batch_size rows.
+    if padded and config["batch_size"] % used:
+        raise ConfigError(f"{_flag('batch_size', config['batch_size'])} is not divisible by "
+                          f"the {used} devices the batch is split over; use a multiple of "
+                          f"{used} or set --config.num_devices")
+
+
+def check_model_config(config, method: peft.Method | None = None) -> None:
+    """Reads the model's config.json and the headers of its weight files (no tensor) so a bad
+    model path or file fails before data are loaded, and checks that `method` fits a `random:` preset. (A checkpoint's
+    config.json may not describe its weights: the loader compares them first, so a wrong
+    d_model is reported as a shape mismatch, not as a method that does not fit.) An uncached
+    Hub id is left to the loader, which may fall back (`experiments.finetune.load_model`).
+
+    Raises:
+      ConfigError naming the path, the file and the field.
+    """
+    model = config["model"]
+    try:
+        t5 = hf_io.load_config(model, check_weights=True)
+    except hf_io.ModelNotCachedError:
+        return
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--config.model={model!r}: {e}") from None
+    if method is not None and model.startswith("random:"):
+        try:
+            method.validate(t5)
+        except ValueError as e:
+            raise ConfigError(f"--config.peft with --config.model={model!r}: {e}") from None
