@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: install
-	$(PY) -m experiments.glue --config experiments/configs/glue.py --workdir runs/rte_compacterpp
+	$(PY) -m experiments.glue --config experiments/configs/glue.py --workdir runs/sst2_compacterpp
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile --durations=10 --nbmake --nbmake-timeout=300 tests notebooks

@@ -145,8 +145,10 @@ def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = 
             raise
         name = config.fallback_model
         banner = "!" * 78
-        warnings.warn(f"\n{banner}\n{e}\nFALLING BACK TO {name}: randomly initialised weights. "
-                      f"Scores mean nothing without pretrained weights.\n{banner}", stacklevel=2)
+        what = ("randomly initialised weights: scores mean nothing" if name.startswith("random:")
+                else "a far smaller backbone than the one asked for (for t5-mini-glue, pretrained "
+                     "here on 2 CPU cores: see docs/small_scale.md)")
+        warnings.warn(f"\n{banner}\n{e}\nFALLING BACK TO {name}: {what}.\n{banner}", stacklevel=2)
         model, params = peft.from_pretrained(name, method, **kwargs)
     return model, params, name
 

@@ -150,6 +150,7 @@ from experiments.configs.glue import get_config
 from experiments.finetune import train_and_evaluate
 
 config = get_config()  # the "quick" variant; get_config("paper") is the paper's recipe
+config.task = "rte"
 config.model = MODEL
 config.fallback_model = ""          # fail instead of silently training a random model
 config.peft.reduction_factor = REDUCTION_FACTOR

@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 from compacter_jax.models.config import HUB_IDS, PRESETS, T5Config
 from compacter_jax.models.hooks import NO_HOOKS, T5Hooks
 from compacter_jax.models.t5 import T5ForConditionalGeneration
+from compacter_jax.paths import shipped_checkpoint
 
 Path_ = tuple[str, ...]
 _BLOCK = re.compile(r"block_(\d+)$")
@@ -192,6 +193,8 @@ def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name_or_path} is not a directory with config.json "
                                 f"({'a file' if path.exists() else 'no such directory'})")
+    if (shipped := shipped_checkpoint(name_or_path)) is not None:  # e.g. "t5-mini-glue"
+        return shipped
     repo_id = HUB_IDS.get(name_or_path, name_or_path)
     try:
         from huggingface_hub import snapshot_download

@@ -25,14 +25,14 @@ from experiments import finetune, glue
 from experiments.configs.glue import get_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_FLAGS = ["--config.model=random:t5-tiny", "--config.fallback_model=",
+TINY_FLAGS = ["--config.task=rte", "--config.model=random:t5-tiny", "--config.fallback_model=",
               "--config.peft.reduction_factor=8", "--config.max_source_length=32",
               "--config.batch_size=8", "--config.max_eval_samples=8", "--config.num_devices=1"]
 
 
 def tiny(**overrides):
     c = get_config()
-    c.model, c.fallback_model = "random:t5-tiny", ""
+    c.task, c.model, c.fallback_model = "rte", "random:t5-tiny", ""
     c.peft.reduction_factor = 8
     c.max_source_length, c.batch_size, c.max_eval_samples, c.num_devices = 32, 8, 8, 1
     c.train_samples, c.max_steps = 32, 2

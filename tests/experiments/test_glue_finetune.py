@@ -16,6 +16,7 @@ from experiments.configs.glue import get_config
 
 def tiny_config(**overrides):
     c = get_config()
+    c.task = "rte"
     c.model = "random:t5-tiny"
     c.fallback_model = ""
     c.peft.reduction_factor = 8  # t5-tiny: d_model 64 -> bottleneck 8, divisible by n = 4

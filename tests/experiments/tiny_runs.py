@@ -25,7 +25,7 @@ import jax
 from experiments import finetune
 from experiments.configs.glue import get_config
 
-SETTINGS = dict(model="random:t5-tiny", fallback_model="", max_source_length=32, batch_size=8,
+SETTINGS = dict(task="rte", model="random:t5-tiny", fallback_model="", max_source_length=32, batch_size=8,
                 eval_batch_size=4, train_samples=48, max_eval_samples=8, eval_mode="generate",
                 learning_rate=1e-2, warmup_steps=1, max_steps=4, eval_every=2, save_every=2,
                 log_every=1)

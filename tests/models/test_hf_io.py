@@ -271,3 +271,26 @@ def test_load_config_checks_the_weight_headers_only_when_asked(checkpoint, tmp_p
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors or "
                                                 r"model.safetensors.index.json in"):
         load_config(str(d), check_weights=True)
+
+
+def test_a_backbone_pretrained_here_loads_by_its_folder_name(checkpoint, tmp_path, monkeypatch):
+    """`from_pretrained("t5-mini-glue")` reads $COMPACTER_CHECKPOINTS_DIR/t5-mini-glue (default:
+    the repository's checkpoints/) before asking the HF cache; other names still go to the cache."""
+    path, params = checkpoint
+    _copy(path, tmp_path / "my-t5")
+    monkeypatch.setenv("COMPACTER_CHECKPOINTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    _, loaded = from_pretrained("my-t5")
+    assert _equal(loaded, params)
+    with pytest.raises(FileNotFoundError, match="not in the local HF cache"):
+        from_pretrained("other-t5")
+
+
+def test_the_shipped_backbone_is_found_by_name():
+    from compacter_jax.paths import checkpoints_dir, shipped_checkpoint
+
+    if not (checkpoints_dir() / "t5-mini-glue" / "config.json").is_file():
+        pytest.skip(f"no t5-mini-glue under {checkpoints_dir()}")
+    assert shipped_checkpoint("t5-mini-glue") == checkpoints_dir() / "t5-mini-glue"
+    assert shipped_checkpoint("../t5-mini-glue") is None and shipped_checkpoint("t5-base") is None
