@@ -15,7 +15,6 @@ Exit codes: 0 done; 2 a bad flag, config value, workdir, input file or model (on
 from __future__ import annotations
 
 import importlib.util
-import logging
 import sys
 
 from absl import app, flags
@@ -23,6 +22,7 @@ from ml_collections import ConfigDict, config_flags
 
 from compacter_jax.train import NonFiniteLossError, init_distributed
 from compacter_jax.train.checkpoint import NonFiniteStateError
+from experiments import cli
 from experiments.finetune import train_and_evaluate
 from experiments.validation import validate_config
 
@@ -117,11 +117,7 @@ def run(config: ConfigDict, workdir: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "absl.logging"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging(argv)
     return run(FLAGS.config, FLAGS.workdir)
 
 

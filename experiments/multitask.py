@@ -54,7 +54,7 @@ from compacter_jax.train import (Checkpointer, MetricsBuffer, due, init_distribu
                                  make_optimizer, make_strategy, mean_metrics, seq2seq_apply_fn)
 from compacter_jax.train.multitask import (init_multitask_state, make_multitask_train_step,
                                            slice_tree)
-from experiments import finetune, reporting
+from experiments import cli, finetune, reporting, validation
 from experiments.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,22 @@ def _train_record(window: list[dict], names: list[str]) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) one multi-task job in `workdir`; returns the summary dict."""
-    workdir = Path(workdir)
+    """Runs (or resumes) one multi-task job in `workdir`; returns the summary dict.
+
+    As `experiments.glue`: each task's config is validated before anything is loaded, the
+    workdir is checked writable and locked, and a resume must match the config it resumes.
+    """
+    for name in task_names(config):
+        validation.validate_config(task_config(config, name),
+                                   available_devices=len(jax.devices()),
+                                   processes=jax.process_count())
+    workdir = Path(workdir).expanduser().absolute()
+    with finetune.claim_workdir(config, workdir):
+        return _train_jointly(config, workdir)
+
+
+def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """The run itself, top-down, in a claimed workdir."""
     workdir.mkdir(parents=True, exist_ok=True)
     names = task_names(config)
     method = peft.get_method(config.method, **finetune.peft_overrides(config))
@@ -410,37 +424,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def main(argv: list[str]) -> int:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "absl.logging"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
-    try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def define_flags() -> None:
-    """The CLI flags (defined only when run as a program, so importing this module next to
-    experiments.glue in one process defines no duplicate absl flags)."""
     from absl import flags
-    from ml_collections import config_flags
 
-    flags.DEFINE_string("workdir", None, "Directory for adapters, checkpoints, metrics and "
-                        "predictions.", required=True)
-    config_flags.DEFINE_config_file("config", "experiments/configs/multitask.py",
-                                    "Multi-task config file (ml_collections).",
-                                    lock_config=True)
+    cli.setup_logging(argv)
+    init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
+    return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
     from absl import app
 
-    define_flags()
+    cli.define_flags("experiments/configs/multitask.py",
+                     "Directory for adapters, checkpoints, metrics and predictions.",
+                     "Multi-task config file (ml_collections).")
     app.run(lambda argv: sys.exit(main(argv)))

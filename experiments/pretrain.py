@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
-from ml_collections import config_flags
 
 from compacter_jax.data import DataState, make_source
 from compacter_jax.data.corpus import PretrainingCorpus, pretraining_corpus
@@ -38,7 +37,7 @@ from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_para
 from compacter_jax.tokenizer import load_tokenizer
 from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_strategy,
                                  make_train_step, seq2seq_apply_fn)
-from experiments import reporting
+from experiments import cli, reporting
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -342,29 +341,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "absl.logging"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def define_flags() -> None:
-    """The CLI flags (defined only when run as a program, so importing this module next to
-    experiments.glue in one process defines no duplicate absl flags)."""
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the HF "
-                        "export.", required=True)
-    config_flags.DEFINE_config_file("config", "experiments/configs/pretrain.py",
-                                    "Pretraining config file (ml_collections).",
-                                    lock_config=True)
+    cli.setup_logging(argv)
+    return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    define_flags()
+    cli.define_flags("experiments/configs/pretrain.py",
+                     "Directory for checkpoints, metrics and the HF export.",
+                     "Pretraining config file (ml_collections).")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -20,6 +20,7 @@ REQUIRED = ("method", "trainable_params", "step_time_s", "peak_memory_mb", "comp
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~90 s of subprocess compiles; tests/benchmarks/test_throughput.py smokes the same child-process harness
 def test_harness_end_to_end_on_tiny(tmp_path):
     out = tmp_path / "tiny.json"
     rows = efficiency.main([

@@ -171,6 +171,22 @@ def test_bad_task_lists_are_refused(backbone, tmp_path):
         multitask.train_and_evaluate(full, tmp_path)
 
 
+def test_a_workdir_in_use_or_a_bad_field_is_refused_before_loading(backbone, tmp_path):
+    from experiments.validation import ConfigError
+    from experiments.workdir import WorkdirError, WorkdirLock
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        multitask.train_and_evaluate(joint_config(backbone, batch_size=0), tmp_path / "bad")
+    (tmp_path / "busy").mkdir()
+    lock = WorkdirLock(tmp_path / "busy")
+    lock.acquire()
+    try:
+        with pytest.raises(WorkdirError, match="in use"):
+            multitask.train_and_evaluate(joint_config(backbone), tmp_path / "busy")
+    finally:
+        lock.release()
+
+
 # ------------------------------------------------------- quick version (default suite)
 
 QUICK_TASKS = ("rte", "mrpc")

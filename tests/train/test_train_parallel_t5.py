@@ -59,6 +59,7 @@ def test_one_key_per_step_jit_on_1_and_4_devices_agree():
     assert_same(run("jit", 4, batches, per_example_dropout=False), one, "jit x4")
 
 
+@pytest.mark.long  # ~75 s; the toy pmap/jit equality (test_train_parallel.py) runs by default
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake CPU) devices")
 def test_per_example_keys_make_pmap_equal_to_one_device():
     batches = random_batches(3)

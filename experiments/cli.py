@@ -1,0 +1,44 @@
+"""What the experiment CLIs share: quiet library logging, the exit-2 rule for bad input, and the
+`--workdir` / `--config` flags (defined only when a module runs as a program, so importing two
+experiments in one process defines no duplicate absl flags)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# A user's mistake (bad value, missing file, diverged run): one `error:` line and exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+_NOISY_LOGGERS = ("absl", "jax._src", "orbax", "absl.logging")
+
+
+def setup_logging(argv: list[str]) -> None:
+    """INFO logging for our modules, warnings only for JAX/orbax/absl; refuses positional args."""
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_code(run: Callable[..., Any], *args: Any) -> int:
+    """0 after `run(*args)`; 2, with the error printed on one line, when it raises USER_ERRORS."""
+    try:
+        run(*args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def define_flags(default_config: str, workdir_help: str, config_help: str) -> None:
+    """`--workdir` (required) and `--config` (an ml_collections config file, locked)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, workdir_help, required=True)
+    config_flags.DEFINE_config_file("config", default_config, config_help, lock_config=True)
