@@ -164,6 +164,7 @@ config.max_eval_samples = 32        # validate / test on the first 32 examples o
 config.max_steps = 30
 config.warmup_steps = 5
 config.eval_every = 10
+config.eval_mode = "generate"  # greedy decoding only (the quick default also ranks labels)
 config.log_every = 5
 config.keep_checkpoints = 1
 

@@ -18,6 +18,17 @@ from experiments.evaluation import Evaluator
 B, S = 16, 128
 
 
+@pytest.fixture(scope="module", autouse=True)
+def optimized_xla():
+    """The 1e-5 gradient tolerance is the issue's, for XLA as users run it: the suite-wide
+    `jax_disable_most_optimizations` (tests/conftest.py) reorders float32 sums enough to move
+    the smallest gradient leaves by ~2e-5 relative."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="module")
 def rows(files_source, tokenizer):
     # RTE pairs are long (two share a row at best), SST-2 sentences short (many per row).

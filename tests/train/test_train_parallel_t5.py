@@ -51,6 +51,7 @@ def assert_same(run_a, run_b, label):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=label)
 
 
+@pytest.mark.long  # ~85 s; the toy 1-device/jit-4/pmap-4 equality (test_train_parallel.py) runs by default
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake CPU) devices")
 def test_one_key_per_step_jit_on_1_and_4_devices_agree():
     batches = random_batches(3)
