@@ -13,6 +13,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 from compacter_jax import peft
 from compacter_jax.models import from_pretrained, save_pretrained
@@ -27,16 +28,8 @@ TASKS = ("rte", "mrpc", "cola")
 def compile_cache(tmp_path_factory):
     """Runs of one shape share compiled programs (jax's persistent cache, for this module), and
     XLA skips its slow optimisation passes (compile time dominates these tiny runs)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes", "jax_disable_most_optimizations")
-    old = {n: jax.config.values[n] for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
+    with tiny_runs.fast_compiles():
+        yield
 
 
 @pytest.fixture(scope="module")

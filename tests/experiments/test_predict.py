@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
@@ -30,16 +31,8 @@ def fast_compiles(tmp_path_factory):
     """XLA skips its slow optimisation passes (compile time dominates these tiny programs),
     and a program compiled again (each backbone draw, each Predictor) comes from jax's
     persistent cache, for this module."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes", "jax_disable_most_optimizations")
-    old = {n: jax.config.values[n] for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
+    with tiny_runs.fast_compiles():
+        yield
 
 
 @functools.lru_cache(maxsize=None)
