@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="JSONL to write (input order)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the shared T5 "
-                   "vocabulary under $COMPACTER_DATA_DIR/t5_vocab)")
+    p.add_argument("--tokenizer", default="", help="tokenizer dir or Hub id (default: the "
+                   "backbone's own spiece.model; the shared T5 vocabulary under "
+                   "$COMPACTER_DATA_DIR/t5_vocab for a random: backbone)")
     return p
 
 

@@ -197,7 +197,7 @@ def check_model_config(config, method: peft.Method | None = None) -> None:
         t5 = hf_io.load_config(model, check_weights=True)
     except hf_io.ModelNotCachedError:
         return
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, ValueError) as e:  # missing, gated, corrupt
         raise ConfigError(f"--config.model={model!r}: {e}") from None
     if method is not None and model.startswith("random:"):
         try:
