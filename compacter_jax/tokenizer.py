@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from compacter_jax import hub
-from compacter_jax.paths import DATA_DIR_ENV, inside, t5_vocab_dir
+from compacter_jax.paths import DATA_DIR_ENV, inside, shipped_checkpoint, t5_vocab_dir
 
 log = logging.getLogger(__name__)
 # The files a T5 tokenizer may come in (spiece.model: SentencePiece; tokenizer.json: fast).
@@ -33,7 +33,7 @@ def has_tokenizer(folder: str | Path | None) -> bool:
 def load_tokenizer(dir_or_hub_id: str | Path | None = None, *, vocab_size: int | None = None,
                    revision: str | None = None, local_files_only: bool = False):
     """`transformers.T5Tokenizer` from a directory holding `spiece.model` (or
-    `tokenizer.json`), a Hub repo id (short names such as "t5-base" included; downloaded into
+    `tokenizer.json`), a backbone shipped with the package ("t5-mini-glue"), a Hub repo id (short names such as "t5-base" included; downloaded into
     the HF cache when missing, as `compacter_jax.hub`), or None: the shared T5 vocabulary
     (`compacter_jax.paths.t5_vocab_dir()`).
 
@@ -47,6 +47,8 @@ def load_tokenizer(dir_or_hub_id: str | Path | None = None, *, vocab_size: int |
     """
     source = t5_vocab_dir() if dir_or_hub_id is None else dir_or_hub_id
     path = Path(source).expanduser()
+    if not path.exists() and (shipped := shipped_checkpoint(str(source))) is not None:
+        path = shipped  # "t5-mini-glue": a backbone shipped with the package
     if not (path.is_dir() or dir_or_hub_id is None or path.exists()
             or str(source).startswith((".", "/", "~"))):
         repo_id = hub.repo_id_of(str(source))  # a Hub id: fetch its tokenizer files
