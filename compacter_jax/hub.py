@@ -119,7 +119,7 @@ def _translate(error: Exception, repo_id: str, revision: str | None, filename: s
 
     rev = revision or "main"
     what = f"{filename!r} of " if filename else ""
-    where = f"{what}Hub repo {repo_id!r} (revision {rev})"
+    where = f"{what}Hub model {repo_id!r} (revision {rev})"
     if isinstance(error, HFValidationError):
         return ValueError(f"{repo_id!r} is neither a local directory nor a valid Hub repo id "
                           f"(org/name): {_first_line(error)}")

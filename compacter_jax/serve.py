@@ -175,7 +175,7 @@ class Predictor:
     """Serves several task adapters of one method on one frozen backbone.
 
     Args:
-      backbone: checkpoint dir, cached Hub id or `random:<preset>`; None = the backbone the
+      backbone: checkpoint dir, Hub id or `random:<preset>`; None = the backbone the
         adapters record.
       adapters: {task name: export directory}.
       tokenizer: a tokenizer dir or Hub id, or a loaded tokenizer (default: the backbone's

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="", help="checkpoint dir, cached Hub id or "
+    p.add_argument("--backbone", default="", help="checkpoint dir, Hub id or "
                    "random:<preset> (default: the backbone the adapters record)")
     p.add_argument("--adapters", required=True, help="TASK=DIR[,TASK=DIR...] adapter exports")
     p.add_argument("--input", required=True, help="JSONL of examples with a 'task' field")

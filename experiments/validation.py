@@ -108,7 +108,7 @@ def validate_config(config, *, available_devices: int | None = None,
     if "model" in config and (not isinstance(config["model"], str)
                               or not config["model"].strip()):
         raise ConfigError(f"{_flag('model', config['model'])}: name a local HF checkpoint "
-                          "directory, a cached Hub id or random:<preset>")
+                          "directory, a Hub id or random:<preset>")
 
     _check_choice(config, "source", SOURCE_KINDS + ("auto",))
     _check_choice(config, "dtype", DTYPES)
