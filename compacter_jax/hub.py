@@ -131,8 +131,9 @@ def _translate(error: Exception, repo_id: str, revision: str | None, filename: s
         return HubNotFoundError(f"{where}: revision {rev!r} not found (a branch, tag or "
                                 "commit hash of the repo)")
     if isinstance(error, RepositoryNotFoundError):
-        return HubNotFoundError(f"{where}: no such model repo on {constants.ENDPOINT} (or it is "
-                                "private: log in with `hf auth login` or HF_TOKEN)")
+        return HubNotFoundError(f"{where}: no such model repo on {constants.ENDPOINT} and no "
+                                f"local directory {repo_id!r} (a private repo needs a login: "
+                                "`hf auth login` or HF_TOKEN)")
     if isinstance(error, RemoteEntryNotFoundError):
         return HubNotFoundError(f"{where} has no file {filename!r}")
     status = getattr(getattr(error, "response", None), "status_code", None)

@@ -149,7 +149,7 @@ for path, leaf in jax.tree_util.tree_flatten_with_path(trainable["encoder"]["blo
 
 # %%
 from experiments.configs.glue import get_config
-from experiments.finetune import train_and_evaluate
+from experiments.finetune import target_length, train_and_evaluate
 
 config = get_config()  # the "quick" variant; get_config("paper") is the paper's recipe
 config.task = "rte"
@@ -242,9 +242,10 @@ print(f"reloaded {MODEL} + adapter: {peft.count(reloaded_params):,} parameters")
 # %%
 # The backbone's own tokenizer (its folder's spiece.model), as the run used.
 tokenizer = tokenizer_for_model(hf_io.model_dir(MODEL), vocab_size=model.config.vocab_size)
+TARGET_LENGTH = target_length(config, task, tokenizer)  # -1 in the config: the task's labels
 validation = data_lib.paper_splits(task, files, data_seed=config.data_seed)["validation"][:4]
 encoded = data_lib.encode(task, validation, tokenizer, max_source_length=config.max_source_length,
-                          max_target_length=config.max_target_length)
+                          max_target_length=TARGET_LENGTH)
 batch = next(data_lib.eval_batches(encoded, 4))
 
 
@@ -281,7 +282,7 @@ pairs = [
 sources = [task.source({"sentence1": p, "sentence2": h}) for p, h in pairs]
 inputs = tokenizer(sources, padding=True, return_tensors="np")
 generated = greedy_generate(reloaded_model, reloaded_params, inputs["input_ids"],
-                            inputs["attention_mask"], max_new_tokens=config.max_target_length)
+                            inputs["attention_mask"], max_new_tokens=TARGET_LENGTH)
 for source, text in zip(sources, data_lib.decode_predictions(tokenizer, np.asarray(generated))):
     label = task.parse_prediction(text)
     name = task.label_names[label] if 0 <= label < task.num_classes else "invalid output"

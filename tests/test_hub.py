@@ -96,3 +96,15 @@ def test_errors_name_the_repo_and_the_cause(repo_files, tmp_path, monkeypatch):
     with pytest.raises(ModelNotCachedError, match=r"'someone/tiny-t5'.*cannot be reached") as e:
         from_pretrained(REPO)
     assert "\n" not in str(e.value)
+
+
+def test_load_config_fetches_config_json_only(repo_files, tmp_path, monkeypatch):
+    from compacter_jax.models.hf_io import load_config
+
+    with FakeHub({REPO: repo_files}) as fake:
+        point_client_at(monkeypatch, fake.endpoint, tmp_path / "hf", offline=False)
+        assert load_config(REPO).d_model == 8
+        fetched = {r.rsplit("/", 1)[-1] for r in fake.requests if "/resolve/" in r}
+        assert fetched == {"config.json"}
+        assert load_config(REPO, check_weights=True).d_model == 8  # now the weights too
+        assert "model.safetensors" in {r.rsplit("/", 1)[-1] for r in fake.requests}

@@ -222,7 +222,8 @@ def model_dir(name_or_path: str, *, revision: str | None = None,
     return _resolve_dir(name_or_path, revision, local_files_only)
 
 
-def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool) -> Path:
+def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool,
+                 files: tuple[str, ...] = hub.MODEL_FILES) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -232,7 +233,7 @@ def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool
     if (shipped := shipped_checkpoint(name_or_path)) is not None:  # e.g. "t5-mini-glue"
         return shipped
     return hub.snapshot(hub.repo_id_of(name_or_path), revision=revision,
-                        local_files_only=local_files_only)
+                        local_files_only=local_files_only, allow_patterns=files)
 
 
 def _load_config(directory: Path, **runtime: Any) -> T5Config:
@@ -252,8 +253,9 @@ def _load_config(directory: Path, **runtime: Any) -> T5Config:
 
 def load_config(name_or_path: str, *, revision: str | None = None,
                 local_files_only: bool = False, check_weights: bool = False) -> T5Config:
-    """The `T5Config` of a local checkpoint dir, a Hub id (downloaded when not cached) or
-    `random:<preset>`, without reading any weights (a cheap check before a run).
+    """The `T5Config` of a local checkpoint dir, a Hub id (only its config.json is downloaded
+    unless `check_weights`) or `random:<preset>`, without reading any weights (a cheap check
+    before a run).
     `check_weights=True` also opens the weight files' headers (no tensor is read), so a
     checkpoint without weights, with a truncated header or with fewer weights than config.json
     describes fails here too.
@@ -267,7 +269,8 @@ def load_config(name_or_path: str, *, revision: str | None = None,
             raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
                              f"known: {sorted(PRESETS)}")
         return PRESETS[preset]
-    directory = _resolve_dir(name_or_path, revision, local_files_only)
+    directory = _resolve_dir(name_or_path, revision, local_files_only,
+                             hub.MODEL_FILES if check_weights else ("config.json",))
     config = _load_config(directory)
     if check_weights:
         _check_weight_count(_Checkpoint(directory), config, directory)
