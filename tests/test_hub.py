@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 
+import jax
 import numpy as np
 import pytest
 from hub_server import COMMIT, FakeHub, point_client_at, tiny_t5_files
@@ -108,3 +109,21 @@ def test_load_config_fetches_config_json_only(repo_files, tmp_path, monkeypatch)
         assert fetched == {"config.json"}
         assert load_config(REPO, check_weights=True).d_model == 8  # now the weights too
         assert "model.safetensors" in {r.rsplit("/", 1)[-1] for r in fake.requests}
+
+
+def test_load_adapter_fetches_its_backbone_then_works_offline(repo_files, tmp_path, monkeypatch):
+    import compacter_jax as cj
+
+    with FakeHub({REPO: repo_files}) as fake:
+        point_client_at(monkeypatch, fake.endpoint, tmp_path / "hf", offline=False)
+        model, params = cj.from_pretrained(REPO, "bitfit")
+        method = cj.get_method("bitfit")
+        trainable, _ = method.partition(params)
+        trainable = jax.tree_util.tree_map(lambda x: x + 0.5, trainable)  # "trained"
+        cj.save_adapter(tmp_path / "adapter", trainable, method, model=REPO)
+    point_client_at(monkeypatch, _closed_port_endpoint(), tmp_path / "hf", offline=True)
+    _, loaded = cj.load_adapter(tmp_path / "adapter")  # the backbone the export records
+    got, frozen = method.partition(loaded)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(trainable)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(frozen["shared"]["embedding"], params["shared"]["embedding"])
