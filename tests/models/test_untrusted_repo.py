@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -20,17 +23,21 @@ TINY = dict(vocab_size=64, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder
             num_heads=2)
 
 
-@pytest.fixture
-def folder(tmp_path):
-    """A valid tiny checkpoint folder (config.json + model.safetensors)."""
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A valid tiny checkpoint folder (config.json + model.safetensors), made once."""
     config = T5Config(**TINY)
     rng = np.random.default_rng(0)
     shapes = param_shapes(T5ForConditionalGeneration(config))
-    import jax
-
     params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
                                     shapes)
-    return save_pretrained(tmp_path / "model", config, params)
+    return save_pretrained(tmp_path_factory.mktemp("saved") / "model", config, params)
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    """A fresh copy of `saved` each test may change."""
+    return Path(shutil.copytree(saved, tmp_path / "model"))
 
 
 def _edit_config(folder, **changes):
