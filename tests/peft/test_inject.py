@@ -20,32 +20,34 @@ KEY = jax.random.PRNGKey(0)
 
 def test_rule_injected_t5_equals_hook_t5():
     method = cj.get_method("compacter++", reduction_factor=8)
-    hook_model, hook_params = cj.from_pretrained("random:t5-tiny", method, rng=KEY)
-    # A rule of unit scale (not the 1e-4 init) so the adapters move the logits visibly.
-    hook_params = {**hook_params, "peft_root": {
-        "phm_rule": jax.random.normal(jax.random.PRNGKey(3), (4, 4, 4))}}
-    model, inj = cj.inject(T5ForConditionalGeneration(hook_model.config), method,
-                           where=r"DenseReluDense$", also_train=r"layer_norm")
-    # Hook layout .../layer_k/adapter/... -> rule layout .../layer_k/DenseReluDense/adapter/...
-    flat = {}
-    for path, v in traverse_util.flatten_dict(hook_params).items():
-        if "adapter" in path:
-            i = path.index("adapter")
-            path = (*path[:i], "DenseReluDense", *path[i:])
-        flat[path] = v
-    params = traverse_util.unflatten_dict(flat)
+    config = cj.get_preset("t5-tiny")
+    hook_model = cj.build_model(config, method)
     ids = jnp.array([[5, 6, 7, 1], [8, 9, 1, 0]])
     dec = cj.shift_right(ids)
     args = (ids, (ids > 0).astype(jnp.int32), dec, jnp.ones_like(dec))
+    hook_params = jax.jit(hook_model.init)(KEY, *args)["params"]
+    # A rule of unit scale (not the 1e-4 init) so the adapters move the logits visibly.
+    hook_params = {**hook_params, "peft_root": {
+        "phm_rule": jax.random.normal(jax.random.PRNGKey(3), (4, 4, 4))}}
+    model, inj = cj.inject(T5ForConditionalGeneration(config), method,
+                           where=r"DenseReluDense$", also_train=r"layer_norm")
+    # Hook layout .../layer_k/adapter/... -> rule layout .../layer_k/DenseReluDense/adapter/...
+    flat, bare = {}, {}
+    for path, v in traverse_util.flatten_dict(hook_params).items():
+        if "adapter" in path:
+            i = path.index("adapter")
+            flat[(*path[:i], "DenseReluDense", *path[i:])] = v
+        else:
+            flat[path] = bare[path] = v
+    params = traverse_util.unflatten_dict(flat)
     init = jax.eval_shape(lambda: inj.init(KEY, *args))   # same tree as the mapped hook params
     assert jax.tree.structure(init) == jax.tree.structure(params)
-    want = hook_model.apply({"params": hook_params}, *args)
-    got = model.apply({"params": params}, *args)
+    want = jax.jit(hook_model.apply)({"params": hook_params}, *args)
+    got = jax.jit(model.apply)({"params": params}, *args)
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(got - want).max()) <= 1e-6 * scale
-    backbone = {k: v for k, v in hook_params.items() if k != "peft_root"}
-    bare = {k: v for k, v in traverse_util.flatten_dict(backbone).items() if "adapter" not in k}
-    no_adapter = T5ForConditionalGeneration(hook_model.config).apply(
+    del bare[("peft_root", "phm_rule")]
+    no_adapter = jax.jit(T5ForConditionalGeneration(config).apply)(
         {"params": traverse_util.unflatten_dict(bare)}, *args)
     assert float(jnp.abs(no_adapter - want).max()) > 1e-3 * scale   # the adapters matter
     # Same trainable set as the method's (adapters + shared rule + layer norms).
@@ -89,10 +91,12 @@ def _lm_loss(logits, ids):
 ])
 def test_inject_into_unknown_linen_model_trains_and_reloads(tmp_path, method, where, count):
     ids = jax.random.randint(KEY, (4, 8), 0, 32)
-    backbone = _TinyLM().init(KEY, ids)["params"]
+    backbone = jax.jit(_TinyLM().init)(KEY, ids)["params"]
     overrides = {"reduction_factor": 2} if method == "compacter++" else {}
     model, inj = cj.inject(_TinyLM(), method, where=where, **overrides)
-    params = inj.init(jax.random.PRNGKey(1), ids, backbone=backbone)
+    init = jax.jit(lambda key: inj.init(key, ids, backbone=backbone))
+    apply = jax.jit(model.apply)
+    params = init(jax.random.PRNGKey(1))
     trainable, frozen = inj.partition(params)
     assert cj.count(trainable) == count
     np.testing.assert_array_equal(frozen["embed"]["embedding"], backbone["embed"]["embedding"])
@@ -102,7 +106,7 @@ def test_inject_into_unknown_linen_model_trains_and_reloads(tmp_path, method, wh
     @jax.jit
     def step(trainable, opt_state):
         loss, g = jax.value_and_grad(
-            lambda t: _lm_loss(model.apply({"params": inj.combine(t, frozen)}, ids), ids))(trainable)
+            lambda t: _lm_loss(apply({"params": inj.combine(t, frozen)}, ids), ids))(trainable)
         updates, opt_state = tx.update(g, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -115,10 +119,9 @@ def test_inject_into_unknown_linen_model_trains_and_reloads(tmp_path, method, wh
     jax.tree.map(np.testing.assert_array_equal, inj.partition(trained)[1],
                  inj.partition(params)[1])                    # frozen bit-identical
     inj.save(tmp_path / "a", trained, model="tiny-lm")
-    fresh = inj.init(jax.random.PRNGKey(2), ids, backbone=backbone)
+    fresh = init(jax.random.PRNGKey(2))
     reloaded = inj.load(tmp_path / "a", fresh)
-    np.testing.assert_array_equal(model.apply({"params": reloaded}, ids),
-                                  model.apply({"params": trained}, ids))
+    np.testing.assert_array_equal(apply({"params": reloaded}, ids), apply({"params": trained}, ids))
     other = cj.inject(_TinyLM(), "compacter", where=where, reduction_factor=2)[1]
     with pytest.raises(AdapterFileError, match="saved with method"):
         other.load(tmp_path / "a", fresh)
