@@ -32,24 +32,21 @@ def test_rule_injected_t5_equals_hook_t5():
     model, inj = cj.inject(T5ForConditionalGeneration(config), method,
                            where=r"DenseReluDense$", also_train=r"layer_norm")
     # Hook layout .../layer_k/adapter/... -> rule layout .../layer_k/DenseReluDense/adapter/...
-    flat, bare = {}, {}
+    flat = {}
     for path, v in traverse_util.flatten_dict(hook_params).items():
         if "adapter" in path:
             i = path.index("adapter")
-            flat[(*path[:i], "DenseReluDense", *path[i:])] = v
-        else:
-            flat[path] = bare[path] = v
-    params = traverse_util.unflatten_dict(flat)
-    init = jax.eval_shape(lambda: inj.init(KEY, *args))   # same tree as the mapped hook params
-    assert jax.tree.structure(init) == jax.tree.structure(params)
+            path = (*path[:i], "DenseReluDense", *path[i:])
+        flat[path] = v
+    params = traverse_util.unflatten_dict(flat)   # a missing name would fail in apply
     want = jax.jit(hook_model.apply)({"params": hook_params}, *args)
-    got = jax.jit(model.apply)({"params": params}, *args)
+    apply = jax.jit(model.apply)
+    got = apply({"params": params}, *args)
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(got - want).max()) <= 1e-6 * scale
-    del bare[("peft_root", "phm_rule")]
-    no_adapter = jax.jit(T5ForConditionalGeneration(config).apply)(
-        {"params": traverse_util.unflatten_dict(bare)}, *args)
-    assert float(jnp.abs(no_adapter - want).max()) > 1e-3 * scale   # the adapters matter
+    # The adapters matter: with a zero rule (W = 0, zero biases) they are the identity.
+    zero_rule = {**params, "peft_root": {"phm_rule": jnp.zeros((4, 4, 4))}}
+    assert float(jnp.abs(apply({"params": zero_rule}, *args) - want).max()) > 1e-3 * scale
     # Same trainable set as the method's (adapters + shared rule + layer norms).
     trainable, _ = inj.partition(params)
     assert cj.count(trainable) == method.trainable_count(hook_params)
@@ -87,7 +84,7 @@ def _lm_loss(logits, ids):
 
 @pytest.mark.parametrize("method,where,count", [
     ("compacter++", r"block_\d+/mlp$", 4 ** 3 + 2 * ((4 * 4 + 4 * 2 + 8) + (4 * 2 + 4 * 4 + 16))),
-    ("lora", r"/(q|v)$", 4 * (16 * 8 + 8 * 16)),
+    pytest.param("lora", r"/(q|v)$", 4 * (16 * 8 + 8 * 16), marks=pytest.mark.long),
 ])
 def test_inject_into_unknown_linen_model_trains_and_reloads(tmp_path, method, where, count):
     ids = jax.random.randint(KEY, (4, 8), 0, 32)
@@ -134,9 +131,10 @@ def test_inject_errors_name_the_fix():
         cj.inject(_TinyLM(), "lora", where="(")
     ids = jnp.zeros((1, 4), jnp.int32)
     _, inj = cj.inject(_TinyLM(), "lora", where=r"/q$")
+    backbone = jax.eval_shape(_TinyLM().init, KEY, ids)["params"]
     with pytest.raises(ValueError, match=r"missing \['head/bias'"):
-        backbone = _TinyLM().init(KEY, ids)["params"]
-        inj.init(KEY, ids, backbone={k: v for k, v in backbone.items() if k != "head"})
+        jax.eval_shape(lambda: inj.init(KEY, ids, backbone={
+            k: v for k, v in backbone.items() if k != "head"}))
     with pytest.raises(ValueError, match="rule_groups needs a method with a shared PHM rule"):
         cj.inject(_TinyLM(), "lora", where="q", rule_groups={"a": "block_0"})
 
@@ -182,8 +180,9 @@ class _NNXDecoder(nnx.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("method,where", [("compacter++", r"blocks/\d+/mlp$"),
-                                          ("lora", r"blocks/\d+/(q|v)$")])
+@pytest.mark.parametrize("method,where", [
+    ("compacter++", r"blocks/\d+/mlp$"),
+    pytest.param("lora", r"blocks/\d+/(q|v)$", marks=pytest.mark.long)])
 def test_inject_into_nnx_decoder_trains_and_reloads(tmp_path, method, where):
     ids = jax.random.randint(KEY, (4, 8), 0, 32)
     model = _NNXDecoder(rngs=nnx.Rngs(0))
@@ -230,3 +229,20 @@ def test_nnx_inject_errors_and_rule_groups():
     r0 = model.blocks[0].mlp.adapter.down.shared_rule
     r1 = model.blocks[1].mlp.adapter.down.shared_rule
     assert r0 is not r1 and r0 is model.blocks[0].mlp.adapter.up.shared_rule
+
+
+def test_lora_injection_places_and_counts_without_running():
+    """The fast LoRA check (training + reload are long tests): where it goes, what it trains."""
+    ids = jnp.zeros((1, 4), jnp.int32)
+    _, inj = cj.inject(_TinyLM(), "lora", where=r"/(q|v)$", rank=4)
+    params = jax.eval_shape(lambda: inj.init(KEY, ids))
+    trainable, _ = inj.partition(params)
+    assert sorted(traverse_util.flatten_dict(trainable)) == [
+        (f"block_{i}", p, "lora", w) for i in range(2) for p in ("q", "v")
+        for w in ("lora_a", "lora_b")]
+    model, _ = cj.inject(_NNXDecoder(rngs=nnx.Rngs(0)), "lora", where=r"/(q|v)$", rank=4,
+                         rngs=nnx.Rngs(1))
+    assert type(model.blocks[1].v).__name__ == "LoRABeside"
+    assert type(model.blocks[1].v.base) is nnx.Linear
+    selected = jax.tree.leaves(nnx.state(model, nnx_layers.AdapterParam))
+    assert sum(v.size for v in selected) == 2 * 2 * (16 * 4 + 4 * 16)

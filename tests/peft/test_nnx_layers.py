@@ -41,7 +41,7 @@ def _n_params(module):
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-@pytest.mark.parametrize("rank", [2, None])
+@pytest.mark.parametrize("rank", [2, pytest.param(None, marks=pytest.mark.long)])
 def test_phm_linear_equals_linen(rank):
     x = jax.random.normal(KEY, (3, 5, 16))
     lin = layers.PHMLinear(8, n=4, rank=rank)
@@ -69,7 +69,10 @@ def test_phm_linear_shared_rule_equals_linen_and_is_one_parameter():
         nnx_layers.PHMLinear(10, 8, n=4, rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("projection", ["dense", "lowrank", "phm", "lphm-shared"])
+# lphm-shared runs by default (Compacter's path); the others are the same code with other
+# projections (their layers are compared one by one above and below).
+@pytest.mark.parametrize("projection", ["lphm-shared", *(
+    pytest.param(p, marks=pytest.mark.long) for p in ("dense", "lowrank", "phm"))])
 def test_adapter_equals_linen(projection):
     shared = projection.endswith("-shared")
     projection = projection.removesuffix("-shared")
