@@ -246,3 +246,14 @@ def test_lora_injection_places_and_counts_without_running():
     assert type(model.blocks[1].v.base) is nnx.Linear
     selected = jax.tree.leaves(nnx.state(model, nnx_layers.AdapterParam))
     assert sum(v.size for v in selected) == 2 * 2 * (16 * 4 + 4 * 16)
+
+
+def test_nnx_also_train_makes_matching_backbone_params_adapter_params():
+    model, _ = cj.inject(_NNXDecoder(rngs=nnx.Rngs(0)), "lora", where=r"/q$", rank=2,
+                         also_train=r"/ln/", rngs=nnx.Rngs(1))
+    selected = nnx.state(model, nnx_layers.AdapterParam)
+    paths = sorted("/".join(map(str, p)) for p, _ in nnx.to_flat_state(selected))
+    assert paths == sorted([f"blocks/{i}/ln/{w}" for i in range(2) for w in ("bias", "scale")]
+                           + [f"blocks/{i}/q/lora/lora_{w}" for i in range(2) for w in "ab"])
+    assert isinstance(model.blocks[0].ln.scale, nnx_layers.AdapterParam)
+    assert type(model.head.kernel) is nnx.Param
