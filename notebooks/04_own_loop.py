@@ -160,6 +160,7 @@ def logits(model, params):
                        batch["decoder_input_ids"], batch["decoder_attention_mask"])
 
 
-diff = float(jnp.abs(logits(model2, params2) - logits(model, method.combine(trainable, frozen))).max())
+trained = method.combine(trainable, frozen)
+diff = float(jnp.abs(logits(model2, params2) - logits(model, trained)).max())
 print("max |logit difference| after reload:", diff)
 assert diff == 0.0

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from compacter_jax.peft import export, layers, nnx_layers, partition
+from compacter_jax.peft import export, inject_nnx, layers, partition
 from compacter_jax.peft.method import Method
 from compacter_jax.peft.methods import AdapterMethod, LoRAMethod
 from compacter_jax.peft.registry import get_method
@@ -72,8 +72,7 @@ def _matcher(where: Where, field: str = "where") -> Callable[[str], bool]:
     return lambda path: pattern.search(path) is not None
 
 
-def _path_str(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
+_path_str = inject_nnx.path_str
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -177,7 +176,8 @@ class Injection:
         AdapterParams (paths "/"-joined, as NNX first reaches them)."""
         if isinstance(params_or_model, nnx.Module):
             return traverse_util.unflatten_dict(
-                {tuple(k.split("/")): v for k, v in _nnx_trainable(params_or_model).items()})
+                {tuple(k.split("/")): v
+                 for k, v in inject_nnx.trainable_values(params_or_model).items()})
         return self.partition(params_or_model)[0]
 
     def save(self, path: str | Path, params_or_model: Any, **metadata: Any) -> Path:
@@ -200,7 +200,7 @@ class Injection:
                                           f"{self.method.name} ({self.method.to_dict()})")
         got = {_path_str(k): v for k, v in traverse_util.flatten_dict(saved).items()}
         if isinstance(params_or_model, nnx.Module):
-            want = _nnx_trainable(params_or_model)
+            want = inject_nnx.trainable_values(params_or_model)
         else:
             trainable, frozen = self.partition(params_or_model)
             want = {_path_str(k): v for k, v in traverse_util.flatten_dict(trainable).items()}
@@ -213,7 +213,7 @@ class Injection:
                 raise export.AdapterFileError(f"{path}: parameter {key} has shape {value.shape}, "
                                               f"the model expects {tuple(want[key].shape)}")
         if isinstance(params_or_model, nnx.Module):
-            _nnx_assign(params_or_model, got)
+            inject_nnx.assign_values(params_or_model, got)
             return params_or_model
         loaded = traverse_util.unflatten_dict(
             {tuple(k.split("/")): jnp.asarray(v, want[k].dtype) for k, v in got.items()})
@@ -294,108 +294,6 @@ def _interceptor(inj: Injection, shared: dict[str, jax.Array]):
 
 
 # ---------------------------------------------------------------------------------------------
-# NNX: module surgery
-# ---------------------------------------------------------------------------------------------
-class AdapterAfter(nnx.Module):
-    """`base` followed by `adapter` on its output: y = adapter(base(*args, **kwargs))."""
-
-    def __init__(self, base: nnx.Module, adapter: nnx.Module, path: str):
-        self.base, self.adapter, self.path = base, adapter, path
-
-    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
-        y = self.base(*args, **kwargs)
-        if not isinstance(y, jax.Array):
-            raise TypeError(f"inject: module {self.path!r} returned {type(y).__name__}; an "
-                            "adapter needs one array (narrow `where`)")
-        return self.adapter(y).astype(y.dtype)
-
-
-class LoRABeside(nnx.Module):
-    """`base` plus a LoRA update of its input: y = base(x, ...) + lora(x)."""
-
-    def __init__(self, base: nnx.Module, lora: nnx.Module):
-        self.base, self.lora = base, lora
-
-    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        y = self.base(x, *args, **kwargs)
-        return y + self.lora(x).astype(y.dtype)
-
-
-def _nnx_trainable(model: nnx.Module) -> dict[str, Any]:
-    return {_path_str(p): v[...] for p, v in nnx.iter_graph(model)
-            if isinstance(v, nnx_layers.AdapterParam)}
-
-
-def _nnx_assign(model: nnx.Module, values: Mapping[str, Any]) -> None:
-    for p, v in nnx.iter_graph(model):
-        if isinstance(v, nnx_layers.AdapterParam):
-            v[...] = jnp.asarray(values[_path_str(p)], v[...].dtype)
-
-
-def _set_child(parent: Any, key: Any, child: Any) -> None:
-    if isinstance(key, int) or isinstance(parent, (list, nnx.List)):
-        parent[key] = child
-    elif isinstance(parent, dict):
-        parent[key] = child
-    else:
-        setattr(parent, key, child)
-
-
-def _inject_nnx(model: nnx.Module, inj: Injection, rngs: nnx.Rngs,
-                features: int | None) -> None:
-    if rngs is None:
-        raise ValueError("inject: an NNX model needs rngs=nnx.Rngs(...) for the new parameters")
-    match = _matcher(inj.where)
-    m = inj.method
-    nodes = dict(nnx.iter_graph(model))
-    targets = [(p, node) for p, node in nodes.items()
-               if p and isinstance(node, nnx.Module) and match(_path_str(p))]
-    if not targets:
-        raise ValueError(f"inject: no module of {type(model).__name__} matches where="
-                         f"{inj.where!r}; module paths include "
-                         f"{[_path_str(p) for p, n in nodes.items() if isinstance(n, nnx.Module)][:8]}")
-    roots = {g: nnx_layers.PeftRoot(m.n, rule_std=m.rule_init_std or layers.SHARED_RULE_STD,
-                                    rngs=rngs)
-             for g in inj.root_names()}
-    for path, module in targets:
-        p = _path_str(path)
-        if isinstance(m, LoRAMethod):
-            k, d = getattr(module, "in_features", None), getattr(module, "out_features", None)
-            if not (isinstance(k, int) and isinstance(d, int)):
-                raise ValueError(f"inject: LoRA needs a projection with in_features and "
-                                 f"out_features (as nnx.Linear); {p!r} is a "
-                                 f"{type(module).__name__} (narrow `where`)")
-            wrapped = LoRABeside(module, nnx_layers.LoRA(k, d, rank=m.rank, alpha=m.alpha,
-                                                         rngs=rngs))
-        else:
-            d = getattr(module, "out_features", None)
-            d = d if isinstance(d, int) else features
-            if d is None:
-                raise ValueError(f"inject: cannot tell the output width of {p!r} "
-                                 f"({type(module).__name__} has no out_features); pass "
-                                 "features=<d_model>")
-            rule = roots[inj.group_of(p)] if m.shared_rule else None
-            adapter = nnx_layers.Adapter(
-                d, reduction_factor=m.reduction_factor, projection=m.projection, n=m.n,
-                rank=m.rank, shared_rule=rule, own_rule_std=m.rule_init_std or layers.OWN_RULE_STD,
-                phm_path=m.phm_path, rngs=rngs)
-            wrapped = AdapterAfter(module, adapter, p)
-        _set_child(nodes[path[:-1]], path[-1], wrapped)
-    if inj.also_train:
-        for path, var in list(nnx.iter_graph(model)):
-            if (type(var) is nnx.Param and re.search(inj.also_train, _path_str(path))):
-                _set_child(_node_at(model, path[:-1]), path[-1],
-                           nnx_layers.AdapterParam(var[...]))
-
-
-def _node_at(model: Any, path: tuple) -> Any:
-    node = model
-    for key in path:
-        node = node[key] if isinstance(key, int) or isinstance(node, dict) else getattr(node, key)
-    return node
-
-
-# ---------------------------------------------------------------------------------------------
 def inject(model: nn.Module | nnx.Module, method: Method | str, where: Where, *,
            rngs: nnx.Rngs | None = None, features: int | None = None,
            also_train: str | None = None, rule_groups: Mapping[str, str] | None = None,
@@ -433,7 +331,7 @@ def inject(model: nn.Module | nnx.Module, method: Method | str, where: Where, *,
         rule_groups = dict(rule_groups)
     inj = Injection(method, where, also_train, rule_groups)
     if isinstance(model, nnx.Module):
-        _inject_nnx(model, inj, rngs, features)
+        inject_nnx.inject_nnx(model, inj, _matcher(where), rngs, features)
         return model, inj
     if isinstance(model, nn.Module):
         if model.scope is not None:

@@ -105,7 +105,8 @@ def test_lora_bitfit_lowrank_prompt_equal_linen():
         params = lin.init(jax.random.PRNGKey(1), *args)["params"]
         params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(KEY, v.shape), params)
         _copy_into(mod, params)
-        jax.tree.map(lambda a, b: _close(a, b, 12), mod(*args), lin.apply({"params": params}, *args))
+        want = lin.apply({"params": params}, *args)
+        jax.tree.map(lambda a, b: _close(a, b, 12), mod(*args), want)
 
 
 def test_inits_follow_the_linen_distributions():
