@@ -24,7 +24,7 @@ adapters at `<matched path>/adapter`, LoRA at `<matched path>/lora`, the shared 
 initialises the new parameters around existing backbone weights; `partition` / `combine` split
 trainable from frozen. Layers run by `nn.scan` / `nn.vmap` lifts are not supported.
 
-NNX: module surgery in place. Each matched module is replaced in its parent by a wrapper
+NNX (`inject_nnx.py`): module surgery in place. Each matched module is replaced in its parent by a wrapper
 holding it as `base` (its parameters move to `<path>/base/...`) and the new module as `adapter`
 / `lora`; new parameters are `AdapterParam`s (`nnx_layers`), so `nnx.Optimizer(model, tx,
 wrt=AdapterParam)` trains exactly them. An adapter needs d_model at construction: taken from

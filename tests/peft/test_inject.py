@@ -137,6 +137,16 @@ def test_inject_errors_name_the_fix():
             k: v for k, v in backbone.items() if k != "head"}))
     with pytest.raises(ValueError, match="rule_groups needs a method with a shared PHM rule"):
         cj.inject(_TinyLM(), "lora", where="q", rule_groups={"a": "block_0"})
+    # linen rule groups: one rule per group at peft_root_<group>, trained
+    _, inj = cj.inject(_TinyLM(), "compacter++", where=r"mlp$", reduction_factor=2,
+                       rule_groups={"lo": r"block_0/", "hi": r"block_1/"})
+    params = jax.eval_shape(lambda: inj.init(KEY, ids))
+    assert {"peft_root_lo", "peft_root_hi"} <= set(params) and "peft_root" not in params
+    assert inj.is_trainable(("peft_root_hi", "phm_rule"))
+    _, inj = cj.inject(_TinyLM(), "compacter++", where=r"mlp$", reduction_factor=2,
+                       rule_groups={"lo": r"block_0/"})
+    with pytest.raises(ValueError, match=r"'block_1/mlp' matches rule groups \[\]"):
+        jax.eval_shape(lambda: inj.init(KEY, ids))
 
 
 # -- NNX -------------------------------------------------------------------------------------
