@@ -29,6 +29,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -155,6 +156,7 @@ print(sorted(p.name for p in out.iterdir()),
 model2, params2 = cj.load_adapter(out)
 
 
+@functools.partial(jax.jit, static_argnums=0)   # the model (hashable) is static: one compile
 def logits(model, params):
     return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                        batch["decoder_input_ids"], batch["decoder_attention_mask"])
