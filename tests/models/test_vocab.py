@@ -12,7 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from t5_reference import apply_logits, make_hf_model, padded_batch, random_params
 
-from compacter_jax.models import T5ForConditionalGeneration, from_pretrained, resize_token_embeddings
+from compacter_jax.models import (T5ForConditionalGeneration, from_pretrained,
+                                  resize_token_embeddings)
 from compacter_jax.models.config import PRESETS
 
 EPS32 = float(np.finfo(np.float32).eps)
