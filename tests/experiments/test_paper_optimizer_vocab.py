@@ -13,6 +13,7 @@ from tiny_runs import fast_compiles, tiny_config
 from compacter_jax import peft
 from compacter_jax.models import greedy_generate
 from compacter_jax.models.config import PRESETS
+from compacter_jax.serve import Predictor
 from experiments import finetune
 from experiments.configs import glue, paper
 from experiments.validation import ConfigError, validate_config
@@ -85,4 +86,10 @@ def test_bitfit_run_on_the_tokenizer_vocabulary(shared_data, tmp_path):
         ids = np.full((2, 5), 100, np.int32)
         out = np.asarray(greedy_generate(model, params, ids, np.ones_like(ids),
                                          max_new_tokens=3))
+        # serving puts the adapter on the same cut backbone
+        predictor = Predictor(None, {"rte": tmp_path / "adapter"}, batch_size=2)
+        assert predictor.model.config.vocab_size == 32_100
+        served = predictor.predict([{"task": "rte", "sentence1": "A dog.",
+                                     "sentence2": "An animal."}])
     assert out.max() < 32_100
+    assert isinstance(served[0]["prediction"], str)
