@@ -4,11 +4,15 @@
     python -m compacter_jax.params --model random:t5-base --method all
     python -m compacter_jax.params --model /path/to/checkpoint_dir --method all   (reads config.json)
     python -m compacter_jax.params --method compacter --set reduction_factor=16 --set n=8
+    python -m compacter_jax.params --model t5-base --method bitfit --vocab 32100   (280,932)
 
 Counts come from `jax.eval_shape` of the model's init. `percent` = trainable / backbone size,
 where the backbone is every T5 weight of the checkpoint (embedding included, PEFT params
 excluded): 222,903,552 for t5-base with its 32,128-row embedding. The paper divides by
 222,882,048 (vocabulary resized to 32,100); both give the same rounded percentages (paper Table 1).
+`--vocab 32100` counts the model as the original trains it, its vocabulary cut to the
+tokenizer's 32,100 entries (`resize_token_embeddings`): BitFit's lm_head bias then has 32,100
+entries, 280,932 trainable as in the paper (280,960 on the plain checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import flax.traverse_util as traverse_util
 from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.models import T5Config, is_backbone_path
 from compacter_jax.models import param_shapes as model_param_shapes
+from compacter_jax.models.vocab import check_vocab_size
 from compacter_jax.peft import Method, build_model, get_method, method_names
 
 
@@ -43,6 +48,7 @@ PAPER_T5_BASE = {
     "prompt_tuning": (76_800, 0.034),
 }
 PAPER_T5_BASE_DENOMINATOR = 222_882_048  # the paper's T5-base, vocabulary resized to 32,100
+T5_TOKENIZER_SIZE = 32_100  # len(T5Tokenizer): what the original resizes the vocabulary to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="all", help=f"'all' or one of: {', '.join(method_names())}")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a field of every method (repeatable)")
+    ap.add_argument("--vocab", type=int, default=None, metavar="N",
+                    help="cut the vocabulary to its first N entries first, as the original's "
+                         "resize_token_embeddings(len(tokenizer)) (T5: 32100)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     rows: list[ParamReport] = []
@@ -136,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
         t5_config = resolve_model(args.model)
+        if args.vocab is not None:
+            check_vocab_size(t5_config, args.vocab)
+            t5_config = t5_config.replace(vocab_size=args.vocab)
         if args.method != "all":
             rows.append(report(t5_config, get_method(args.method, **overrides)))
         else:

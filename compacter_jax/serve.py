@@ -70,6 +70,7 @@ class AdapterSpec:
     max_source_length: int
     max_target_length: int
     add_task_prefix: bool
+    vocab_size: int | None = None  # the vocabulary it was trained on, when cut to a tokenizer
 
 
 def read_adapter(task: str, path: str | Path) -> tuple[AdapterSpec, dict]:
@@ -100,7 +101,8 @@ def read_adapter(task: str, path: str | Path) -> tuple[AdapterSpec, dict]:
     spec = AdapterSpec(name, Path(path), method, meta.get("model"),
                        int(meta.get("init_seed", 0)), lengths["max_source_length"],
                        lengths["max_target_length"],
-                       type(method).task_prefix if prefix is None else bool(prefix))
+                       type(method).task_prefix if prefix is None else bool(prefix),
+                       int(meta["vocab_size"]) if meta.get("vocab_size") is not None else None)
     return spec, trained
 
 
@@ -123,6 +125,11 @@ def check_compatible(specs: Sequence[AdapterSpec]) -> None:
             raise ServeError(
                 f"adapters of different backbones: {first.task} was trained on "
                 f"{first.model!r}, {spec.task} on {spec.model!r}; serve adapters of one backbone")
+        if spec.vocab_size != first.vocab_size:
+            raise ServeError(
+                f"adapters of different vocabularies: {first.task} was trained on "
+                f"{first.vocab_size or 'the full'} entries, {spec.task} on "
+                f"{spec.vocab_size or 'the full'}; serve adapters of one vocabulary")
         if str(spec.model).startswith("random:") and spec.init_seed != first.init_seed:
             raise ServeError(
                 f"adapters of different backbones: {first.task} and {spec.task} were trained "
@@ -149,14 +156,17 @@ def _fit(spec: AdapterSpec, trained: dict, template: dict, scanned: bool) -> dic
 
 
 def _load_backbone(backbone: str, method: peft.Method, init_seed: int, dtype: str,
-                   scan: bool):
-    """(model, params) of the backbone with the method's hooks. A `random:` backbone is drawn
-    unscanned, as `peft.load_adapter` draws it (a scanned draw gives other weights), and
-    stacked when scanning: the served model is then the one `load_adapter` rebuilds."""
+                   scan: bool, vocab_size: int | None = None):
+    """(model, params) of the backbone with the method's hooks (its vocabulary cut to
+    `vocab_size` as in training). A `random:` backbone is drawn unscanned, as
+    `peft.load_adapter` draws it (a scanned draw gives other weights), and stacked when
+    scanning: the served model is then the one `load_adapter` rebuilds."""
     rng = jax.random.PRNGKey(init_seed)
     if not (scan and backbone.startswith("random:")):
-        return peft.from_pretrained(backbone, method, rng, dtype=dtype, scan_layers=scan)
-    model, params = peft.from_pretrained(backbone, method, rng, dtype=dtype)
+        return peft.from_pretrained(backbone, method, rng, dtype=dtype, scan_layers=scan,
+                                    vocab_size=vocab_size)
+    model, params = peft.from_pretrained(backbone, method, rng, dtype=dtype,
+                                         vocab_size=vocab_size)
     scanned = T5ForConditionalGeneration(model.config.replace(scan_layers=True), model.hooks)
     return scanned, stack_blocks(params)
 
@@ -212,7 +222,7 @@ class Predictor:
                         backbone)
         scan = self.method.hooks().uniform_over_layers() if scan_layers is None else scan_layers
         self.model, params = _load_backbone(backbone, self.method, specs[0].init_seed, dtype,
-                                            scan)
+                                            scan, specs[0].vocab_size)
         template, self.frozen = self.method.partition(params)
         del params
         self.bank = bank_lib.stack_adapters([_fit(s, t, template, scan) for s, t in read])

@@ -159,18 +159,36 @@ def load_tokenizer_for(config, name: str, folder: Path | None):
 
 
 def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = DEFAULT_MODEL,
-               resolved: tuple[str, Path | None] | None = None):
+               resolved: tuple[str, Path | None] | None = None, vocab_size: int | None = None):
     """(model, params, name): the model of `resolve_model(config)` (or `resolved`, its result),
     with the method. Layers are scanned when asked and the method places the same modules in
-    every block."""
+    every block. `vocab_size`: the vocabulary cut to its first entries (HF
+    `resize_token_embeddings`; see `tokenizer_vocab_size`)."""
     name, folder = resolved or resolve_model(config, fallback_from=fallback_from)
     scan = config.scan_layers and method.hooks().uniform_over_layers()
     if config.scan_layers and not scan:
         log.info("%s places its modules in some blocks only: layers are not scanned",
                  method.name)
-    kwargs = dict(rng=rng, dtype=config.dtype, scan_layers=scan, remat=config.remat)
+    kwargs = dict(rng=rng, dtype=config.dtype, scan_layers=scan, remat=config.remat,
+                  vocab_size=vocab_size)
     model, params = peft.from_pretrained(str(folder) if folder else name, method, **kwargs)
     return model, params, name
+
+
+def tokenizer_vocab_size(config, tokenizer) -> int | None:
+    """len(tokenizer) when `resize_vocab_to_tokenizer` (the original's
+    `model.resize_token_embeddings(len(tokenizer))`), else None (the checkpoint's size)."""
+    return len(tokenizer) if config.get("resize_vocab_to_tokenizer", False) else None
+
+
+def check_tokenizer_fits(tokenizer, model) -> None:
+    """Refuses a tokenizer with ids the model has no embedding row for (they would be looked
+    up out of range), naming both sizes."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the model's "
+                         f"vocabulary only {model.config.vocab_size}: ids >= "
+                         f"{model.config.vocab_size} have no embedding; use the model's own "
+                         "tokenizer (--config.tokenizer)")
 
 
 def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
@@ -261,7 +279,10 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     # The backbone, if random, is a function of the seed alone, so an exported adapter can be
     # put back onto the same random weights (load_adapter reads `init_seed`).
     init_rng = jax.random.PRNGKey(config.seed)
-    model, params, model_name = load_model(config, method, init_rng, resolved=resolved)
+    vocab_size = tokenizer_vocab_size(config, tokenizer)
+    model, params, model_name = load_model(config, method, init_rng, resolved=resolved,
+                                           vocab_size=vocab_size)
+    check_tokenizer_fits(tokenizer, model)
     trainable, frozen = method.partition(params)
     del params
     n_trainable = peft.count(trainable)
@@ -280,7 +301,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     save_every = config.save_every if config.save_every > 0 else (eval_every or per_epoch)
     tx, schedule = make_optimizer(learning_rate, config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
-                                  clip_norm=config.clip_norm if config.clip_norm > 0 else None)
+                                  clip_norm=config.clip_norm if config.clip_norm > 0 else None,
+                                  optimizer=config.get("optimizer", "adamw"))
     train_step = strategy.compile_train_step(make_train_step(
         seq2seq_apply_fn(model), tx, merge_fn=method.combine, schedule=schedule,
         per_example_dropout=config.per_example_dropout))
@@ -381,7 +403,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                       task=task.name, step=best_step, init_seed=config.seed,
                       max_source_length=config.max_source_length,
                       max_target_length=target_length(config, task, tokenizer),
-                      add_task_prefix=add_prefix)
+                      add_task_prefix=add_prefix,
+                      **({"vocab_size": vocab_size} if vocab_size is not None else {}))
     history = writer.read()
     summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
                                   and any(k.startswith("validation/") for k in h)), {})

@@ -282,8 +282,11 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
     # One backbone, one adapter init, as each single-task run with this seed draws them.
     init_rng = jax.random.PRNGKey(config.seed)
+    vocab_size = finetune.tokenizer_vocab_size(config, tokenizer)
     model, params, model_name = finetune.load_model(task_config(config, names[0]), method,
-                                                    init_rng, resolved=resolved)
+                                                    init_rng, resolved=resolved,
+                                                    vocab_size=vocab_size)
+    finetune.check_tokenizer_fits(tokenizer, model)
     trainable, frozen = method.partition(params)
     del params
     bank = bank_lib.stack_adapters([trainable] * len(runs))
@@ -297,7 +300,8 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     plan = joint_packing_plan(config, method, runs, strategy.num_devices)
     optimizers = [make_optimizer(learning_rate, config.warmup_steps, r.total_steps,
                                  weight_decay=config.weight_decay,
-                                 clip_norm=config.clip_norm if config.clip_norm > 0 else None)
+                                 clip_norm=config.clip_norm if config.clip_norm > 0 else None,
+                                 optimizer=config.get("optimizer", "adamw"))
                   for r in runs]
     txs = [tx for tx, _ in optimizers]
     bank_apply = bank_lib.make_bank_apply(seq2seq_apply_fn(model), method)
@@ -406,7 +410,8 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         peft.save_adapter(workdir / "adapters" / run.name, best_params, method,
                           model=model_name, task=run.name, step=best_step,
                           init_seed=config.seed, max_source_length=config.max_source_length,
-                          max_target_length=run.max_target_length, add_task_prefix=add_prefix)
+                          max_target_length=run.max_target_length, add_task_prefix=add_prefix,
+                          **({"vocab_size": vocab_size} if vocab_size is not None else {}))
         summary["tasks"][run.name] = record
         reporting.plot_curves(_task_history(history, run.name),
                               workdir / f"learning_curves_{run.name}.png",

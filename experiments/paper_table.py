@@ -43,7 +43,8 @@ TABLES = {"table1": ("GLUE", paper.GLUE_TASKS), "table2": ("SuperGLUE", paper.SU
 
 # Recipe fields compared with configs/paper.py to flag runs off the paper's recipe.
 RECIPE_FIELDS = ("batch_size", "warmup_steps", "epochs", "max_steps", "max_source_length",
-                 "max_eval_samples", "weight_decay", "clip_norm", "seed", "data_seed", "dtype")
+                 "max_eval_samples", "weight_decay", "clip_norm", "seed", "data_seed", "dtype",
+                 "optimizer", "resize_vocab_to_tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)

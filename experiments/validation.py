@@ -23,6 +23,7 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.data.sources import SOURCE_KINDS
 from compacter_jax.models import hf_io
+from compacter_jax.train.optim import OPTIMIZERS
 from experiments.evaluation import EVAL_MODES
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -145,6 +146,11 @@ def validate_config(config, *, available_devices: int | None = None,
                  "rate", optional=True)
     _check_float(config, "weight_decay", lambda v: v >= 0, "0 or more")
     _check_float(config, "clip_norm", lambda v: v >= 0, "0 (no clipping) or more")
+    _check_choice(config, "optimizer", OPTIMIZERS)
+    resize = config.get("resize_vocab_to_tokenizer", False)
+    if not isinstance(resize, bool):
+        raise ConfigError(f"{_flag('resize_vocab_to_tokenizer', resize)}: expected True or "
+                          "False")
 
     # Parallelism and processes.
     _check_int(config, "num_devices", lambda v: v == -1 or v >= 1,

@@ -84,3 +84,20 @@ def test_cli_errors(capsys):
     assert "neither a preset" in capsys.readouterr().err
     assert params_cli.main(["--model", "t5-base", "--method", "compactor"]) == 2
     assert "valid names" in capsys.readouterr().err
+
+
+
+def test_bitfit_with_the_vocabulary_cut_to_the_tokenizer_is_the_papers(capsys):
+    """The original resizes T5's embedding to its tokenizer's 32,100 entries before training
+    (`--vocab 32100`): BitFit's lm_head bias then has 32,100 entries, the paper's 280,932, and
+    the backbone is the paper's denominator 222,882,048 (shapes only; 280,960 and 222,903,552
+    on the plain checkpoint: test_other_methods_on_t5_base)."""
+    assert params_cli.T5_TOKENIZER_SIZE == 32_100
+    assert params_cli.main(["--model", "t5-base", "--method", "bitfit", "--vocab", "32100",
+                            "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["methods"][0]
+    assert (out["trainable"], out["backbone"]) == (280_932, 222_882_048)
+    assert params_cli.PAPER_T5_BASE_DENOMINATOR == 222_882_048
+    assert round(out["percent"], 3) == 0.126
+    assert params_cli.main(["--model", "t5-base", "--method", "bitfit", "--vocab", "32200"]) == 2
+    assert "only cutting" in capsys.readouterr().err

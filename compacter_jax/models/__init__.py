@@ -9,10 +9,12 @@ from compacter_jax.models.hf_io import (
 from compacter_jax.models.hooks import NO_HOOKS, Site, T5Hooks
 from compacter_jax.models.scoring import candidate_log_likelihoods, rank_classify
 from compacter_jax.models.t5 import T5ForConditionalGeneration, shift_right
+from compacter_jax.models.vocab import resize_token_embeddings
 
 __all__ = [
     "NO_HOOKS", "PRESETS", "Site", "T5Config", "T5ForConditionalGeneration", "T5Hooks",
     "candidate_log_likelihoods", "from_pretrained", "get_preset", "greedy_generate", "init_fn",
     "init_hook_params", "init_params", "is_backbone_path", "param_shapes", "rank_classify",
-    "save_pretrained", "shift_right", "stack_blocks", "unstack_blocks",
+    "resize_token_embeddings", "save_pretrained", "shift_right", "stack_blocks",
+    "unstack_blocks",
 ]

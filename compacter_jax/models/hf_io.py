@@ -332,17 +332,23 @@ def init_hook_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
 def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str = "float32",
                     param_dtype: str = "float32", scan_layers: bool = False, remat: bool = False,
                     rng: jax.Array | None = None, revision: str | None = None,
-                    local_files_only: bool = False) -> tuple[T5ForConditionalGeneration, dict]:
+                    local_files_only: bool = False, vocab_size: int | None = None
+                    ) -> tuple[T5ForConditionalGeneration, dict]:
     """(model, params) from a local HF checkpoint dir, a shipped backbone (`t5-mini-glue`), a
     Hub id or `random:<preset>`.
 
     A Hub id (e.g. "t5-base", "google/flan-t5-base") is downloaded into the HF cache when not
     there, at `revision` (branch, tag or commit; default "main"); `local_files_only=True` or
     HF_HUB_OFFLINE=1 never touches the network. Every backbone param comes from the
-    checkpoint; params of `hooks` are initialised with `rng` (default PRNGKey(0)). Errors name
-    the repo and the cause (`compacter_jax.hub`), or the file and the missing key / bad shape /
-    out-of-bounds config.json field.
+    checkpoint; params of `hooks` are initialised with `rng` (default PRNGKey(0)).
+    `vocab_size` (e.g. len(tokenizer)) cuts the vocabulary to its first entries before the
+    hooks' params are made, as HF `resize_token_embeddings` (`compacter_jax.models.vocab`); a
+    random backbone is drawn at full size, then cut. Errors name the repo and the cause
+    (`compacter_jax.hub`), or the file and the missing key / bad shape / out-of-bounds
+    config.json field.
     """
+    from compacter_jax.models import vocab  # noqa: PLC0415 (vocab.py uses is_backbone_path)
+
     rng = jax.random.PRNGKey(0) if rng is None else rng
     runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
     if name_or_path.startswith("random:"):
@@ -351,7 +357,9 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
             raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
                              f"known: {sorted(PRESETS)}")
         model = T5ForConditionalGeneration(PRESETS[preset].replace(**runtime), hooks)
-        return model, init_params(model, rng)
+        if vocab_size is None:
+            return model, init_params(model, rng)
+        return _random_resized(model, rng, vocab_size)
 
     directory = _resolve_dir(name_or_path, revision, local_files_only)
     config = _load_config(directory, **runtime)
@@ -364,6 +372,9 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
     if "lm_head.weight" in ckpt and config.tie_word_embeddings:
         if not np.array_equal(ckpt.get("lm_head.weight"), _get(ckpt, "shared.weight")):
             config = config.replace(tie_word_embeddings=False)
+    if vocab_size is not None:
+        vocab.check_vocab_size(config, vocab_size)
+        config = config.replace(vocab_size=vocab_size)
     model = T5ForConditionalGeneration(config, hooks)
     try:
         abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(model), rng))
@@ -385,6 +396,8 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
         for p in per_layer or [path]:
             key, transpose = flax_path_to_hf(p)
             arr = _get(ckpt, key)
+            if key in ("shared.weight", "lm_head.weight") and vocab_size is not None:
+                arr = arr[:vocab_size]  # HF resize_token_embeddings: the first rows
             arr = arr.T if transpose else arr
             arrays.append(arr)
             used.add(key)
@@ -413,6 +426,25 @@ def _check_weight_count(ckpt: "_Checkpoint", config: T5Config, directory: Path) 
             f"{config.d_model}, d_ff={config.d_ff}, num_layers={config.num_layers}, "
             f"num_decoder_layers={config.num_decoder_layers}, vocab_size={config.vocab_size}) "
             f"but the weight files hold {stored:,}: config.json does not match the weights")
+
+
+def _random_resized(model: T5ForConditionalGeneration, rng: jax.Array, vocab_size: int
+                    ) -> tuple[T5ForConditionalGeneration, dict]:
+    """A random backbone drawn as at full size (same values), cut to `vocab_size`, with the
+    hooks' params made for the cut model."""
+    full = traverse_util.flatten_dict(init_params(model, rng))
+    backbone = traverse_util.unflatten_dict(
+        {p: v for p, v in full.items() if is_backbone_path(p)})
+    from compacter_jax.models.vocab import resize_token_embeddings  # noqa: PLC0415
+
+    backbone, config = resize_token_embeddings(backbone, model.config, vocab_size)
+    resized = T5ForConditionalGeneration(config, model.hooks)
+    abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn(resized), rng))
+    fresh = [p for p in abstract if not is_backbone_path(p)]
+    flat = traverse_util.flatten_dict(backbone)
+    if fresh:
+        flat.update(_init_subset(resized, rng, fresh))
+    return resized, traverse_util.unflatten_dict(flat)
 
 
 def _check_shape(key: str, arr: np.ndarray, expected: tuple[int, ...], transpose: bool,

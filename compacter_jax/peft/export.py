@@ -183,7 +183,8 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
     """(model, params): `backbone` (checkpoint dir, Hub id or `random:<preset>`;
     default: the model recorded in the export) with the exported parameters put in place;
     `params` is what the model is applied with (`method.combine(trainable, frozen)`).
-    A `random:` backbone is drawn from the export's `init_seed` (default 0), as in training.
+    A `random:` backbone is drawn from the export's `init_seed` (default 0), as in training,
+    and cut to the export's `vocab_size` when it records one.
 
     Raises AdapterFileError when the export is incomplete, corrupt, or does not fit the
     backbone (a missing or extra tensor, a shape mismatch), naming the path and parameter.
@@ -195,8 +196,12 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
         raise AdapterFileError(f"{path}: no backbone recorded; pass backbone=<checkpoint or "
                                "preset>")
     rng = jax.random.PRNGKey(int(meta.get("init_seed", 0)))
-    model, params = peft_model.from_pretrained(backbone, method, rng, dtype=dtype,
-                                               scan_layers=scan_layers)
+    # A run on a vocabulary cut to its tokenizer (`vocab_size` recorded) is put back on the
+    # same cut backbone.
+    vocab_size = meta.get("vocab_size")
+    model, params = peft_model.from_pretrained(
+        backbone, method, rng, dtype=dtype, scan_layers=scan_layers,
+        vocab_size=int(vocab_size) if vocab_size is not None else None)
     trainable, frozen = method.partition(params)
     if scan_layers:
         trained = stack_blocks(trained)

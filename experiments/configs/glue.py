@@ -82,6 +82,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.warmup_steps = 500
     c.weight_decay = 0.0
     c.clip_norm = 1.0
+    # "adamw" (optax.adamw) or "hf_adamw" (transformers' AdamW + torch's clipping, the
+    # original's: eps on the uncorrected sqrt(v); `compacter_jax.train.optim.hf_adamw`).
+    c.optimizer = "adamw"
+    # True: the embedding (and an untied lm_head) cut to the tokenizer's entries before
+    # training, as the original's `resize_token_embeddings(len(tokenizer))` (32,128 -> 32,100).
+    c.resize_vocab_to_tokenizer = False
     c.epochs = -1  # -1: 20 on small tasks, 3 on large ones (paper §5)
     c.max_steps = -1  # > 0 caps the number of steps (and the schedule length)
     c.seed = 42  # initialisation (of a random backbone and the method), dropout, data order
@@ -123,6 +129,10 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         c.eval_every = 100
         c.max_eval_samples = 200
         c.eval_mode = "both"
-    elif variant != "paper":
+    elif variant == "paper":
+        # The original's optimizer and vocabulary (COMPACTER_SPEC.md §5).
+        c.optimizer = "hf_adamw"
+        c.resize_vocab_to_tokenizer = True
+    else:
         raise ValueError(f"unknown config variant {variant!r}: use glue.py (quick) or glue.py:paper")
     return c
