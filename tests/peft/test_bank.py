@@ -25,7 +25,7 @@ TINY = get_preset("t5-tiny").replace(vocab_size=64, d_ff=64, num_heads=2, d_kv=1
 FIT = {"adapter": {}, "pfeiffer": {}, "adapterdrop": {"drop_first": 1}, "lowrank": {},
        "phm_adapter": {"n": 4}, "compacter": {}, "compacter++": {}, "bitfit": {},
        "prompt_tuning": {"length": 3}, "lora": {"rank": 2}, "bitfit_projections": {},
-       "prompt_tuning_vocab": {"length": 3}}
+       "prompt_tuning_vocab": {"length": 3}, "lst": {"reduction_factor": 4, "drop_every": 0}}
 BANKABLE = [name for name, m in peft.PRESETS.items() if type(m).bankable]
 K = 3
 # Tests compile many tiny programs: unoptimised XLA code compiles several times faster.
@@ -139,7 +139,7 @@ def _check_bank(name, scan):
 # Representative cases run by default: prompt tuning scanned here; the packed-on-a-mesh,
 # bfloat16 and decoding tests below add compacter++ scanned and compacter unscanned. The whole
 # preset matrix is `long` (22 compiled tiny T5 programs: about 3 minutes on 2 busy cores).
-QUICK = {("prompt_tuning", True), ("adapterdrop", True)}
+QUICK = {("prompt_tuning", True), ("adapterdrop", True), ("lst", False)}
 MATRIX = [pytest.param(name, scan, marks=() if (name, scan) in QUICK else pytest.mark.long,
                        id=f"{name}-{'scanned' if scan else 'unscanned'}")
           for name in sorted(FIT) for scan in (False, True)]

@@ -219,9 +219,9 @@ def _loss_fn(model, method, frozen, batch):
 
 
 def backward_violations(model, method, params, batch):
-    """What the backward pass of `method` would read from the backbone: frozen weights (other
-    than the output embedding the logits are computed with) and activations of backbone
-    width d_model that are not ladder taps, or of the backbone's d_ff width.
+    """What the backward pass of `method` reads from the backbone: frozen weights (other than
+    the output embedding the logits are computed with) and activations of the backbone's
+    d_ff width (its feed-forward hidden states; the side network's are d_ff / r).
 
     The residuals of `jax.linearize` are exactly what the transposed (backward) program reads
     from the forward pass."""
