@@ -303,3 +303,33 @@ def test_export_and_load_adapter(tmp_path, backbone):
         np.asarray(loaded_model.apply({"params": loaded}, ids, mask, dec, dmask)),
         np.asarray(model.apply({"params": params}, ids, mask, dec, dmask)))
     assert isinstance(loaded_model, T5ForConditionalGeneration)
+
+
+def _train(model, method, params, strategy_name, devices, steps=2):
+    from compacter_jax.train import TrainState, make_optimizer, make_strategy, make_train_step
+    trainable, frozen = method.partition(params)
+    tx, schedule = make_optimizer(1e-2, 0, steps)
+    strategy = make_strategy(strategy_name, jax.devices()[:devices])
+    step = strategy.compile_train_step(
+        make_train_step(seq2seq_apply_fn(model), tx, merge_fn=method.combine,
+                        schedule=schedule, per_example_dropout=True))
+    state = strategy.replicate(TrainState.create(trainable, tx, 7))
+    frozen = strategy.put_frozen(frozen)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, strategy.shard_batch(_lm_batch()))
+        losses.append(float(strategy.unreplicate(metrics)["loss"]))
+    return losses, strategy.unreplicate(state.params)
+
+
+@pytest.mark.long  # ~60 s busy (three compiled train steps); packing/banks/export run by default
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (fake CPU) devices")
+def test_pmap_and_mesh_train_like_one_device(hf_and_ours):
+    _, model, params = hf_and_ours
+    one = _train(model, METHOD, params, "jit", 1)
+    assert one[0][1] < one[0][0]
+    for name in ("pmap", "jit"):
+        got = _train(model, METHOD, params, name, 2)
+        np.testing.assert_allclose(got[0], one[0], rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(one[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
