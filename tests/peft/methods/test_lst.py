@@ -5,6 +5,8 @@ check that fails for Compacter++); decoding with the side network's KV cache; ex
 
 from __future__ import annotations
 
+import functools
+
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from compacter_jax import peft
-from compacter_jax.models import T5ForConditionalGeneration, greedy_generate, shift_right
+from compacter_jax.models import (T5ForConditionalGeneration, greedy_generate, param_shapes,
+                                  shift_right)
 from compacter_jax.models.t5 import relative_position_bucket
 from compacter_jax.peft.methods.lst import kept_layers
 from compacter_jax.train import seq2seq_apply_fn, token_loss_sum
@@ -164,7 +167,7 @@ def test_logits_equal_the_side_network_computed_by_hand(hf_and_ours):
     enc_taps, dec_taps, emb = _hf_taps(hf, ids, mask, dec, dmask)
     assert [t.shape for t in enc_taps] == [(2, 7, 32)] * 4
     for p in (params, _perturbed(params)):
-        got = np.asarray(model.apply({"params": p}, ids, mask, dec, dmask))
+        got = np.asarray(_apply(model, p, ids, mask, dec, dmask))
         want = _lst_logits_by_hand(p, [t.astype(np.float64) for t in enc_taps],
                                    [t.astype(np.float64) for t in dec_taps],
                                    emb.astype(np.float64), mask, dmask)
@@ -174,8 +177,8 @@ def test_logits_equal_the_side_network_computed_by_hand(hf_and_ours):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
     # The backbone's final states are not used: the same backbone with other side weights
     # gives other logits.
-    assert np.abs(np.asarray(model.apply({"params": _perturbed(params)}, ids, mask, dec, dmask))
-                  - np.asarray(model.apply({"params": params}, ids, mask, dec, dmask))).max() > 1e-2
+    assert np.abs(np.asarray(_apply(model, _perturbed(params), ids, mask, dec, dmask))
+                  - np.asarray(_apply(model, params, ids, mask, dec, dmask))).max() > 1e-2
 
 
 def test_side_blocks_start_as_the_pruned_backbone(hf_and_ours):
@@ -223,13 +226,14 @@ def backward_violations(model, method, params, batch):
     the output embedding the logits are computed with) and activations of the backbone's
     d_ff width (its feed-forward hidden states; the side network's are d_ff / r).
 
-    The residuals of `jax.linearize` are exactly what the transposed (backward) program reads
-    from the forward pass."""
+    The leaves of the function `jax.vjp` returns are its residuals: exactly what the backward
+    program reads from the forward pass (computed here under jit: one compile)."""
     trainable, frozen = method.partition(params)
-    loss = _loss_fn(model, method, frozen, batch)
-    _, f_jvp = jax.linearize(loss, trainable)
-    residuals = [np.asarray(c) for c in jax.make_jaxpr(f_jvp)(trainable).consts
-                 if hasattr(c, "shape")]
+
+    def residuals_of(trainable, frozen):
+        return jax.vjp(_loss_fn(model, method, frozen, batch), trainable)[1]
+    residuals = [np.asarray(r) for r in
+                 jax.tree_util.tree_leaves(jax.jit(residuals_of)(trainable, frozen))]
     out_head = {("shared", "embedding"), ("lm_head", "kernel")}
     weights = [(k, np.asarray(v)) for k, v in traverse_util.flatten_dict(frozen).items()
                if k not in out_head]
@@ -244,8 +248,19 @@ def backward_violations(model, method, params, batch):
     return out
 
 
-def _tiny(backbone, method):
-    return peft.from_pretrained(backbone[1], method, jax.random.PRNGKey(0))
+def _random_params(model, seed=0):
+    """Random params for every leaf of `model`, drawn with numpy (no compiled init)."""
+    rs = np.random.RandomState(seed)
+    flat = traverse_util.flatten_dict(param_shapes(model))
+    return traverse_util.unflatten_dict({
+        k: jnp.asarray(1.0 + 0.1 * rs.randn(*v.shape) if k[-1] == "scale" else
+                       rs.randn(*v.shape) / np.sqrt(v.shape[-2] if len(v.shape) > 1 else 16),
+                       v.dtype) for k, v in flat.items()})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, *batch):
+    return model.apply({"params": params}, *batch)
 
 
 def _lm_batch():
@@ -254,13 +269,13 @@ def _lm_batch():
             "decoder_attention_mask": dmask, "labels": labels}
 
 
-def test_no_backbone_weight_or_activation_in_the_backward_pass(backbone):
-    lst = peft.get_method("lst", reduction_factor=4, drop_every=0)
-    model, params = _tiny(backbone, lst)
-    assert backward_violations(model, lst, params, _lm_batch()) == []
+def test_no_backbone_weight_or_activation_in_the_backward_pass(hf_and_ours):
+    _, model, params = hf_and_ours
+    assert backward_violations(model, METHOD, params, _lm_batch()) == []
     # The same check finds the backbone in Compacter++'s backward pass.
     cpp = peft.get_method("compacter++", reduction_factor=8)
-    model, params = _tiny(backbone, cpp)
+    model = peft.build_model(model.config, cpp)
+    params = _random_params(model)
     found = backward_violations(model, cpp, params, _lm_batch())
     assert any(v.startswith("weight encoder/block_0") for v in found), found
     assert any("d_ff" in v for v in found), found
@@ -273,7 +288,7 @@ def test_greedy_decoding_uses_the_side_cache(hf_and_ours):
     out = np.asarray(greedy_generate(model, params, ids, mask, max_new_tokens=4, eos_id=-1))
     # Teacher-forced on its own output, the model predicts the same tokens.
     dec = np.concatenate([np.zeros((2, 1), np.int32), out[:, :-1]], axis=1)
-    logits = np.asarray(model.apply({"params": params}, ids, mask, dec, np.ones_like(dec)))
+    logits = np.asarray(_apply(model, params, ids, mask, dec, np.ones_like(dec)))
     np.testing.assert_array_equal(out, logits.argmax(-1))
 
 
@@ -290,9 +305,9 @@ def test_validation_and_counts():
     assert kept_layers(4, 0, ()) == (0, 1, 2, 3) and kept_layers(4, 2, (3, 1)) == (1, 3)
 
 
-def test_export_and_load_adapter(tmp_path, backbone):
-    method = peft.get_method("lst", reduction_factor=4, drop_every=0)
-    model, params = _tiny(backbone, method)
+def test_export_and_load_adapter(tmp_path, backbone, hf_and_ours):
+    _, model, params = hf_and_ours
+    method = METHOD
     params = _perturbed(params)
     trainable, _ = method.partition(params)
     assert all(k[0].startswith("side_") for k in traverse_util.flatten_dict(trainable))
@@ -300,8 +315,8 @@ def test_export_and_load_adapter(tmp_path, backbone):
     loaded_model, loaded = peft.load_adapter(tmp_path / "a")
     ids, mask, dec, dmask, _ = _batch()
     np.testing.assert_array_equal(
-        np.asarray(loaded_model.apply({"params": loaded}, ids, mask, dec, dmask)),
-        np.asarray(model.apply({"params": params}, ids, mask, dec, dmask)))
+        np.asarray(_apply(loaded_model, loaded, ids, mask, dec, dmask)),
+        np.asarray(_apply(model, params, ids, mask, dec, dmask)))
     assert isinstance(loaded_model, T5ForConditionalGeneration)
 
 
