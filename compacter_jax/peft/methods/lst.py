@@ -21,8 +21,9 @@ Initialisation (`side_init="pruned"`): the side blocks start as the backbone str
 pruned to 1/r of its width, chained as in the authors' code (the embedding's kept d_model
 columns select the inputs of the first projections, each projection group keeps its output
 units of largest L1 importance, which select the inputs of the next). The paper's importance
-is Fisher information from training batches; here it is the weight magnitude (the authors'
-code's importance when none is given), so the init needs no data. "random" keeps the
+is Fisher information from training batches (`fisher_importance`, passed to
+`init_side_from_backbone`); `prepare` uses the weight magnitude (the authors' code's
+importance when none is given), so the default init needs no data. "random" keeps the
 fresh initialisation. Down/up-projections and gates are always fresh (gates at
 sigmoid(0) = 0.5).
 """
@@ -234,21 +235,24 @@ def _keep(importance: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.argsort(-norms, kind="stable")[:n])
 
 
-def _group(kernels: list[np.ndarray], rows: list[np.ndarray], n_out: int
-           ) -> tuple[list[np.ndarray], np.ndarray]:
+def _group(kernels: list[np.ndarray], rows: list[np.ndarray], n_out: int,
+           scores: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
     """Prunes the inputs of projections that share outputs (q/k/v, wi_0/wi_1) by `rows`, then
-    keeps the n_out outputs of largest L1 norm of their elementwise product."""
+    keeps the n_out outputs of largest L1 norm of the elementwise product of their importance
+    `scores` (same shapes as the kernels)."""
     cut = [k[r] for k, r in zip(kernels, rows)]
-    cols = _keep(np.prod(np.stack(cut), axis=0), n_out)
+    cols = _keep(np.prod(np.stack([s[r] for s, r in zip(scores, rows)]), axis=0), n_out)
     return [c[:, cols] for c in cut], cols
 
 
 def prune_stack(stack: dict, t5: T5Config, r: int, is_decoder: bool, idx: np.ndarray,
-                enc_idx: np.ndarray | None) -> tuple[dict, np.ndarray]:
+                enc_idx: np.ndarray | None, importance: dict | None = None
+                ) -> tuple[dict, np.ndarray]:
     """Pruned copies of every block of one backbone stack (unscanned params, numpy).
 
     Args:
       stack: the backbone stack's params (`block_{i}/...`, `final_layer_norm`, ...).
+      importance: a tree like `stack` scoring each weight (None: the weights themselves).
       idx: the kept d_model indices of the stack's input (from the embedding).
       enc_idx: (decoder) the kept d_model indices of the encoder output (cross k/v inputs).
     Returns:
@@ -257,26 +261,31 @@ def prune_stack(stack: dict, t5: T5Config, r: int, is_decoder: bool, idx: np.nda
     d, inner, ff = t5.d_model // r, t5.num_heads * t5.d_kv // r, t5.d_ff // r
     n = t5.num_decoder_layers if is_decoder else t5.num_layers
     out: dict = {}
+    importance = stack if importance is None else importance
     for i in range(n):
-        src, dst = stack[f"block_{i}"], {}
+        src, dst, imp = stack[f"block_{i}"], {}, importance[f"block_{i}"]
         attn = [("layer_0", "SelfAttention")]
         if is_decoder:
             attn.append(("layer_1", "EncDecAttention"))
         for layer, name in attn:
-            a = src[layer][name]
+            a, ai = src[layer][name], imp[layer][name]
             kv_rows = enc_idx if name == "EncDecAttention" else idx
             (q, k, v), heads = _group([np.asarray(a[p]["kernel"]) for p in "qkv"],
-                                      [idx, kv_rows, kv_rows], inner)
-            (o,), new_idx = _group([np.asarray(a["o"]["kernel"])], [heads], d)
+                                      [idx, kv_rows, kv_rows], inner,
+                                      [np.asarray(ai[p]["kernel"]) for p in "qkv"])
+            (o,), new_idx = _group([np.asarray(a["o"]["kernel"])], [heads], d,
+                                   [np.asarray(ai["o"]["kernel"])])
             dst[layer] = {"layer_norm": {"scale": np.asarray(src[layer]["layer_norm"]["scale"])[idx]},
                           name: {"q": {"kernel": q}, "k": {"kernel": k}, "v": {"kernel": v},
                                  "o": {"kernel": o}}}
             idx = new_idx
         layer = "layer_2" if is_decoder else "layer_1"
-        f = src[layer]["DenseReluDense"]
+        f, fi = src[layer]["DenseReluDense"], imp[layer]["DenseReluDense"]
         wi = ["wi_0", "wi_1"] if t5.is_gated else ["wi"]
-        ins, hidden = _group([np.asarray(f[p]["kernel"]) for p in wi], [idx] * len(wi), ff)
-        (wo,), new_idx = _group([np.asarray(f["wo"]["kernel"])], [hidden], d)
+        ins, hidden = _group([np.asarray(f[p]["kernel"]) for p in wi], [idx] * len(wi), ff,
+                             [np.asarray(fi[p]["kernel"]) for p in wi])
+        (wo,), new_idx = _group([np.asarray(f["wo"]["kernel"])], [hidden], d,
+                                [np.asarray(fi["wo"]["kernel"])])
         dst[layer] = {"layer_norm": {"scale": np.asarray(src[layer]["layer_norm"]["scale"])[idx]},
                       "DenseReluDense": {**{p: {"kernel": w} for p, w in zip(wi, ins)},
                                          "wo": {"kernel": wo}}}
@@ -286,17 +295,21 @@ def prune_stack(stack: dict, t5: T5Config, r: int, is_decoder: bool, idx: np.nda
     return out, idx
 
 
-def init_side_from_backbone(params: dict, t5: T5Config, method: LadderSideTuning) -> dict:
+def init_side_from_backbone(params: dict, t5: T5Config, method: LadderSideTuning,
+                            importance: dict | None = None) -> dict:
     """`params` with the side blocks, layer norms and relative attention biases copied from
-    the magnitude-pruned backbone (block kept[j] of a stack -> side block j)."""
+    the pruned backbone (block kept[j] of a stack -> side block j).
+
+    `importance`: a tree like the backbone's params scoring every weight, e.g. the paper's
+    Fisher information (`fisher_importance`); None: the weights' magnitude."""
     if "side_encoder" not in params:
         raise ValueError(f"{method.name}: params have no side network (built without the LST "
                          "hooks?)")
     r = method.reduction_factor
-    emb = np.asarray(params["shared"]["embedding"])
-    emb_idx = _keep(emb, t5.d_model // r)
-    enc, enc_idx = prune_stack(params["encoder"], t5, r, False, emb_idx, None)
-    dec, _ = prune_stack(params["decoder"], t5, r, True, emb_idx, enc_idx)
+    imp = params if importance is None else jax.tree_util.tree_map(np.asarray, importance)
+    emb_idx = _keep(np.asarray(imp["shared"]["embedding"]), t5.d_model // r)
+    enc, enc_idx = prune_stack(params["encoder"], t5, r, False, emb_idx, None, imp["encoder"])
+    dec, _ = prune_stack(params["decoder"], t5, r, True, emb_idx, enc_idx, imp["decoder"])
     flat = traverse_util.flatten_dict(params)
     for name, pruned, is_dec in (("encoder", enc, False), ("decoder", dec, True)):
         side = {"final_layer_norm": pruned["final_layer_norm"],
@@ -312,3 +325,17 @@ def init_side_from_backbone(params: dict, t5: T5Config, method: LadderSideTuning
                                  f"{value.shape}, the side network {old.shape}")
             flat[key] = jnp.asarray(value, old.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def fisher_importance(loss_fn, params: Any, batches) -> Any:
+    """The paper's importance: the empirical Fisher information of every parameter, the sum
+    over `batches` of the squared gradient of `loss_fn(params, batch)` (a scalar; the
+    authors use 1,024 training examples, one per batch, with their labels).
+
+    Returns a tree like `params` (float32). Pass it to `init_side_from_backbone`."""
+    grad = jax.jit(jax.grad(loss_fn))
+    total = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    for batch in batches:
+        total = jax.tree_util.tree_map(lambda t, g: t + jnp.square(g.astype(jnp.float32)),
+                                       total, grad(params, batch))
+    return total

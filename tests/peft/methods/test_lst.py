@@ -376,3 +376,32 @@ def test_serving_mixed_tasks_gives_each_adapters_tokens(tmp_path, files_source, 
                                           max_new_tokens=3))
         mine_got = np.stack([t for t, ex in zip(got, examples) if ex["task"] == task])
         np.testing.assert_array_equal(mine_got[:, :3], want, err_msg=task)
+
+
+def test_fisher_importance_drives_the_pruning(hf_and_ours):
+    from compacter_jax.peft.methods.lst import fisher_importance, init_side_from_backbone
+    _, model, params = hf_and_ours
+    # The squared gradients summed over batches, against the analytic gradient of
+    # (w . x)^2: 2 (w . x) x.
+    w = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+    xs = [np.asarray([1.0, 2.0, 3.0]), np.asarray([-1.0, 0.5, 0.0])]
+    fisher = fisher_importance(lambda p, x: jnp.dot(p["w"], x) ** 2, w, xs)
+    want = sum((2 * np.dot(np.asarray(w["w"]), x) * x) ** 2 for x in xs)
+    np.testing.assert_allclose(np.asarray(fisher["w"]), want, rtol=1e-6)
+    # Scores equal to the weights reproduce the default (magnitude) initialisation ...
+    same = init_side_from_backbone(params, model.config, METHOD, importance=params)
+    for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... and other scores pick other units: the embedding's last 8 columns score highest,
+    # every other weight ties (ties keep the lowest indices). With side block 0 = backbone
+    # block 0 (same shapes as METHOD's one kept block), its inputs are columns 24..31.
+    imp = jax.tree_util.tree_map(lambda x: np.ones(x.shape, np.float32), params)
+    imp["shared"]["embedding"] = np.tile(np.arange(32, dtype=np.float32), (64, 1))
+    other = init_side_from_backbone(params, model.config, METHOD.replace(side_layers=(0,)),
+                                    importance=imp)
+    side = other["side_encoder"]["stack"]["block_0"]["layer_0"]
+    blk = params["encoder"]["block_0"]["layer_0"]
+    np.testing.assert_array_equal(np.asarray(side["layer_norm"]["scale"]),
+                                  np.asarray(blk["layer_norm"]["scale"])[24:])
+    np.testing.assert_array_equal(np.asarray(side["SelfAttention"]["q"]["kernel"]),
+                                  np.asarray(blk["SelfAttention"]["q"]["kernel"])[24:, :8])
