@@ -16,6 +16,8 @@ lm_head (with T5 v1.0's d_model**-0.5 scaling). Side blocks can be dropped (the 
 runs keep 9 of 12: `drop_every=4` drops blocks 0, 4, 8); a dropped block has no side block,
 down-projection or gate. Trainable: everything of the side network (blocks, layer norms,
 relative attention bias, down/up-projections, gates); the backbone and lm_head are frozen.
+The side stacks are `models.T5Stack`s (masks, packed segments, KV cache for free); unlike the
+authors' code, that adds one dropout on s_0 in training (none at evaluation).
 
 Initialisation (`side_init="pruned"`): the side blocks start as the backbone structurally
 pruned to 1/r of its width, chained as in the authors' code (the embedding's kept d_model
@@ -108,8 +110,8 @@ class SideStack(nn.Module):
     with the ladder taps of the kept blocks, (decoder) upsample to the backbone's d_model.
 
     Called with `taps` (the backbone stack's n + 1 states [B, T, D], see `T5Stack`) and the
-    masks / packing ids of the backbone stack (mask [B, T]: the raw attention mask); returns [B, T, d_side] (encoder) or
-    [B, T, D] (decoder).
+    masks / packing ids of the backbone stack (mask [B, T]: the raw attention mask); returns
+    [B, T, d_side] (encoder) or [B, T, D] (decoder).
     """
 
     method: "LadderSideTuning"
@@ -275,7 +277,8 @@ def prune_stack(stack: dict, t5: T5Config, r: int, is_decoder: bool, idx: np.nda
                                       [np.asarray(ai[p]["kernel"]) for p in "qkv"])
             (o,), new_idx = _group([np.asarray(a["o"]["kernel"])], [heads], d,
                                    [np.asarray(ai["o"]["kernel"])])
-            dst[layer] = {"layer_norm": {"scale": np.asarray(src[layer]["layer_norm"]["scale"])[idx]},
+            norm = np.asarray(src[layer]["layer_norm"]["scale"])[idx]
+            dst[layer] = {"layer_norm": {"scale": norm},
                           name: {"q": {"kernel": q}, "k": {"kernel": k}, "v": {"kernel": v},
                                  "o": {"kernel": o}}}
             idx = new_idx
