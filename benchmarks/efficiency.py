@@ -28,7 +28,7 @@ from benchmarks.measure import BenchConfig
 from compacter_jax.peft import method_names
 
 ALL_METHODS = ("full", "adapter", "pfeiffer", "lowrank", "phm_adapter", "compacter",
-               "compacter++", "bitfit", "prompt_tuning", "lora")
+               "compacter++", "bitfit", "prompt_tuning", "lora", "lst")
 ROOT = Path(__file__).resolve().parent.parent
 
 

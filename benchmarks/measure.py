@@ -166,7 +166,7 @@ def _timed(fn, n: int, cpu: list[float] | None = None) -> list[float]:
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Runs one measurement; returns the JSON row (see the module docstring)."""
     method = peft.get_method(cfg.method)
-    adapters = isinstance(method, peft.AdapterMethod)
+    adapters = "reduction_factor" in method.field_names()  # adapter families and LST
     if cfg.reduction_factor and adapters:  # e.g. t5-tiny: 64 // 32 = 2 < n
         method = method.replace(reduction_factor=cfg.reduction_factor)
     scanned = cfg.scan and method.hooks().uniform_over_layers()

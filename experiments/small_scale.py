@@ -37,7 +37,7 @@ from experiments.paper_runs import run_all
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "checkpoints" / "t5-mini-glue"
 METHODS = ("full", "adapter", "pfeiffer", "lowrank", "phm_adapter", "compacter", "compacter++",
-           "bitfit", "prompt_tuning", "lora")
+           "bitfit", "prompt_tuning", "lora", "lst")
 TASKS = ("sst2", "mrpc", "cola", "stsb", "rte")
 LOW_RESOURCE_TASKS = ("sst2", "mrpc")
 LOW_RESOURCE_SIZES = (100, 500, 1000, 2000, 4000)

@@ -101,3 +101,24 @@ def test_bitfit_with_the_vocabulary_cut_to_the_tokenizer_is_the_papers(capsys):
     assert round(out["percent"], 3) == 0.126
     assert params_cli.main(["--model", "t5-base", "--method", "bitfit", "--vocab", "32200"]) == 2
     assert "only cutting" in capsys.readouterr().err
+
+
+def test_lst_on_t5_base_is_the_papers_budget():
+    """LST on T5-base as its authors ran it (scripts/ladder_side_tuning_base.sh: r = 8, side
+    blocks 1-3, 5-7, 9-11 in both stacks, biased down/up-projections, learnable gates). The
+    LST paper (Sung et al. 2022, Table 1, GLUE with T5-base, "Update Params") reports 1.74 %."""
+    r = params_cli.report(T5_BASE, get_method("lst"))
+    d, inner, ff = 96, 96, 384                      # 768 / 8, 12 heads x 64 / 8, 3072 / 8
+    attn, ln = 4 * d * inner, d
+    enc_block, dec_block = attn + ff * d * 2 + 2 * ln, 2 * attn + ff * d * 2 + 3 * ln
+    ladder = 768 * d + d                            # a biased down-projection
+    side = (9 * (enc_block + dec_block)              # 9 side blocks per stack
+            + 2 * (32 * 12 + d)                      # relative attention bias, final norm
+            + 2 * 10 * ladder                        # first + 9 ladder down-projections
+            + 18                                     # one scalar gate per side block
+            + d * 768 + 768)                         # the biased upsample to d_model
+    assert r.trainable == r.peft == side == 3_878_706
+    assert round(r.percent, 2) == 1.74
+    # Every block kept (the paper's ablation without dropping): 5,097,234, 2.29 %.
+    all_blocks = params_cli.report(T5_BASE, get_method("lst", drop_every=0))
+    assert all_blocks.trainable == side + 3 * (enc_block + dec_block + 2 * ladder + 2)

@@ -1,6 +1,6 @@
 """Insertion points of the Flax T5: how PEFT methods plug in without forking the model.
 
-The T5 modules call a `T5Hooks` object at five places. The default implementation inserts
+The T5 modules call a `T5Hooks` object at seven places. The default implementation inserts
 nothing, so `T5ForConditionalGeneration(config)` is the plain backbone. PEFT methods
 (`compacter_jax.peft`) subclass it.
 
@@ -28,6 +28,21 @@ created as children of the calling module and named by the `name` argument):
    Returns a module or None, called as `prompt(embeds, mask) -> (embeds', mask')` where
    embeds: [batch, len, d_model] and mask: [batch, len] (1 = keep). Used by prompt tuning.
 
+6. `side_network(config, is_decoder, name)` — once per stack, in the root model (names
+   "side_encoder", "side_decoder"). Returns a module or None. A network beside the backbone
+   that reads the backbone's per-block hidden states ("taps": the stack's dropped-out input
+   embedding, then the output of every block, each [batch, len, d_model]) and replaces the
+   backbone's final decoder state as the input of the lm_head. Called as
+   `side_encoder(taps, attention_mask, deterministic, segment_ids=, positions=) -> [B, S, d]`
+   and `side_decoder(taps, decoder_attention_mask, side_encoder_out, encoder_mask,
+   deterministic, decode, segment_ids=, positions=, enc_segment_ids=) -> [B, T, d_model]`.
+   `encode` then returns the backbone's and the side encoder's outputs concatenated on the
+   feature axis ([B, S, d_model + d]); `decode` splits them again, so decoding and scoring
+   work unchanged. Taps need unscanned layers (`uniform_over_layers()` False).
+7. `ladder(site, name)` — used only by a `T5Stack` called with `ladder=` (one array per
+   block): before block i, `h = ladder_i(h, ladder[i])` (site.sublayer == "block"). A side
+   network built from `T5Stack` mixes the backbone's taps in this way.
+
 Packed inputs (segment ids / positions, see `t5.py`): adapters, projection deltas and root
 parameters act token by token, so they work on packed rows unchanged. A soft prompt cannot be
 prepended to every segment of a row cheaply: when `soft_prompt` returns a module and packing
@@ -47,7 +62,7 @@ from typing import Literal
 import flax.linen as nn
 
 Stack = Literal["encoder", "decoder"]
-Sublayer = Literal["self_attention", "cross_attention", "feed_forward", "lm_head"]
+Sublayer = Literal["self_attention", "cross_attention", "feed_forward", "lm_head", "block"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +102,12 @@ class T5Hooks:
         return None
 
     def soft_prompt(self, d_model: int, name: str = "prompt") -> nn.Module | None:
+        return None
+
+    def side_network(self, config, is_decoder: bool, name: str) -> nn.Module | None:
+        return None
+
+    def ladder(self, site: Site, name: str) -> nn.Module | None:
         return None
 
     def uniform_over_layers(self) -> bool:

@@ -345,12 +345,16 @@ class T5Stack(nn.Module):
     def __call__(self, embeds: Array, mask: Array | None, enc: Array | None = None,
                  enc_mask: Array | None = None, shared=None, segment_ids: Array | None = None,
                  positions: Array | None = None,
-                 enc_segment_ids: Array | None = None) -> tuple[Array, Array]:
+                 enc_segment_ids: Array | None = None, ladder: list[Array] | None = None,
+                 return_taps: bool = False):
         """embeds: [B, T, D]; mask: [B, T] (1 = token) or None; enc/enc_mask: encoder output
         [B, S, D] / [B, S] (decoder only). Packed rows: segment_ids/positions [B, T] of these
         tokens, enc_segment_ids [B, S] of the encoder's (decoder only, with segment_ids).
-        Returns (hidden [B, T', D], mask [B, T']) where T' includes soft-prompt tokens in the
-        encoder; packed, the mask also drops padding (segment 0)."""
+        ladder: one array per block, mixed into the hidden state before it by the `ladder`
+        hook. Returns (hidden [B, T', D], mask [B, T']) where T' includes soft-prompt tokens
+        in the encoder; packed, the mask also drops padding (segment 0). With return_taps also
+        the list of the n + 1 states [B, T', D] (the stack's input after dropout, then each
+        block's output; unscanned layers only)."""
         cfg, hooks = self.config, self.hooks
         n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
         b, t = embeds.shape[:2]
@@ -381,6 +385,12 @@ class T5Stack(nn.Module):
         if cfg.remat:
             block_cls = nn.remat(T5Block, prevent_cse=not cfg.scan_layers)
         args = (self_bias, enc, cross_bias, shared, cache_index)
+        taps = [h]
+        if cfg.scan_layers and (return_taps or ladder is not None):
+            raise ValueError("per-block taps and ladder inputs need unscanned layers "
+                             "(scan_layers=False)")
+        if ladder is not None and len(ladder) != n:
+            raise ValueError(f"ladder has {len(ladder)} entries, the stack has {n} blocks")
         if cfg.scan_layers:  # hooks.uniform_over_layers() is checked by the root model
             scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
@@ -388,12 +398,17 @@ class T5Stack(nn.Module):
             h, _ = scanned(cfg, hooks, self.is_decoder, None, self.decode, self.deterministic,
                            name="blocks")(h, *args)
         else:
+            stack = "decoder" if self.is_decoder else "encoder"
             for i in range(n):
+                if ladder is not None:
+                    mix = hooks.ladder(Site(stack, i, "block", n), name=f"ladder_{i}")
+                    h = mix(h, ladder[i]) if mix is not None else h
                 h, _ = block_cls(cfg, hooks, self.is_decoder, i, self.decode, self.deterministic,
                                  name=f"block_{i}")(h, *args)
+                taps.append(h)
         h = T5LayerNorm(cfg, name="final_layer_norm")(h)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-        return h, mask
+        return (h, mask, taps) if return_taps else (h, mask)
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -469,19 +484,40 @@ class T5ForConditionalGeneration(nn.Module):
         root = hooks.root_module(name="peft_root")
         shared = root() if root is not None else None
 
+        side_encoder = hooks.side_network(cfg, False, name="side_encoder")
+        side_decoder = hooks.side_network(cfg, True, name="side_decoder")
         if mode in ("full", "encode"):
             encoder = T5Stack(cfg, hooks, is_decoder=False, deterministic=deterministic,
                               name="encoder")
-            encoder_hidden, encoder_mask = encoder(embed(input_ids), attention_mask,
-                                                   shared=shared, segment_ids=encoder_segment_ids,
-                                                   positions=encoder_positions)
+            out = encoder(embed(input_ids), attention_mask, shared=shared,
+                          segment_ids=encoder_segment_ids, positions=encoder_positions,
+                          return_taps=side_encoder is not None)
+            encoder_hidden, encoder_mask = out[:2]
+            side_hidden = None
+            if side_encoder is not None:  # the side network reads every block's output
+                side_hidden = side_encoder(out[2], attention_mask, deterministic,
+                                           segment_ids=encoder_segment_ids,
+                                           positions=encoder_positions)
             if mode == "encode":
+                if side_hidden is not None:  # one array for decode(): [B, S, D + D_side]
+                    encoder_hidden = jnp.concatenate(
+                        [encoder_hidden, side_hidden.astype(encoder_hidden.dtype)], axis=-1)
                 return (encoder_hidden, encoder_mask) if return_mask else encoder_hidden
+        elif side_decoder is not None:  # decode(): split what encode() concatenated
+            encoder_hidden, side_hidden = (encoder_hidden[..., :cfg.d_model],
+                                           encoder_hidden[..., cfg.d_model:])
         decoder = T5Stack(cfg, hooks, is_decoder=True, decode=decode,
                           deterministic=deterministic, name="decoder")
-        h, _ = decoder(embed(decoder_input_ids), decoder_attention_mask, encoder_hidden,
-                       encoder_mask, shared, segment_ids=decoder_segment_ids,
-                       positions=decoder_positions, enc_segment_ids=encoder_segment_ids)
+        out = decoder(embed(decoder_input_ids), decoder_attention_mask, encoder_hidden,
+                      encoder_mask, shared, segment_ids=decoder_segment_ids,
+                      positions=decoder_positions, enc_segment_ids=encoder_segment_ids,
+                      return_taps=side_decoder is not None)
+        h = out[0]
+        if side_decoder is not None:  # the lm_head reads the side network's output
+            h = side_decoder(out[2], decoder_attention_mask, side_hidden, encoder_mask,
+                             deterministic, decode, segment_ids=decoder_segment_ids,
+                             positions=decoder_positions, enc_segment_ids=encoder_segment_ids)
+            h = h.astype(out[0].dtype)
         if cfg.scale_decoder_outputs:
             h = h * (cfg.d_model ** -0.5)
         if cfg.tie_word_embeddings:

@@ -11,6 +11,7 @@ from typing import Any
 from compacter_jax.peft.method import Method
 from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning,
                                         IntrinsicSAID, LoRAMethod, PromptTuning)
+from compacter_jax.peft.methods.lst import LadderSideTuning
 
 _ADAPTERS = dict(train_layer_norms=True, reduction_factor=32)
 
@@ -35,6 +36,9 @@ PRESETS: dict[str, Method] = {p.name: p for p in (
     BitFitMethod(name="bitfit_projections", layer_norms=False, learning_rate=3e-4),
     PromptTuning(name="prompt_tuning_vocab", length=100, init="vocab", learning_rate=3e-1),
     IntrinsicSAID(name="intrinsic_said", dim=20_000, said=True, learning_rate=3e-2),
+    # Ladder Side-Tuning (Sung et al. 2022): r = 8, side blocks 1-3, 5-7, 9-11 of T5-base,
+    # lr 3e-3 (the authors' scripts/ladder_side_tuning_base.sh).
+    LadderSideTuning(name="lst", reduction_factor=8, drop_every=4, learning_rate=3e-3),
 )}
 
 

@@ -42,13 +42,13 @@ TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "s
 # The methods of Tables 1 and 2 in the paper's row order (baselines, then the paper's own).
 PAPER_METHODS = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "prompt_tuning",
                  "prompt_tuning_vocab", "intrinsic_said", "bitfit", "phm_adapter", "compacter",
-                 "compacter++")
+                 "compacter++", "lst")  # + Ladder Side-Tuning (Sung et al. 2022), not in the paper
 METHOD_TITLES = {"full": "T5-base (full)", "adapter": "Adapter", "pfeiffer": "Pfeiffer-Adapter",
                  "adapterdrop": "AdapterDrop", "lowrank": "Adapter-LowRank",
                  "prompt_tuning": "Prompt Tuning-R", "prompt_tuning_vocab": "Prompt Tuning-T",
                  "intrinsic_said": "Intrinsic-SAID", "bitfit": "BitFit",
                  "phm_adapter": "PHM-Adapter", "compacter": "Compacter",
-                 "compacter++": "Compacter++"}
+                 "compacter++": "Compacter++", "lst": "LST (Sung et al. 2022)"}
 # The paper's methods this library registers (Intrinsic-SAID joins once it has a preset).
 METHODS = tuple(m for m in PAPER_METHODS if m in peft.method_names())
 

@@ -24,12 +24,12 @@ ALL_TASKS = paper.GLUE_TASKS + paper.SUPERGLUE_TASKS
 # PHM ones (all of 4, 8, 12 divide T5-base's 768 and its bottlenecks 24, 48, 96), 1 otherwise.
 PER_TASK = {"full": 1, "adapter": 3, "pfeiffer": 3, "adapterdrop": 3, "lowrank": 3,
             "prompt_tuning": 1, "prompt_tuning_vocab": 1, "intrinsic_said": 1, "bitfit": 1,
-            "phm_adapter": 9, "compacter": 9, "compacter++": 9}
+            "phm_adapter": 9, "compacter": 9, "compacter++": 9, "lst": 1}
 # The original configs' learning rates (seq2seq/configs/*.json).
 ORIGINAL_LR = {"full": 3e-4, "adapter": 3e-4, "pfeiffer": 3e-4, "adapterdrop": 3e-4,
                "lowrank": 3e-3, "phm_adapter": 3e-3, "compacter": 3e-3, "compacter++": 3e-3,
                "bitfit": 3e-4, "prompt_tuning": 3e-2, "prompt_tuning_vocab": 3e-1,
-               "intrinsic_said": 3e-2}
+               "intrinsic_said": 3e-2, "lst": 3e-3}
 # Official training sets (TFDS / HF datasets row counts) and the paper's train part of each.
 OFFICIAL = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "qqp": 363846, "stsb": 5749,
             "mnli": 392702, "qnli": 104743, "rte": 2490, "boolq": 9427, "cb": 250, "copa": 400,

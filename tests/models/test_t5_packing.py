@@ -26,6 +26,7 @@ def peft_methods_under_test() -> dict[str, peft.Method]:
     methods = {name: peft.get_method(name, **tiny) if isinstance(m, peft.AdapterMethod) else m
                for name, m in peft.PRESETS.items() if m.packable}
     methods["adapterdrop"] = peft.get_method("adapterdrop", drop_first=1, **tiny)
+    methods["lst"] = peft.get_method("lst", reduction_factor=4, drop_every=0)
     return methods
 
 

@@ -5,10 +5,11 @@ from compacter_jax.peft.methods.bitfit import BitFitHooks, BitFitMethod
 from compacter_jax.peft.methods.full import FullFineTuning
 from compacter_jax.peft.methods.intrinsic import IntrinsicSAID
 from compacter_jax.peft.methods.lora import LoRAHooks, LoRAMethod
+from compacter_jax.peft.methods.lst import LadderSideTuning
 from compacter_jax.peft.methods.prompt import PromptHooks, PromptTuning, init_prompt_from_vocab
 
 __all__ = [
     "AdapterHooks", "AdapterMethod", "BitFitHooks", "BitFitMethod", "FullFineTuning",
-    "IntrinsicSAID",
+    "IntrinsicSAID", "LadderSideTuning",
     "LoRAHooks", "LoRAMethod", "PromptHooks", "PromptTuning", "init_prompt_from_vocab",
 ]
