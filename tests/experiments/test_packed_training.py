@@ -5,7 +5,6 @@ examples; bucketed evaluation gives the predictions of unbucketed evaluation, in
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -18,15 +17,6 @@ from experiments.evaluation import Evaluator
 
 B, S = 16, 128
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-def recorded_gradients() -> optax.GradientTransformation:
-    """An optax transformation whose state is the last gradient it was given and whose update
-    is zero: the library's own train step then hands back its mean gradient exactly (reading
-    it as `params_before - params_after` would round it to the parameters' ulp)."""
-    zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)  # noqa: E731
-    return optax.GradientTransformation(lambda params: zeros(params),
-                                        lambda grads, state, params=None: (zeros(grads), grads))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def model_and_method():
 
 
 @pytest.mark.parametrize("task", [0, 1], ids=["rte", "sst2"])
-def test_packed_step_equals_padded_step(rows, model_and_method, task):
+def test_packed_step_equals_padded_step(rows, model_and_method, recorded_gradients, task):
     model, method, params = model_and_method
     encoded = rows[task]
     padded = data_lib.make_batch(encoded, np.arange(B))
@@ -63,7 +53,7 @@ def test_packed_step_equals_padded_step(rows, model_and_method, task):
                                  row_buckets=(4, 8, 16))
     assert packed["input_ids"].shape[0] < B            # it really packed
     trainable, frozen = method.partition(params)
-    tx = recorded_gradients()
+    tx = recorded_gradients                             # opt_state = the exact mean gradient
     state = TrainState.create(trainable, tx, 0)
     step = make_train_step(seq2seq_apply_fn(model), tx, merge_fn=method.combine)
 
