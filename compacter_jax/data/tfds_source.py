@@ -77,6 +77,8 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Raises DownloadUnavailableError unless `url`'s host (or the proxy the environment sets
     for it, as `requests` would use) accepts a TCP connection within `timeout` seconds."""
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return  # a local path or another scheme: TFDS's own error, if any, says what failed
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     proxy = urllib.request.getproxies().get(parts.scheme)
     if proxy and host and not urllib.request.proxy_bypass(host):

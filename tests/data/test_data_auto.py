@@ -36,7 +36,10 @@ def _examples(rows):
 
 @pytest.fixture(autouse=True)
 def only_localhost(monkeypatch):
-    """Any connection or name lookup beyond 127.0.0.1 fails the test."""
+    """Any connection or name lookup beyond 127.0.0.1 fails the test; no proxy is used."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
     connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
     def guarded_connect(self, address):
@@ -168,3 +171,15 @@ def test_offline_with_neither_is_one_error_naming_both_ways(tmp_path, monkeypatc
     # Download not allowed: the error says how to allow it, and nothing is contacted.
     with pytest.raises(DataError, match="allow the download .config field `download`."):
         AutoSource(tmp_path, download=False).load("sst2", "train")
+
+
+def test_the_probe_goes_through_the_proxy_the_environment_sets(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                       # closed again: nobody listens
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(DownloadUnavailableError, match=f"127.0.0.1:{port} unreachable"):
+        tfds_source.probe("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip")
+    tfds_source.probe("/a/local/file.zip")              # not a network URL: nothing to probe
