@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from compacter_jax.data.files import DATA_DIR_HINT, DataError, FilesSource
-from compacter_jax.data.tasks import Example, Task
+from compacter_jax.data.tasks import Example, Task, get_task
 from compacter_jax.data.tfds_source import DownloadUnavailableError, TfdsSource
-from compacter_jax.data.tasks import get_task
 
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("files", "tfds", "auto")
@@ -83,9 +82,10 @@ class AutoSource:
                    f"build {task.tfds_name} --file_format=array_record --data_dir="
                    f"{self.tfds.root()}`")
             benchmark = "GLUE" if task.tfds_name.startswith("glue/") else "SuperGLUE"
+            why = e.reason if isinstance(e, DownloadUnavailableError) else str(e)
             raise DataError(
                 f"no data for {task.name}: no local file {missing}, and tensorflow-datasets "
-                f"has no {task.tfds_name} ({e}). Either put the {benchmark} files there "
+                f"has no {task.tfds_name} ({why}). Either put the {benchmark} files there "
                 f"({DATA_DIR_HINT}), or {how}") from None
 
 

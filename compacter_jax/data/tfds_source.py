@@ -41,7 +41,12 @@ PROBE_TIMEOUT_S = 5.0
 
 
 class DownloadUnavailableError(DataError):
-    """TFDS data are not prepared and cannot be downloaded (no network, host down, refused)."""
+    """TFDS data are not prepared and cannot be downloaded (no network, host down, refused);
+    `reason` is the short cause ("host:port unreachable (...)")."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _tfds():
@@ -233,11 +238,10 @@ class TfdsSource:
                 f"{task.tfds_name} is not prepared in {self.root()} and cannot be downloaded "
                 f"now: {e}. Connect to the internet and run again, or prepare it elsewhere with "
                 f"`tfds build {task.tfds_name} --file_format=array_record` and copy it "
-                "there") from None
+                "there", reason=str(e)) from None
         except (OSError, tfds.download.DownloadError) as e:  # requests errors are OSErrors
-            raise DownloadUnavailableError(
-                f"downloading {task.tfds_name} with tensorflow-datasets failed: "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+            reason = f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            raise DownloadUnavailableError(f"{task.tfds_name}: {reason}", reason) from None
         return self.builder(task)
 
     def label_names(self, task: Task | str) -> tuple[str, ...]:
