@@ -40,23 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_source(config) -> data_lib.Source:
-    """`files`, `tfds`, or `auto`: TFDS when the task is prepared there, else local files
-    (from `data_dir` when given: a folder of GLUE/SuperGLUE files is read as files)."""
+    """`files`, `tfds`, or `auto` (`data_lib.AutoSource`): the local files where they hold the
+    task, else tensorflow-datasets, downloading and preparing it once when the network answers.
+    `download` unset (None) lets `auto` and `tfds` download what is missing."""
     data_dir = config.data_dir or None
-    if config.source != "auto":
-        return data_lib.make_source(config.source, data_dir=data_dir, download=config.download)
-    if data_dir is not None and data_lib.FilesSource.is_files_layout(data_dir):
-        return data_lib.make_source("files", data_dir=data_dir)
-    tfds_source = data_lib.make_source("tfds", data_dir=data_dir, download=False)
-    try:
-        tfds_source.load(config.task, "validation" if config.task != "mnli"
-                         else "validation_matched")
-        log.info("data: tensorflow-datasets (%s)", tfds_source)
-        return tfds_source
-    except Exception as e:  # not prepared / TFDS unusable here: fall back to local files
-        log.info("data: TFDS not available for %s (%s); using local files", config.task,
-                 str(e).splitlines()[0][:200])
-        return data_lib.make_source("files", data_dir=data_dir)
+    download = config.download
+    if config.source != "files" and download is None:
+        download = True
+    return data_lib.make_source(config.source, data_dir=data_dir, download=download)
 
 
 def target_length(config, task, tokenizer) -> int:

@@ -111,7 +111,7 @@ def validate_config(config, *, available_devices: int | None = None,
         raise ConfigError(f"{_flag('model', config['model'])}: name a local HF checkpoint "
                           "directory, a Hub id or random:<preset>")
 
-    _check_choice(config, "source", SOURCE_KINDS + ("auto",))
+    _check_choice(config, "source", SOURCE_KINDS)
     _check_choice(config, "dtype", DTYPES)
     _check_choice(config, "strategy", STRATEGIES)
     _check_choice(config, "eval_mode", EVAL_MODES)
@@ -119,7 +119,8 @@ def validate_config(config, *, available_devices: int | None = None,
         raise ConfigError("--config.shard_frozen=True needs --config.strategy=jit (pmap "
                           "replicates every leaf)")
     if config.get("download") and config.get("source") == "files":
-        raise ConfigError("--config.download=True only applies to --config.source=tfds")
+        raise ConfigError("--config.download=True only applies to --config.source=tfds or "
+                          "auto")
     data_dir = config.get("data_dir")
     if data_dir and not config.get("download") and not Path(data_dir).expanduser().is_dir():
         raise ConfigError(f"{_flag('data_dir', data_dir)}: no such directory; point it at the "

@@ -1,5 +1,6 @@
 """Shared test setup: 4 fake CPU devices for data-parallel tests, the data-dir skip marker, one
-cached FilesSource (SST-2 train is read once) and the real T5 tokenizer."""
+cached FilesSource (SST-2 train is read once), the real T5 tokenizer and an optax
+transformation that records the exact gradient of a train step."""
 
 import os
 
@@ -51,6 +52,19 @@ def tokenizer(t5_vocab):
     from compacter_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(str(t5_vocab))
+
+
+@pytest.fixture(scope="session")
+def recorded_gradients():
+    """An optax transformation whose state is the last gradient it was given and whose update
+    is zero: a train step run with it hands back its mean gradient exactly in
+    `state.opt_state` (read as `params_before - params_after` under sgd(1), it would be
+    rounded to the parameters' ulp, which can exceed a small gradient)."""
+    import optax
+
+    zeros = lambda tree: jax.tree_util.tree_map(jax.numpy.zeros_like, tree)  # noqa: E731
+    return optax.GradientTransformation(lambda params: zeros(params),
+                                        lambda grads, state, params=None: (zeros(grads), grads))
 
 
 def pytest_collection_modifyitems(config, items):

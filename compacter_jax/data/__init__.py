@@ -27,7 +27,7 @@ from compacter_jax.data.pipeline import (
 from compacter_jax.data.packing import (PackingPlan, bucketed_eval_batches, fill, pack_batch,
                                         plan_packing, unpack_batch)
 from compacter_jax.data.randperm import torch_randperm
-from compacter_jax.data.sources import SOURCE_KINDS, Source, make_source
+from compacter_jax.data.sources import SOURCE_KINDS, AutoSource, Source, make_source
 from compacter_jax.data.splitting import (PaperSplit, limit_eval_rows, load_paper_splits,
                                           paper_splits, split_indices, splits)
 from compacter_jax.data.tasks import (
@@ -40,10 +40,10 @@ from compacter_jax.data.tasks import (
     get_task,
     task_names,
 )
-from compacter_jax.data.tfds_source import TfdsSource
+from compacter_jax.data.tfds_source import DownloadUnavailableError, TfdsSource
 
 __all__ = [
-    "DataError", "DataState", "EncodedData", "FilesSource", "GLUE_TASKS", "INVALID_LABEL",
+    "AutoSource", "DataError", "DataState", "DownloadUnavailableError", "EncodedData", "FilesSource", "GLUE_TASKS", "INVALID_LABEL",
     "INVALID_SCORE", "PackingPlan", "PaperSplit", "SOURCE_KINDS", "SUPERGLUE_TASKS", "Source",
     "TASKS", "Task", "TfdsSource", "bucketed_eval_batches", "compute_metrics",
     "decode_predictions", "encode", "epoch_permutation", "eval_batches", "fill", "get_task",

@@ -313,6 +313,13 @@ class FilesSource:
         return (any((d / kind).is_dir() for kind in ("glue", "superglue"))
                 or d.name.lower() in ("glue", "superglue") and d.is_dir())
 
+    def holds(self, task: Task | str) -> bool:
+        """Whether the task's training file is here (WNLI: or its re-split folder); the
+        other splits' files are checked when they are loaded."""
+        path = self.path(task, "train")
+        return path.is_file() or (get_task(task).name == "wnli"
+                                  and (path.parent / "train_resplit_amrnag").is_dir())
+
     def _root(self, kind: str) -> Path:
         """The `glue/` or `superglue/` folder: under data_dir, or data_dir itself when it is
         that folder (e.g. --config.data_dir=.../glue)."""

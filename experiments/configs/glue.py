@@ -60,12 +60,14 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     # "" = the model's own (spiece.model of its folder or Hub repo; the shared T5 vocabulary
     # under $COMPACTER_DATA_DIR/t5_vocab for random:<preset>); a directory or Hub id overrides.
     c.tokenizer = ""
-    # Data: "tfds", "files", or "auto" (TFDS when prepared there, else the local files).
+    # Data: "tfds", "files", or "auto" (the local files where they hold the task, else TFDS:
+    # prepared there, or downloaded and prepared once when the network answers).
     c.source = "auto"
     # "" = $COMPACTER_DATA_DIR (files) / TFDS default (tfds); a files folder may be the one
     # holding glue/ and superglue/, or glue/ or superglue/ itself.
     c.data_dir = ""
-    c.download = False
+    # None: auto/tfds download what is missing (when the network answers); False: never.
+    c.download = ml_collections.config_dict.placeholder(bool)
     c.max_source_length = 128
     c.max_target_length = -1  # -1: the task's (its longest label; 128 for free-text targets)
     c.train_samples = -1  # > 0: the original's seeded low-resource subsample of the train set

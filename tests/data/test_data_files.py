@@ -167,9 +167,9 @@ def test_missing_data_dir_and_file(tmp_path, shared_data):
 
 
 def test_make_source_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="unknown data source 'hub'; valid: files, tfds"):
+    with pytest.raises(ValueError, match="unknown data source 'hub'; valid: files, tfds, auto"):
         make_source("hub")
-    with pytest.raises(ValueError, match="only applies to the 'tfds' source"):
+    with pytest.raises(ValueError, match="only applies to the 'tfds' and 'auto' sources"):
         make_source("files", download=True)
 
 

@@ -116,7 +116,10 @@ def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t
 
     record = _readme_record(SHIPPED / "README.md")
     size = sum(f.stat().st_size for f in SHIPPED.iterdir())
-    assert size < 64 * 2**20 and not (SHIPPED / "spiece.model").exists()
+    # The checkpoint carries the tokenizer it was trained with (the model's own, issue 17).
+    assert size < 64 * 2**20 and (SHIPPED / "spiece.model").is_file()
+    assert len(load_tokenizer(str(SHIPPED))) <= json.loads(
+        (SHIPPED / "config.json").read_text())["vocab_size"]
     model, params = from_pretrained(str(SHIPPED))
     assert pretrain.count_params(params) == record["parameters"]
     # Rebuild the held-out text the README names and check it is that very text.
@@ -132,5 +135,8 @@ def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t
     loss = pretrain.heldout_loss(pretrain.make_heldout_loss(model), params, eval_batches(
         chunks, record["eval_batch_size"], spec, seed=record["heldout_corruption_seed"]))
     assert loss["tokens"] == record["heldout_tokens"]
-    # Same float32 program on the same data: only XLA's thread scheduling may differ.
-    assert loss["loss"] == pytest.approx(record["heldout_loss"], abs=1e-4)
+    # The same float32 arithmetic, recompiled for this CPU (AVX2 and AVX-512 order sums
+    # differently): each token's loss moves by a few eps32 * sqrt(d_ff) of its size, and so
+    # does their mean (~8e-5 for d_ff 1024 and a loss of 5.2).
+    bound = 4 * np.finfo(np.float32).eps * np.sqrt(record["config"]["model"]["d_ff"])
+    assert loss["loss"] == pytest.approx(record["heldout_loss"], rel=bound)

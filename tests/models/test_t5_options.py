@@ -23,6 +23,17 @@ def _batch():
     return tuple(jnp.asarray(a) for a in padded_batch(64))
 
 
+# Two float32 programs of the same arithmetic (other fusions, a scan, a split call) differ by
+# reordered sums over at most d_ff terms: a few eps32 * sqrt(d_ff) of the values' scale.
+CLOSE32 = 4 * float(np.finfo(np.float32).eps) * np.sqrt(V11.d_ff)
+
+
+def _assert_close(got, want):
+    """`got` equals `want` within CLOSE32 of want's largest magnitude."""
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=CLOSE32 * float(np.abs(want).max()))
+
+
 @fast_jit(static_argnames=("cfg", "deterministic"))
 def _logits(cfg, params, batch, deterministic=True, key=None):
     rngs = None if key is None else {"dropout": key}
@@ -72,8 +83,7 @@ def test_scan_matches_unscanned(v11_params):
         jax.tree_util.tree_map(lambda x: x.shape, stacked)
     assert own["decoder"]["blocks"]["layer_1"]["EncDecAttention"]["q"]["kernel"].shape == \
         (3, 32, 32)
-    np.testing.assert_allclose(_logits(scanned_cfg, stacked, batch),
-                               _logits(V11, v11_params, batch), atol=1e-4, rtol=0)
+    _assert_close(_logits(scanned_cfg, stacked, batch), _logits(V11, v11_params, batch))
     back = unstack_blocks(stacked)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(
         lambda a, b: bool(jnp.array_equal(a, b)), back, v11_params))
@@ -99,11 +109,15 @@ def test_remat_and_scan_match_plain_values_and_grads(v11_params):
     v2, g2 = value_and_grad(base.replace(remat=True, scan_layers=True), stack_blocks(v11_params))
     assert float(jnp.max(jnp.abs(g0["encoder"]["block_0"]["layer_0"]["SelfAttention"]["q"]
                                  ["kernel"]))) > 0
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    np.testing.assert_allclose(v2, v0, rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g0)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-                           g2, stack_blocks(g0))
+    # Remat recomputes, scan loops: CLOSE32 of the scale; for gradients the largest |g| of the
+    # tree (every leaf's error comes from the same backward signals, so a leaf whose sum
+    # cancels to ~0 still carries that absolute error).
+    np.testing.assert_allclose(v1, v0, rtol=CLOSE32)
+    np.testing.assert_allclose(v2, v0, rtol=CLOSE32)
+    atol = CLOSE32 * max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g0))
+    for got, want in ((g1, g0), (g2, stack_blocks(g0))):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                                       atol=atol), got, want)
 
 
 def test_bfloat16_close_to_float32(v11_params):
@@ -148,7 +162,7 @@ def test_encode_decode_methods_match_call(v11_params):
 
     enc, split, joint = run(v11_params)
     assert enc.shape == ids.shape + (32,)
-    np.testing.assert_allclose(split, joint, atol=1e-6)
+    _assert_close(split, joint)
 
 
 def test_decoder_is_causal_and_ignores_encoder_padding(v11_params):
