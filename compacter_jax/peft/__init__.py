@@ -14,8 +14,9 @@ from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTun
                                         IntrinsicSAID, LoRAMethod, PromptTuning,
                                         init_prompt_from_vocab)
 from compacter_jax.peft.model import build_model, from_pretrained
-from compacter_jax.peft.partition import (FROZEN, TRAINABLE, count, freezing_optimizer,
-                                          label_params, merge, split, trainable_count)
+from compacter_jax.peft.partition import (FROZEN, TRAINABLE, PathRule, count,
+                                          freezing_optimizer, label_params, merge, path_rule,
+                                          split, trainable_count)
 from compacter_jax.peft.registry import PRESETS, cli_fields, get_method, method_names
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "init_prompt_from_vocab", "is_layer_norm_path", "is_peft_path", "label_params",
     "load_adapter", "load_trainable", "merge", "method_from_dict", "method_names",
     "method_of_export", "save_adapter", "split", "trainable_count",
+    "PathRule", "path_rule",
 ]
