@@ -172,7 +172,21 @@ def test_manifest_shapes_and_loader_errors_name_the_path(tmp_path):
 # -- the export records its backbone (issue 20) -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def seven():
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for these tests: each load_adapter draws the same
+    random:t5-tiny + Compacter++ (the seed is an argument), so it compiles the init once."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0}
+    before = {k: jax.config.values[k] for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def seven(compile_cache):
     """Compacter++ on random:t5-tiny drawn with PRNGKey(7), "trained" (moved) a little."""
     method = peft.get_method("compacter++", reduction_factor=8)
     model, params = peft.from_pretrained("random:t5-tiny", method, rng=jax.random.PRNGKey(7))
