@@ -2,28 +2,38 @@
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# `make run JAX_EXTRA=cuda12` (or cuda13, tpu) installs JAX for the accelerator; empty = CPU/plain jax.
+JAX_EXTRA ?=
 export COMPACTER_DATA_DIR ?= $(abspath ../shared/data)
-# Tests and examples run on the CPU with a few fake devices for data-parallel checks.
-export JAX_PLATFORMS ?= cpu
 
-.PHONY: install run test bench clean
+.PHONY: install install-test run test bench clean
 
-install: $(STAMP)
+# The runtime (make run) needs no torch: the test extra (torch as the numerical reference,
+# pytest, nbmake) is installed by `make test` only.
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
-$(STAMP): pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e .
+	$(if $(JAX_EXTRA),$(PY) -m pip install -q -c constraints.txt "jax[$(JAX_EXTRA)]")
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
 run: install
 	$(PY) -m experiments.glue --config experiments/configs/glue.py --workdir runs/sst2_compacterpp
 
-test: install
+# Tests and notebooks run on the CPU with a few fake devices for data-parallel checks.
+test: export JAX_PLATFORMS ?= cpu
+test: install-test
 	$(PY) -m pytest -n 2 --dist loadfile --durations=10 --nbmake --nbmake-timeout=300 tests notebooks
 
-bench: install
+bench: export JAX_PLATFORMS ?= cpu
+bench: install-test
 	$(PY) -m benchmarks.efficiency --model random:t5-base --batch 8 --src-len 128 --tgt-len 8 --steps 5 --json benchmarks/results/t5-base_cpu_f32_all.json
 
 clean:

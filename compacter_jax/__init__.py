@@ -17,6 +17,8 @@ from compacter_jax.peft import (AdapterMethod, BitFitMethod, FullFineTuning, Int
                                 LoRAMethod, Method, PromptTuning, build_model, count, freezing_optimizer,
                                 from_pretrained, get_method, load_adapter, merge, method_names,
                                 save_adapter, split)
+from compacter_jax.peft import nnx_layers
+from compacter_jax.peft.inject import Injection, inject
 from compacter_jax.peft import (PathRule, backbone_fingerprint, path_rule,
                                 print_trainable_parameters, summary)
 from compacter_jax.data.text_batch import make_batch
@@ -40,7 +42,8 @@ __all__ = [
     "save_adapter",
     # trainable / frozen
     "count", "freezing_optimizer", "merge", "split",
-    # Flax modules and PHM math
+    # Flax modules (linen; NNX in `nnx_layers`), injection into any model, and PHM math
+    "Injection", "inject", "nnx_layers",
     "Adapter", "BitFitBias", "LoRA", "LowRankLinear", "PHMLinear", "PeftRoot", "SoftPrompt",
     "kronecker_sum", "phm_matmul",
     # training

@@ -33,9 +33,9 @@ import numpy as np
 from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.data.packing import default_length_buckets
-from compacter_jax.models import T5ForConditionalGeneration, stack_blocks
+from compacter_jax.models import T5ForConditionalGeneration, hf_io, stack_blocks
 from compacter_jax.peft import bank as bank_lib
-from compacter_jax.tokenizer import load_tokenizer
+from compacter_jax.tokenizer import tokenizer_for_model
 
 log = logging.getLogger(__name__)
 # Export fields that do not change what a method computes (a lr override is still the method).
@@ -175,10 +175,11 @@ class Predictor:
     """Serves several task adapters of one method on one frozen backbone.
 
     Args:
-      backbone: checkpoint dir, cached Hub id or `random:<preset>`; None = the backbone the
+      backbone: checkpoint dir, Hub id or `random:<preset>`; None = the backbone the
         adapters record.
       adapters: {task name: export directory}.
-      tokenizer: a tokenizer dir (default: the shared T5 vocabulary).
+      tokenizer: a tokenizer dir or Hub id, or a loaded tokenizer (default: the backbone's
+        own spiece.model; the shared T5 vocabulary for a `random:` backbone).
       batch_size: rows per decoding batch (the last batch of a call is padded).
       dtype: compute dtype ("float32" | "bfloat16").
       scan_layers: scan the T5 blocks (None: when the method allows it).
@@ -217,8 +218,9 @@ class Predictor:
         self.bank = bank_lib.stack_adapters([_fit(s, t, template, scan) for s, t in read])
         self.specs = {s.task: s for s in specs}
         self.task_index = {s.task: k for k, s in enumerate(specs)}
-        self.tokenizer = load_tokenizer(tokenizer) if not hasattr(tokenizer, "batch_decode") \
-            else tokenizer
+        self.tokenizer = tokenizer if hasattr(tokenizer, "batch_decode") else tokenizer_for_model(
+            hf_io.model_dir(backbone), tokenizer, vocab_size=self.model.config.vocab_size,
+            model=backbone)
         self.batch_size = int(batch_size)
         widest = max(s.max_source_length for s in specs)
         self.length_buckets = tuple(sorted(length_buckets or default_length_buckets(widest)))

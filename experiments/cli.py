@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # A user's mistake (bad value, missing file, diverged run): one `error:` line and exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 _NOISY_LOGGERS = ("absl", "jax._src", "orbax", "absl.logging")
 
 
@@ -41,9 +42,14 @@ PRINT_CONFIG_HELP = ("Print every config field (--config.<field>=<default>, with
 
 def define_flags(default_config: str, workdir_help: str, config_help: str) -> None:
     """`--workdir` (required unless `--print_config`), `--config` (an ml_collections config
-    file, locked) and `--print_config`."""
+    file, locked) and `--print_config`. A relative `default_config`
+    ("experiments/configs/x.py") is found next to this package, so the CLIs run from any
+    directory."""
     from absl import flags
     from ml_collections import config_flags
+
+    if not Path(default_config).is_absolute():
+        default_config = str(Path(__file__).resolve().parent.parent / default_config)
 
     flags.DEFINE_string("workdir", None, workdir_help)
     config_flags.DEFINE_config_file("config", default_config, config_help, lock_config=True)

@@ -22,8 +22,9 @@ import ml_collections
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
+from compacter_jax.models import hf_io
 from compacter_jax.models.hf_io import ModelNotCachedError
-from compacter_jax.tokenizer import load_tokenizer
+from compacter_jax.tokenizer import tokenizer_for_model
 from compacter_jax.train import (Checkpointer, MetricsBuffer, NonFiniteLossError, TrainState,
                                  due, make_optimizer, make_strategy, make_train_step,
                                  mean_metrics, seq2seq_apply_fn)
@@ -125,21 +126,16 @@ def peft_overrides(config) -> dict[str, Any]:
     return {k: v for k, v in config.peft.items() if v is not None}
 
 
-def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = DEFAULT_MODEL):
-    """(model, params, name): the configured model. Only when `config.model` is
-    `fallback_from` (the default t5-base of `make run`) and that Hub id is not in the local HF
-    cache is `config.fallback_model` used instead, with a loud warning. Any other model that
-    does not load (a local path without weights or config.json, another Hub id, a corrupt
-    checkpoint) raises. Layers are scanned when asked and the method places the same modules
-    in every block."""
-    scan = config.scan_layers and method.hooks().uniform_over_layers()
-    if config.scan_layers and not scan:
-        log.info("%s places its modules in some blocks only: layers are not scanned",
-                 method.name)
-    kwargs = dict(rng=rng, dtype=config.dtype, scan_layers=scan, remat=config.remat)
+def resolve_model(config, *, fallback_from: str | None = DEFAULT_MODEL
+                  ) -> tuple[str, Path | None]:
+    """(name, local folder or None for `random:`) of the model to train: `config.model`,
+    downloaded from the Hub into the HF cache when it is a Hub id not there yet. Only when
+    `config.model` is `fallback_from` (the default t5-base of `make run`), it is not cached and
+    the Hub cannot be reached (HF_HUB_OFFLINE=1, no connection) is `config.fallback_model`
+    used instead, with a banner saying so. Any other failure raises: a model the user names,
+    a repo that does not exist or is gated, a local path without config.json."""
     try:
-        model, params = peft.from_pretrained(config.model, method, **kwargs)
-        name = config.model
+        return config.model, hf_io.model_dir(config.model)
     except ModelNotCachedError as e:
         if not config.fallback_model or config.model != fallback_from:
             raise
@@ -148,8 +144,32 @@ def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = 
         what = ("randomly initialised weights: scores mean nothing" if name.startswith("random:")
                 else "a far smaller backbone than the one asked for (for t5-mini-glue, pretrained "
                      "here on 2 CPU cores: see docs/small_scale.md)")
-        warnings.warn(f"\n{banner}\n{e}\nFALLING BACK TO {name}: {what}.\n{banner}", stacklevel=2)
-        model, params = peft.from_pretrained(name, method, **kwargs)
+        warnings.warn(f"\n{banner}\nTHE HUB CANNOT BE REACHED: {e}\nFALLING BACK TO {name}: "
+                      f"{what}.\n{banner}", stacklevel=2)
+        return name, hf_io.model_dir(name)
+
+
+def load_tokenizer_for(config, name: str, folder: Path | None):
+    """The run's tokenizer: `config.tokenizer` when set (an explicit override, e.g. the shared
+    T5 vocabulary), else the model's own (`spiece.model` of its folder or Hub repo), else the
+    shared vocabulary (`random:` presets); checked against the model's vocab_size."""
+    vocab_size = hf_io.load_config(str(folder) if folder else name).vocab_size
+    return tokenizer_for_model(folder, config.tokenizer or None, vocab_size=vocab_size,
+                               model=name)
+
+
+def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = DEFAULT_MODEL,
+               resolved: tuple[str, Path | None] | None = None):
+    """(model, params, name): the model of `resolve_model(config)` (or `resolved`, its result),
+    with the method. Layers are scanned when asked and the method places the same modules in
+    every block."""
+    name, folder = resolved or resolve_model(config, fallback_from=fallback_from)
+    scan = config.scan_layers and method.hooks().uniform_over_layers()
+    if config.scan_layers and not scan:
+        log.info("%s places its modules in some blocks only: layers are not scanned",
+                 method.name)
+    kwargs = dict(rng=rng, dtype=config.dtype, scan_layers=scan, remat=config.remat)
+    model, params = peft.from_pretrained(str(folder) if folder else name, method, **kwargs)
     return model, params, name
 
 
@@ -234,13 +254,14 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     task = data_lib.get_task(config.task)
     learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
     add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
-    tokenizer = load_tokenizer(config.tokenizer or None)
+    resolved = resolve_model(config)  # downloads a Hub model; the fallback's banner
+    tokenizer = load_tokenizer_for(config, *resolved)
     encoded = load_data(config, task, tokenizer, add_prefix)
 
     # The backbone, if random, is a function of the seed alone, so an exported adapter can be
     # put back onto the same random weights (load_adapter reads `init_seed`).
     init_rng = jax.random.PRNGKey(config.seed)
-    model, params, model_name = load_model(config, method, init_rng)
+    model, params, model_name = load_model(config, method, init_rng, resolved=resolved)
     # What the export records so that load_adapter refuses any other backbone.
     backbone_sha256 = peft.backbone_fingerprint(params, method)
     trainable, frozen = method.partition(params)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
@@ -28,7 +29,8 @@ from experiments.finetune import train_and_evaluate
 from experiments.validation import validate_config
 
 FLAGS = flags.FLAGS
-DEFAULT_CONFIG = "experiments/configs/glue.py"
+# Found next to this module, so the CLI runs from any directory (and from an installed package).
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "glue.py")
 EXIT_USAGE = 2
 
 

@@ -49,7 +49,6 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.data import packing as packing_lib
 from compacter_jax.peft import bank as bank_lib
-from compacter_jax.tokenizer import load_tokenizer
 from compacter_jax.train import (Checkpointer, MetricsBuffer, due, init_distributed,
                                  make_optimizer, make_strategy, mean_metrics, seq2seq_apply_fn)
 from compacter_jax.train.multitask import (init_multitask_state, make_multitask_train_step,
@@ -276,14 +275,15 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     bank_lib.check_bankable(method)
     learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
     add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
-    tokenizer = load_tokenizer(config.tokenizer or None)
+    resolved = finetune.resolve_model(task_config(config, names[0]))
+    tokenizer = finetune.load_tokenizer_for(config, *resolved)
     runs = prepare_tasks(config, names, tokenizer, add_prefix)
     last_step = max(r.total_steps for r in runs)
 
     # One backbone, one adapter init, as each single-task run with this seed draws them.
     init_rng = jax.random.PRNGKey(config.seed)
     model, params, model_name = finetune.load_model(task_config(config, names[0]), method,
-                                                    init_rng)
+                                                    init_rng, resolved=resolved)
     trainable, frozen = method.partition(params)
     del params
     bank = bank_lib.stack_adapters([trainable] * len(runs))

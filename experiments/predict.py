@@ -118,15 +118,16 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="", help="checkpoint dir, cached Hub id or "
+    p.add_argument("--backbone", default="", help="checkpoint dir, Hub id or "
                    "random:<preset> (default: the backbone the adapters record)")
     p.add_argument("--adapters", required=True, help="TASK=DIR[,TASK=DIR...] adapter exports")
     p.add_argument("--input", required=True, help="JSONL of examples with a 'task' field")
     p.add_argument("--output", required=True, help="JSONL to write (input order)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--tokenizer", default="", help="tokenizer dir (default: the shared T5 "
-                   "vocabulary under $COMPACTER_DATA_DIR/t5_vocab)")
+    p.add_argument("--tokenizer", default="", help="tokenizer dir or Hub id (default: the "
+                   "backbone's own spiece.model; the shared T5 vocabulary under "
+                   "$COMPACTER_DATA_DIR/t5_vocab for a random: backbone)")
     return p
 
 

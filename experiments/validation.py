@@ -108,7 +108,7 @@ def validate_config(config, *, available_devices: int | None = None,
     if "model" in config and (not isinstance(config["model"], str)
                               or not config["model"].strip()):
         raise ConfigError(f"{_flag('model', config['model'])}: name a local HF checkpoint "
-                          "directory, a cached Hub id or random:<preset>")
+                          "directory, a Hub id or random:<preset>")
 
     _check_choice(config, "source", SOURCE_KINDS + ("auto",))
     _check_choice(config, "dtype", DTYPES)
@@ -197,7 +197,7 @@ def check_model_config(config, method: peft.Method | None = None) -> None:
         t5 = hf_io.load_config(model, check_weights=True)
     except hf_io.ModelNotCachedError:
         return
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, ValueError) as e:  # missing, gated, corrupt
         raise ConfigError(f"--config.model={model!r}: {e}") from None
     if method is not None and model.startswith("random:"):
         try:

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -52,9 +52,9 @@ import numpy as np
 from compacter_jax import data as data_lib
 from compacter_jax import params as param_report
 from compacter_jax import peft
-from compacter_jax.models import from_pretrained, greedy_generate, save_pretrained
-from compacter_jax.paths import DATA_DIR_ENV, data_dir, t5_vocab_dir
-from compacter_jax.tokenizer import load_tokenizer
+from compacter_jax.models import from_pretrained, greedy_generate, hf_io, save_pretrained
+from compacter_jax.paths import DATA_DIR_ENV, checkpoints_dir, data_dir
+from compacter_jax.tokenizer import tokenizer_for_model
 from compacter_jax.train import Checkpointer
 
 NOTEBOOK_START = time.perf_counter()
@@ -62,22 +62,22 @@ NOTEBOOK_START = time.perf_counter()
 # %% [markdown]
 # ## 0. The data
 #
-# The RTE files and the T5 SentencePiece vocabulary are read from
-# `compacter_jax.paths.data_dir()`, i.e. `$COMPACTER_DATA_DIR` (default `../shared/data` next
-# to the checkout). Without them there is nothing to train on: the notebook says so and the
-# remaining cells do nothing.
+# The RTE files are read from `compacter_jax.paths.data_dir()`, i.e. `$COMPACTER_DATA_DIR`
+# (default `../shared/data` next to the checkout). Without them there is nothing to train on:
+# the notebook says so and the remaining cells do nothing. (The tokenizer comes with the
+# backbone, below: no vocabulary file is needed here.)
 
 # %%
 task = data_lib.get_task("rte")
 files = data_lib.FilesSource()
-needed = [files.path(task, "train"), files.path(task, "validation"), t5_vocab_dir() / "spiece.model"]
+needed = [files.path(task, "train"), files.path(task, "validation")]
 missing = [p for p in needed if not p.is_file()]
 HAVE_DATA = not missing
 if HAVE_DATA:
     print("data:", data_dir())
 else:
     print(f"SKIPPING the rest of this notebook: {', '.join(map(str, missing))} not found.\n"
-          f"Set ${DATA_DIR_ENV} to the directory holding glue/RTE/ and t5_vocab/spiece.model.")
+          f"Set ${DATA_DIR_ENV} to the directory holding glue/RTE/.")
     try:  # in Jupyter: turn every following cell into a no-op, so the notebook still completes
         get_ipython().input_transformers_cleanup.append(lambda lines: ["pass\n"])  # noqa: F821
     except NameError:  # run as a plain script
@@ -86,12 +86,13 @@ else:
 # %% [markdown]
 # ## 1. The backbone
 #
-# Everything below takes the backbone as a name: a directory with HF's `config.json` and
-# `model.safetensors`, or a Hub id already in the local HF cache (`t5-base`,
-# `google/t5-v1_1-base`, ...; nothing is ever downloaded at run time). Here we make a random
-# `t5-tiny` and save it as such a directory, exactly like a real checkpoint. (Saving matters:
-# `random:t5-tiny` would draw new weights on every load, and an adapter only makes sense on
-# the backbone it was trained with.)
+# Everything below takes the backbone as a name: a directory with HF's `config.json`,
+# `model.safetensors` and the tokenizer's `spiece.model`, or a Hub id (`t5-base`,
+# `google/t5-v1_1-base`, ...: downloaded into the HF cache on first use). Here we make a random
+# `t5-tiny` and save it as such a directory, exactly like a real checkpoint, with the T5
+# vocabulary of the embedded backbone as its tokenizer. (Saving matters: `random:t5-tiny`
+# would draw new weights on every load, and an adapter only makes sense on the backbone it was
+# trained with.)
 
 # %%
 PRETRAINED = os.environ.get("COMPACTER_PRETRAINED") or None  # e.g. "t5-base" or "/ckpts/t5-base"
@@ -100,6 +101,7 @@ WORK = Path(tempfile.mkdtemp(prefix="compacter_rte_"))  # everything this notebo
 if PRETRAINED is None:
     backbone, backbone_params = from_pretrained("random:t5-tiny", rng=jax.random.PRNGKey(0))
     MODEL = str(save_pretrained(WORK / "t5-tiny-random", backbone.config, backbone_params))
+    shutil.copy(checkpoints_dir() / "t5-mini-glue" / "spiece.model", MODEL)  # its tokenizer
     del backbone, backbone_params
 else:
     MODEL = PRETRAINED
@@ -147,7 +149,7 @@ for path, leaf in jax.tree_util.tree_flatten_with_path(trainable["encoder"]["blo
 
 # %%
 from experiments.configs.glue import get_config
-from experiments.finetune import train_and_evaluate
+from experiments.finetune import target_length, train_and_evaluate
 
 config = get_config()  # the "quick" variant; get_config("paper") is the paper's recipe
 config.task = "rte"
@@ -238,10 +240,12 @@ print(f"reloaded {MODEL} + adapter: {peft.count(reloaded_params):,} parameters")
 # gives different logits, so the check would notice a reload that silently lost the adapter.
 
 # %%
-tokenizer = load_tokenizer()  # the T5 vocabulary under t5_vocab_dir()
+# The backbone's own tokenizer (its folder's spiece.model), as the run used.
+tokenizer = tokenizer_for_model(hf_io.model_dir(MODEL), vocab_size=model.config.vocab_size)
+TARGET_LENGTH = target_length(config, task, tokenizer)  # -1 in the config: the task's labels
 validation = data_lib.paper_splits(task, files, data_seed=config.data_seed)["validation"][:4]
 encoded = data_lib.encode(task, validation, tokenizer, max_source_length=config.max_source_length,
-                          max_target_length=config.max_target_length)
+                          max_target_length=TARGET_LENGTH)
 batch = next(data_lib.eval_batches(encoded, 4))
 
 
@@ -278,7 +282,7 @@ pairs = [
 sources = [task.source({"sentence1": p, "sentence2": h}) for p, h in pairs]
 inputs = tokenizer(sources, padding=True, return_tensors="np")
 generated = greedy_generate(reloaded_model, reloaded_params, inputs["input_ids"],
-                            inputs["attention_mask"], max_new_tokens=config.max_target_length)
+                            inputs["attention_mask"], max_new_tokens=TARGET_LENGTH)
 for source, text in zip(sources, data_lib.decode_predictions(tokenizer, np.asarray(generated))):
     label = task.parse_prediction(text)
     name = task.label_names[label] if 0 <= label < task.num_classes else "invalid output"

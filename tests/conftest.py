@@ -3,7 +3,11 @@ cached FilesSource (SST-2 train is read once) and the real T5 tokenizer."""
 
 import os
 
-import jax
+# Tests never reach the Hub: only the fake Hub on 127.0.0.1 (tests/hub_server.py), in
+# subprocesses that set HF_ENDPOINT and HF_HUB_OFFLINE=0 themselves.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import jax  # noqa: E402
 import pytest
 
 # Must run before any JAX backend is initialised (pytest imports conftest first).

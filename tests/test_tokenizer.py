@@ -34,3 +34,30 @@ def test_uncached_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="local HF cache"):
         load_tokenizer("nobody/no-such-t5-tokenizer")
+
+
+def test_the_shipped_backbone_carries_its_tokenizer_without_a_data_folder(tmp_path, monkeypatch):
+    from compacter_jax.paths import checkpoints_dir
+    from compacter_jax.tokenizer import tokenizer_for_model
+
+    folder = checkpoints_dir() / "t5-mini-glue"
+    monkeypatch.setenv("COMPACTER_DATA_DIR", str(tmp_path))  # no t5_vocab/ anywhere
+    tok = tokenizer_for_model(folder, vocab_size=32128)
+    assert load_tokenizer("t5-mini-glue")("a film").input_ids == tok("a film").input_ids
+    assert tok.eos_token_id == 1 and tok.pad_token_id == 0
+    assert tok.decode(tok("a delightful film").input_ids, skip_special_tokens=True) == \
+        "a delightful film"
+    with pytest.raises(FileNotFoundError, match="COMPACTER_DATA_DIR"):
+        tokenizer_for_model(None)  # a random: preset has none of its own: the shared one
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path):
+    from compacter_jax.paths import checkpoints_dir
+    from compacter_jax.tokenizer import tokenizer_for_model
+
+    folder = checkpoints_dir() / "t5-mini-glue"
+    size = len(load_tokenizer(folder))
+    with pytest.raises(ValueError, match=rf"tokenizer {folder / 'spiece.model'} has "
+                                         rf"{size:,} entries but the model's vocab_size is "
+                                         r"1,000"):
+        tokenizer_for_model(folder, vocab_size=1000)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from compacter_jax.hub import HUB_IDS  # noqa: F401  (re-exported: the Hub ids of short names)
+
 FeedForwardProj = Literal["relu", "gated-gelu"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _FF_PROJS = ("relu", "gated-gelu")
@@ -139,6 +141,7 @@ class T5Config:
             eos_token_id=_hf_int(d, "eos_token_id", 1),
             decoder_start_token_id=_hf_int(d, "decoder_start_token_id", pad),
         )
+        check_sizes(kwargs)
         kwargs.update(runtime)
         try:
             return cls(**kwargs)
@@ -174,6 +177,48 @@ class T5Config:
             "decoder_start_token_id": self.decoder_start_token_id,
             "use_cache": True,
         }
+
+
+# Upper bounds on what a config.json may ask for. A downloaded repo is untrusted input: a
+# hostile num_layers=10**6 would hang the loader while it traces the blocks, a vocab_size of
+# 10**12 overflow inside JAX. The largest public T5s stay far below (t5-11b: d_ff 65,536, 128
+# heads, d_kv 128; mT5: 250,112 vocabulary entries; UL2: 32 layers, 20B parameters).
+MAX_SIZES: dict[str, int] = {
+    "vocab_size": 1 << 20, "d_model": 1 << 15, "d_kv": 1 << 13, "d_ff": 1 << 18,
+    "num_layers": 256, "num_decoder_layers": 256, "num_heads": 1024,
+    "relative_attention_num_buckets": 1 << 12, "relative_attention_max_distance": 1 << 20,
+}
+MAX_PARAMS = 10**11
+
+
+def backbone_param_count(sizes: "T5Config | dict[str, Any]") -> int:
+    """Number of T5 backbone weights the sizes describe (embedding, blocks, relative attention
+    biases, final norms, and lm_head when untied), as stored in a HF checkpoint."""
+    get = sizes.get if isinstance(sizes, dict) else (lambda k: getattr(sizes, k))
+    d, inner, ff = get("d_model"), get("num_heads") * get("d_kv"), get("d_ff")
+    ff_mats = 3 if get("feed_forward_proj") == "gated-gelu" else 2
+    attention, mlp = 4 * d * inner, ff_mats * d * ff
+    encoder = get("num_layers") * (attention + mlp + 2 * d) + d
+    decoder = get("num_decoder_layers") * (2 * attention + mlp + 3 * d) + d
+    biases = 2 * get("relative_attention_num_buckets") * get("num_heads")
+    embeddings = get("vocab_size") * d * (1 if get("tie_word_embeddings") else 2)
+    return embeddings + encoder + decoder + biases
+
+
+def check_sizes(sizes: dict[str, Any]) -> None:
+    """Raises ValueError naming the config.json field whose value is out of `MAX_SIZES`, or
+    the fields when together they describe more than `MAX_PARAMS` weights."""
+    for field, limit in MAX_SIZES.items():
+        value = sizes.get(field)
+        if value is not None and value > limit:
+            raise ValueError(f"config.json field {field!r} is {value:,}, above the limit "
+                             f"{limit:,} (a corrupt or hostile file? no public T5 comes close)")
+    total = backbone_param_count(sizes)
+    if total > MAX_PARAMS:
+        fields = ", ".join(f"{k}={sizes[k]}" for k in ("vocab_size", "d_model", "d_ff",
+                                                      "num_layers", "num_decoder_layers"))
+        raise ValueError(f"config.json describes {total:,} parameters ({fields}), more than "
+                         f"the {MAX_PARAMS:,} of any supported T5")
 
 
 def _json_kind(value: Any) -> str:
@@ -236,17 +281,6 @@ PRESETS: dict[str, T5Config] = {
     "t5-v1_1-base": _v11(768, 2048, 12, 12),
     "flan-t5-small": _v11(512, 1024, 8, 6),
     "flan-t5-base": _v11(768, 2048, 12, 12),
-}
-
-# Hub repositories of the presets (looked up in the local HF cache only).
-HUB_IDS: dict[str, str] = {
-    "t5-small": "google-t5/t5-small",
-    "t5-base": "google-t5/t5-base",
-    "t5-large": "google-t5/t5-large",
-    "t5-v1_1-small": "google/t5-v1_1-small",
-    "t5-v1_1-base": "google/t5-v1_1-base",
-    "flan-t5-small": "google/flan-t5-small",
-    "flan-t5-base": "google/flan-t5-base",
 }
 
 

@@ -15,6 +15,13 @@ Key mapping (torch Linear weights are [out, in]; Flax kernels [in, out]):
 
 With scan_layers the blocks are `{stack}/blocks/...` with a leading layer axis (stacked here).
 Parameters that have no HF key (PEFT modules from hooks) are freshly initialised.
+
+Where a model comes from: a local directory; a backbone shipped with the package by folder name
+(`t5-mini-glue`, `compacter_jax.paths.checkpoints_dir()`); else a Hub repo id (the short names
+of `HUB_IDS` map to google's repos), downloaded into the HF cache on first use
+(`compacter_jax.hub`: revision pinning, HF_HUB_OFFLINE / local_files_only respected). Every
+folder is untrusted input: config.json sizes are bounded before anything is traced, every
+file an index names stays inside the folder, and only safetensors are read (no pickles).
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from compacter_jax.models.config import HUB_IDS, PRESETS, T5Config
+from compacter_jax import hub
+from compacter_jax.models.config import PRESETS, T5Config, backbone_param_count
 from compacter_jax.models.hooks import NO_HOOKS, T5Hooks
 from compacter_jax.models.t5 import T5ForConditionalGeneration
-from compacter_jax.paths import shipped_checkpoint
+from compacter_jax.paths import inside, shipped_checkpoint
 
 Path_ = tuple[str, ...]
 _BLOCK = re.compile(r"block_(\d+)$")
@@ -166,14 +174,21 @@ class _Checkpoint:
     def __init__(self, directory: Path):
         single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
         if single.is_file():
-            files = [single]
+            files = [inside(directory, single.name, str(directory))]
             self.where = None
         elif index.is_file():
+            inside(directory, index.name, str(directory))
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"corrupt checkpoint index {index}: {e}") from e
-            files = sorted({directory / f for f in weight_map.values()})
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                    AttributeError) as e:
+                raise ValueError(f"corrupt checkpoint index {index}: {e!r}") from None
+            for name in names:
+                if not isinstance(name, str) or not name.endswith(".safetensors"):
+                    raise ValueError(f"{index} names {name!r}: only .safetensors files are read "
+                                     "(PyTorch pickles are refused: they can run code)")
+            files = [inside(directory, name, str(index)) for name in names]
             self.where = {k: directory / f for k, f in weight_map.items()}
         else:
             raise FileNotFoundError(
@@ -194,6 +209,11 @@ class _Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.keys
 
+    def num_weights(self) -> int:
+        """Number of stored values, from the files' headers (no tensor is read)."""
+        return sum(int(np.prod(self.handles[f].get_slice(k).get_shape(), dtype=np.int64))
+                   for f, k in self.keys.values())
+
     def get(self, key: str) -> np.ndarray:
         f, stored = self.keys[key]
         try:
@@ -202,11 +222,28 @@ class _Checkpoint:
             raise ValueError(f"cannot read tensor {key!r} from {f} (corrupt file?): {e}") from e
 
 
-class ModelNotCachedError(FileNotFoundError):
-    """A Hub model id that is not in the local HF cache (never raised for a local path)."""
+# A Hub model that is not in the local cache while the Hub cannot be reached (offline mode,
+# local_files_only, no connection): the one failure a caller may answer with a fallback.
+ModelNotCachedError = hub.HubUnreachableError
 
 
-def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool) -> Path:
+def model_dir(name_or_path: str, *, revision: str | None = None,
+              local_files_only: bool = False) -> Path | None:
+    """The local folder of a model (None for `random:<preset>`): a directory as given, a
+    backbone shipped with the package by name (`t5-mini-glue`), else the Hub repo (short names
+    from `HUB_IDS`) downloaded into the HF cache when missing.
+
+    Raises:
+      FileNotFoundError for a missing local path; `compacter_jax.hub`'s errors for a Hub repo
+      (HubUnreachableError = ModelNotCachedError, HubNotFoundError, HubAccessError).
+    """
+    if name_or_path.startswith("random:"):
+        return None
+    return _resolve_dir(name_or_path, revision, local_files_only)
+
+
+def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool,
+                 files: tuple[str, ...] = hub.MODEL_FILES) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -215,26 +252,15 @@ def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool
                                 f"({'a file' if path.exists() else 'no such directory'})")
     if (shipped := shipped_checkpoint(name_or_path)) is not None:  # e.g. "t5-mini-glue"
         return shipped
-    repo_id = HUB_IDS.get(name_or_path, name_or_path)
-    try:
-        from huggingface_hub import snapshot_download
-        local = snapshot_download(
-            repo_id, revision=revision, local_files_only=local_files_only,
-            allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"])
-    except Exception as e:  # LocalEntryNotFoundError, offline / HTTP errors, bad repo id
-        raise ModelNotCachedError(
-            f"model {repo_id!r} (revision {revision or 'main'}) is not in the local HF cache "
-            f"({type(e).__name__}: {e}). On a machine with internet run "
-            f"`hf download {repo_id} --include config.json '*.safetensors*'` (shares the cache "
-            f"via HF_HOME), or pass a local directory holding config.json and "
-            f"model.safetensors.") from e
-    return Path(local)
+    return hub.snapshot(hub.repo_id_of(name_or_path), revision=revision,
+                        local_files_only=local_files_only, allow_patterns=files)
 
 
 def _load_config(directory: Path, **runtime: Any) -> T5Config:
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"missing {cfg_file}: a T5 checkpoint directory needs config.json")
+    inside(directory, cfg_file.name, str(directory))
     try:
         d = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -246,14 +272,16 @@ def _load_config(directory: Path, **runtime: Any) -> T5Config:
 
 
 def load_config(name_or_path: str, *, revision: str | None = None,
-                local_files_only: bool = True, check_weights: bool = False) -> T5Config:
-    """The `T5Config` of a local checkpoint dir, a cached Hub id or `random:<preset>`, without
-    reading any weights (a cheap check before a run). `check_weights=True` also opens the
-    weight files' headers (no tensor is read), so a checkpoint without weights or with a
-    truncated header fails here too.
+                local_files_only: bool = False, check_weights: bool = False) -> T5Config:
+    """The `T5Config` of a local checkpoint dir, a Hub id (only its config.json is downloaded
+    unless `check_weights`) or `random:<preset>`, without reading any weights (a cheap check
+    before a run).
+    `check_weights=True` also opens the weight files' headers (no tensor is read), so a
+    checkpoint without weights, with a truncated header or with fewer weights than config.json
+    describes fails here too.
 
-    Raises FileNotFoundError (ModelNotCachedError for an uncached Hub id) or ValueError
-    naming the file and field, as `from_pretrained` would.
+    Raises FileNotFoundError (ModelNotCachedError: a Hub id neither cached nor reachable) or
+    ValueError naming the file and field, as `from_pretrained` would.
     """
     if name_or_path.startswith("random:"):
         preset = name_or_path[len("random:"):]
@@ -261,10 +289,11 @@ def load_config(name_or_path: str, *, revision: str | None = None,
             raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
                              f"known: {sorted(PRESETS)}")
         return PRESETS[preset]
-    directory = _resolve_dir(name_or_path, revision, local_files_only)
+    directory = _resolve_dir(name_or_path, revision, local_files_only,
+                             hub.MODEL_FILES if check_weights else ("config.json",))
     config = _load_config(directory)
     if check_weights:
-        _Checkpoint(directory)
+        _check_weight_count(_Checkpoint(directory), config, directory)
     return config
 
 
@@ -323,11 +352,16 @@ def init_hook_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
 def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str = "float32",
                     param_dtype: str = "float32", scan_layers: bool = False, remat: bool = False,
                     rng: jax.Array | None = None, revision: str | None = None,
-                    local_files_only: bool = True) -> tuple[T5ForConditionalGeneration, dict]:
-    """(model, params) from a local HF checkpoint dir, a cached Hub id or `random:<preset>`.
+                    local_files_only: bool = False) -> tuple[T5ForConditionalGeneration, dict]:
+    """(model, params) from a local HF checkpoint dir, a shipped backbone (`t5-mini-glue`), a
+    Hub id or `random:<preset>`.
 
-    Every backbone param comes from the checkpoint; params of `hooks` are initialised with
-    `rng` (default PRNGKey(0)). Errors name the missing key / bad shape / unreadable file.
+    A Hub id (e.g. "t5-base", "google/flan-t5-base") is downloaded into the HF cache when not
+    there, at `revision` (branch, tag or commit; default "main"); `local_files_only=True` or
+    HF_HUB_OFFLINE=1 never touches the network. Every backbone param comes from the
+    checkpoint; params of `hooks` are initialised with `rng` (default PRNGKey(0)). Errors name
+    the repo and the cause (`compacter_jax.hub`), or the file and the missing key / bad shape /
+    out-of-bounds config.json field.
     """
     rng = jax.random.PRNGKey(0) if rng is None else rng
     runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
@@ -342,6 +376,7 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
     directory = _resolve_dir(name_or_path, revision, local_files_only)
     config = _load_config(directory, **runtime)
     ckpt = _Checkpoint(directory)
+    _check_weight_count(ckpt, config, directory)
     if "shared.weight" not in ckpt and "encoder.embed_tokens.weight" in ckpt:
         ckpt.keys["shared.weight"] = ckpt.keys["encoder.embed_tokens.weight"]
     # transformers 5 writes tie_word_embeddings=true even for untied models: a distinct
@@ -385,6 +420,19 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
     if fresh:
         loaded.update(_init_subset(model, rng, fresh))
     return model, traverse_util.unflatten_dict(loaded)
+
+
+def _check_weight_count(ckpt: "_Checkpoint", config: T5Config, directory: Path) -> None:
+    """A config.json describing far more weights than the files hold (a corrupt or hostile
+    file) fails here, before the model is traced; a small shortfall is left to the per-key
+    checks, which name the missing weight."""
+    described, stored = backbone_param_count(config), ckpt.num_weights()
+    if described > 2 * stored:
+        raise ValueError(
+            f"{directory / 'config.json'} describes {described:,} weights (d_model="
+            f"{config.d_model}, d_ff={config.d_ff}, num_layers={config.num_layers}, "
+            f"num_decoder_layers={config.num_decoder_layers}, vocab_size={config.vocab_size}) "
+            f"but the weight files hold {stored:,}: config.json does not match the weights")
 
 
 def _check_shape(key: str, arr: np.ndarray, expected: tuple[int, ...], transpose: bool,

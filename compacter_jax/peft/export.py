@@ -281,7 +281,7 @@ def method_of_export(meta: Mapping[str, Any], path: str | Path = "") -> Method:
 
 def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = "float32",
                  scan_layers: bool = False) -> tuple[Any, dict]:
-    """(model, params): `backbone` (checkpoint dir, cached Hub id or `random:<preset>`;
+    """(model, params): `backbone` (checkpoint dir, Hub id or `random:<preset>`;
     default: the model recorded in the export) with the exported parameters put in place;
     `params` is what the model is applied with (`method.combine(trainable, frozen)`).
     A `random:` backbone is drawn from the export's `init_seed` (default 0), as in training.

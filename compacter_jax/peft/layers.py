@@ -1,4 +1,5 @@
-"""Flax linen modules of the PEFT methods: thin shells over `phm.py` and plain matmuls.
+"""Flax linen modules of the PEFT methods: thin shells over `layer_math.py` (the math, shared
+with the NNX modules of `nnx_layers.py`).
 
 Parameter names and layouts (those of the original code): `phm_rule` [n, n, n], `phm_left` [n, in/n, r],
 `phm_right` [n, r, out/n], `phm_factors` [n, in/n, out/n] (full B), `bias` [out];
@@ -17,10 +18,9 @@ from typing import Any, Literal
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from compacter_jax.peft import phm
+from compacter_jax.peft import layer_math, phm
+from compacter_jax.peft.layer_math import PROMPT_INITS  # noqa: F401  (re-exported)
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -62,23 +62,15 @@ class PHMLinear(nn.Module):
         if shared_rule is None:
             rule = self.param("phm_rule", self.rule_init, (n, n, n))
         else:
-            if shared_rule.shape != (n, n, n):
-                raise ValueError(f"shared PHM rule has shape {shared_rule.shape}, this layer "
-                                 f"needs [n, n, n] = {(n, n, n)}")
+            layer_math.check_shared_rule(shared_rule, n)
             rule = shared_rule
         if self.rank is None:
             factors = self.param("phm_factors", self.factor_init, (n, k // n, d // n))
-            x, rule, factors = promote_dtype(x, rule, factors, dtype=self.dtype)
         else:
-            left = self.param("phm_left", self.factor_init, (n, k // n, self.rank))
-            right = self.param("phm_right", self.factor_init, (n, self.rank, d // n))
-            x, rule, left, right = promote_dtype(x, rule, left, right, dtype=self.dtype)
-            factors = (left, right)
-        y = phm.phm_matmul(x, rule, factors, path=self.path)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros_init(), (d,))
-            y = y + jnp.asarray(bias, y.dtype)
-        return y
+            factors = (self.param("phm_left", self.factor_init, (n, k // n, self.rank)),
+                       self.param("phm_right", self.factor_init, (n, self.rank, d // n)))
+        bias = self.param("bias", nn.initializers.zeros_init(), (d,)) if self.use_bias else None
+        return layer_math.phm_linear(x, rule, factors, bias, path=self.path, dtype=self.dtype)
 
 
 class LowRankLinear(nn.Module):
@@ -96,16 +88,11 @@ class LowRankLinear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         k, d = x.shape[-1], self.features_out
-        if not 1 <= self.rank <= min(k, d):
-            raise ValueError(f"LowRankLinear: rank={self.rank} must be in [1, min(in, out)] = "
-                             f"[1, {min(k, d)}]; lower `rank`")
+        layer_math.check_low_rank(self.rank, k, d)
         left = self.param("lowrank_left", self.kernel_init, (k, self.rank))
         right = self.param("lowrank_right", self.kernel_init, (self.rank, d))
-        x, left, right = promote_dtype(x, left, right, dtype=self.dtype)
-        y = (x @ left) @ right
-        if self.use_bias:
-            y = y + jnp.asarray(self.param("bias", nn.initializers.zeros_init(), (d,)), y.dtype)
-        return y
+        bias = self.param("bias", nn.initializers.zeros_init(), (d,)) if self.use_bias else None
+        return layer_math.low_rank_linear(x, left, right, bias, dtype=self.dtype)
 
 
 class Adapter(nn.Module):
@@ -144,10 +131,7 @@ class Adapter(nn.Module):
             raise ValueError(f"Adapter projection must be one of {PROJECTIONS}, "
                              f"got {self.projection!r}")
         d_model = h.shape[-1]
-        bottleneck = d_model // self.reduction_factor
-        if bottleneck < 1:
-            raise ValueError(f"Adapter: reduction_factor={self.reduction_factor} leaves no "
-                             f"bottleneck for d_model={d_model}; lower reduction_factor")
+        bottleneck = layer_math.bottleneck_size(d_model, self.reduction_factor)
         down = self._projection(bottleneck, "down")
         up = self._projection(d_model, "up")
         if self.projection in ("phm", "lphm"):
@@ -157,10 +141,8 @@ class Adapter(nn.Module):
                     raise ValueError("Adapter(use_shared_rule=True) needs shared['phm_rule'] "
                                      "from the root module (PeftRoot); none was passed")
                 rule = shared["phm_rule"]
-            z = up(jax.nn.gelu(down(h, rule), approximate=True), rule)
-        else:
-            z = up(jax.nn.gelu(down(h), approximate=True))
-        return h + z.astype(h.dtype)
+            return layer_math.adapter_residual(h, lambda x: down(x, rule), lambda x: up(x, rule))
+        return layer_math.adapter_residual(h, down, up)
 
 
 class PeftRoot(nn.Module):
@@ -194,8 +176,7 @@ class LoRA(nn.Module):
     def __call__(self, x: Array, shared: Any = None) -> Array:
         a = self.param("lora_a", lora_a_init, (x.shape[-1], self.rank))
         b = self.param("lora_b", nn.initializers.zeros_init(), (self.rank, self.features_out))
-        x, a, b = promote_dtype(x, a, b, dtype=self.dtype)
-        return (x @ a) @ b * jnp.asarray(self.alpha / self.rank, x.dtype)
+        return layer_math.lora_delta(x, a, b, self.alpha, dtype=self.dtype)
 
 
 class BitFitBias(nn.Module):
@@ -210,11 +191,7 @@ class BitFitBias(nn.Module):
     @nn.compact
     def __call__(self, x: Array, shared: Any = None) -> Array:
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features_out,))
-        dtype = self.dtype or jnp.result_type(x, bias)
-        return jnp.broadcast_to(bias.astype(dtype), (*x.shape[:-1], self.features_out))
-
-
-PROMPT_INITS = ("uniform", "normal", "vocab")
+        return layer_math.bitfit_bias(x, bias, dtype=self.dtype)
 
 
 class SoftPrompt(nn.Module):
@@ -234,17 +211,6 @@ class SoftPrompt(nn.Module):
 
     @nn.compact
     def __call__(self, embeds: Array, mask: Array) -> tuple[Array, Array]:
-        if self.init_scheme == "normal":
-            init = nn.initializers.normal(self.init_range)
-        elif self.init_scheme in ("uniform", "vocab"):
-            r = self.init_range
-            init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(  # noqa: E731
-                key, shape, dtype, -r, r)
-        else:
-            raise ValueError(f"SoftPrompt init_scheme must be one of {PROMPT_INITS}, "
-                             f"got {self.init_scheme!r}")
+        init = layer_math.prompt_initializer(self.init_scheme, self.init_range)
         prompt = self.param("embedding", init, (self.length, self.d_model))
-        batch = embeds.shape[0]
-        prompt = jnp.broadcast_to(prompt.astype(embeds.dtype), (batch, self.length, self.d_model))
-        ones = jnp.ones((batch, self.length), mask.dtype)
-        return (jnp.concatenate([prompt, embeds], axis=1), jnp.concatenate([ones, mask], axis=1))
+        return layer_math.prepend_prompt(prompt, embeds, mask)

@@ -22,16 +22,19 @@ def build_model(t5_config: T5Config, method: Method | str) -> T5ForConditionalGe
 def from_pretrained(name_or_path: str, method: Method | str | None = None,
                     rng: jax.Array | None = None, *, dtype: str = "float32",
                     param_dtype: str = "float32", scan_layers: bool = False,
-                    remat: bool = False, **overrides: Any):
-    """(model, params): the T5 from `name_or_path` (checkpoint dir, cached Hub id or
-    `random:<preset>`) with `method` (a preset name or a Method, with `overrides` of its
-    fields; None = the plain backbone). Backbone params are loaded unchanged; only the
+                    remat: bool = False, revision: str | None = None,
+                    local_files_only: bool = False, **overrides: Any):
+    """(model, params): the T5 from `name_or_path` (checkpoint dir, Hub id downloaded when not
+    cached, at `revision`, or `random:<preset>`; see `compacter_jax.models.from_pretrained`)
+    with `method` (a preset name or a Method, with `overrides` of its fields; None = the plain
+    backbone). Backbone params are loaded unchanged; only the
     method's new params are initialised (with `rng`, default PRNGKey(0)), then
     `method.prepare` runs (e.g. prompt tuning's vocabulary init)."""
     method = get_method(method or Method(name="backbone"), **overrides)
     hooks = method.hooks(dtype=dtype)
     model, params = load_backbone(name_or_path, hooks=hooks, dtype=dtype,
                                   param_dtype=param_dtype, scan_layers=scan_layers,
-                                  remat=remat, rng=rng)
+                                  remat=remat, rng=rng, revision=revision,
+                                  local_files_only=local_files_only)
     method.validate(model.config)
     return model, method.prepare(params, model.config)

@@ -123,16 +123,17 @@ def merge(trainable: Params, frozen: Params) -> dict:
 def label_params(params: Params, method: Any) -> dict:
     """Label tree (same structure as `params`, leaves "trainable"/"frozen") for `method`: a
     Method (its `check_params` refuses a tree that is not its T5), or an explicit rule (a
-    regex, a predicate path -> bool, a `PathRule`; refused when it matches no parameter).
+    regex or a `PathRule`, refused when it matches no parameter; or a predicate path -> bool).
 
     Works on arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`), scanned or not.
     """
     if hasattr(method, "check_params"):
         method.check_params(params)
+    explicit = isinstance(method, (str, re.Pattern, PathRule))  # a user's rule: must match
     rule = method if hasattr(method, "is_trainable") else path_rule(method)
     flat = traverse_util.flatten_dict(dict(params))
     labels = {p: TRAINABLE if rule.is_trainable(p) else FROZEN for p in flat}
-    if isinstance(rule, PathRule) and flat and TRAINABLE not in labels.values():
+    if explicit and flat and TRAINABLE not in labels.values():
         examples = ", ".join("/".join(map(str, p)) for p in list(flat)[:4])
         raise ValueError(f"path rule {rule.describe()} matches none of the {len(flat)} "
                          f"parameters (e.g. {examples}): nothing would be trained; fix the rule")

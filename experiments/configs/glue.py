@@ -17,8 +17,9 @@ import ml_collections
 
 from compacter_jax import peft
 
-# The model `make run` asks for; only this one falls back to `fallback_model` when it is not in
-# the local HF cache (an explicitly requested model that does not load is an error).
+# The model `make run` asks for (downloaded from the Hub on first use); only this one falls back
+# to `fallback_model`, and only when it is not cached and the Hub cannot be reached (offline,
+# no connection). A model the user names, a missing or gated repo, never fall back.
 DEFAULT_MODEL = "t5-base"
 
 
@@ -47,15 +48,18 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.method = "compacter++"
     # Per-method overrides of the PEFT preset (None keeps the preset's value).
     c.peft = peft_fields()
-    # Model: a Hub id, a local HF checkpoint dir, or random:<preset>. When the default model
-    # (t5-base) is not in the local HF cache, `fallback_model` is used with a loud warning;
-    # any other model that does not load is an error ("" disables the fallback).
+    # Model: a Hub id (downloaded into the HF cache on first use), a local HF checkpoint dir,
+    # t5-mini-glue (shipped with the package) or random:<preset>. When the Hub cannot be
+    # reached and the default model (t5-base) is not cached, `fallback_model` is used with a
+    # banner; any other model that does not load is an error ("" disables the fallback).
     c.model = DEFAULT_MODEL
     c.fallback_model = "t5-mini-glue"  # pretrained here (checkpoints/); random:<preset> also works
     c.dtype = "float32"
     c.scan_layers = True
     c.remat = False
-    c.tokenizer = ""  # "" = the real T5 vocabulary under $COMPACTER_DATA_DIR/t5_vocab
+    # "" = the model's own (spiece.model of its folder or Hub repo; the shared T5 vocabulary
+    # under $COMPACTER_DATA_DIR/t5_vocab for random:<preset>); a directory or Hub id overrides.
+    c.tokenizer = ""
     # Data: "tfds", "files", or "auto" (TFDS when prepared there, else the local files).
     c.source = "auto"
     # "" = $COMPACTER_DATA_DIR (files) / TFDS default (tfds); a files folder may be the one
