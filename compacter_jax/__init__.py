@@ -19,6 +19,9 @@ from compacter_jax.peft import (AdapterMethod, BitFitMethod, FullFineTuning, Int
                                 save_adapter, split)
 from compacter_jax.peft import nnx_layers
 from compacter_jax.peft.inject import Injection, inject
+from compacter_jax.peft import (PathRule, backbone_fingerprint, path_rule,
+                                print_trainable_parameters, summary)
+from compacter_jax.data.text_batch import make_batch
 from compacter_jax.peft.layers import (Adapter, BitFitBias, LoRA, LowRankLinear, PeftRoot,
                                        PHMLinear, SoftPrompt)
 from compacter_jax.peft.phm import kronecker_sum, phm_matmul
@@ -48,4 +51,8 @@ __all__ = [
     "make_train_step", "seq2seq_apply_fn",
     # data
     "load_tokenizer",
+    # your own loop: explicit path rules, a per-module summary, batches from texts, the
+    # backbone an export records
+    "PathRule", "path_rule", "summary", "print_trainable_parameters", "make_batch",
+    "backbone_fingerprint",
 ]

@@ -31,7 +31,7 @@ from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.models import T5Config, is_backbone_path
 from compacter_jax.models import param_shapes as model_param_shapes
 from compacter_jax.models.vocab import check_vocab_size
-from compacter_jax.peft import Method, build_model, get_method, method_names
+from compacter_jax.peft import Method, build_model, count, get_method, method_names
 
 
 # The paper's T5-base budget (Table 1): method -> (trainable parameters, % trained as
@@ -83,22 +83,13 @@ def param_shapes(t5_config: T5Config, method: Method) -> dict:
 def report(t5_config: T5Config, method: Method) -> ParamReport:
     shapes = param_shapes(t5_config, method)
     flat = traverse_util.flatten_dict(shapes)
-    sizes = {p: _numel(v) for p, v in flat.items()}
+    sizes = {p: count(v) for p, v in flat.items()}
     backbone = sum(n for p, n in sizes.items() if is_backbone_path(p))
     total = sum(sizes.values())
     # The method's own count (Intrinsic-SAID's trainable vector is not in the model's tree).
     trainable = method.trainable_count(shapes)
     return ParamReport(method=method.name, trainable=trainable, peft=total - backbone,
                        total=total, backbone=backbone, percent=100.0 * trainable / backbone)
-
-
-def _numel(x: Any) -> int:
-    n = 1
-    for s in x.shape:
-        n *= int(s)
-    return n
-
-
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

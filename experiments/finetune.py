@@ -274,6 +274,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     model, params, model_name = load_model(config, method, init_rng, resolved=resolved,
                                            vocab_size=vocab_size)
     check_tokenizer_fits(tokenizer, model)
+    # What the export records so that load_adapter refuses any other backbone.
+    backbone_sha256 = peft.backbone_fingerprint(params, method)
     trainable, frozen = method.partition(params)
     del params
     n_trainable = peft.count(trainable)
@@ -392,6 +394,7 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
         summary["test"] = test
     peft.save_adapter(workdir / "adapter", best_params, method, model=model_name,
                       task=task.name, step=best_step, init_seed=config.seed,
+                      backbone_sha256=backbone_sha256, scan_layers=model.config.scan_layers,
                       max_source_length=config.max_source_length,
                       max_target_length=target_length(config, task, tokenizer),
                       add_task_prefix=add_prefix,

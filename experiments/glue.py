@@ -4,6 +4,7 @@ r"""Fine-tune T5 with a PEFT method on a GLUE/SuperGLUE task.
       --config.task=rte --config.method=compacter++ --config.model=random:t5-small
 
 `--config experiments/configs/glue.py:paper` uses the paper's recipe; see experiments/README.md.
+`--print_config` lists every config field with its default (and any overrides given) and exits.
 Re-running with the same --workdir resumes from the latest checkpoint (the config must match
 the run's, see `--config.allow_config_change`). Several processes (hosts) join one run with
 `--config.coordinator_address/num_processes/process_id` or `--config.detect_cluster=True`.
@@ -78,8 +79,8 @@ def _override_error(argv: list[str], error: BaseException) -> int:
     return _error("; ".join(problems) or f"bad --config override: {error!r}")
 
 
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.",
-                    required=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+cli.define_print_config()
 try:  # without --config on the command line, the default file and overrides parse right here
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
                                     "Training config file (ml_collections).", lock_config=True)
@@ -120,6 +121,8 @@ def run(config: ConfigDict, workdir: str) -> int:
 
 def main(argv: list[str]) -> int:
     cli.setup_logging(argv)
+    if cli.printed_config():
+        return 0
     return run(FLAGS.config, FLAGS.workdir)
 
 

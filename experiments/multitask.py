@@ -432,6 +432,8 @@ def main(argv: list[str]) -> int:
     from absl import flags
 
     cli.setup_logging(argv)
+    if cli.printed_config():
+        return 0
     init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
     return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 

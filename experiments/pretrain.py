@@ -342,6 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def main(argv: list[str]) -> int:
     cli.setup_logging(argv)
+    if cli.printed_config():
+        return 0
     return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -6,6 +6,7 @@ from compacter_jax.models.generation import greedy_generate
 from compacter_jax.models.hf_io import (
     from_pretrained, init_fn, init_hook_params, init_params, is_backbone_path, param_shapes,
     save_pretrained, stack_blocks, unstack_blocks)
+from compacter_jax.models.hf_io import CORE_BACKBONE_PATHS, missing_backbone_paths
 from compacter_jax.models.hooks import NO_HOOKS, Site, T5Hooks
 from compacter_jax.models.scoring import candidate_log_likelihoods, rank_classify
 from compacter_jax.models.t5 import T5ForConditionalGeneration, shift_right
@@ -16,5 +17,5 @@ __all__ = [
     "candidate_log_likelihoods", "from_pretrained", "get_preset", "greedy_generate", "init_fn",
     "init_hook_params", "init_params", "is_backbone_path", "param_shapes", "rank_classify",
     "resize_token_embeddings", "save_pretrained", "shift_right", "stack_blocks",
-    "unstack_blocks",
+    "unstack_blocks", "CORE_BACKBONE_PATHS", "missing_backbone_paths",
 ]

@@ -100,6 +100,26 @@ def is_backbone_path(path: Path_, config: T5Config | None = None) -> bool:
     return flax_path_to_hf(per_layer[0] if per_layer else path) is not None
 
 
+# Weights every T5 of this library holds, whatever its size, layout (scanned or not) or tying.
+CORE_BACKBONE_PATHS: tuple[Path_, ...] = (
+    ("shared", "embedding"),
+    ("encoder", "relative_attention_bias", "embedding"), ("encoder", "final_layer_norm", "scale"),
+    ("decoder", "relative_attention_bias", "embedding"), ("decoder", "final_layer_norm", "scale"))
+
+
+def missing_backbone_paths(params: Any) -> list[str]:
+    """The T5 weights a tree of `T5ForConditionalGeneration` holds but `params` lacks ('/'-
+    joined; `CORE_BACKBONE_PATHS` and the layers of each stack), [] for such a tree. Works on
+    arrays or ShapeDtypeStructs, scanned or not."""
+    paths = set(traverse_util.flatten_dict(dict(params)))
+    missing = ["/".join(p) for p in CORE_BACKBONE_PATHS if p not in paths]
+    for stack in ("encoder", "decoder"):
+        if not any(p[0] == stack and len(p) > 2 and (p[1] == "blocks" or _BLOCK.match(p[1]))
+                   and is_backbone_path(p) for p in paths):
+            missing.append(f"{stack}/block_<i>/layer_<j>/... (the {stack}'s layers)")
+    return missing
+
+
 def params_to_hf_state_dict(params: Any, config: T5Config) -> dict[str, np.ndarray]:
     """Backbone params (scanned or not) -> HF state dict of numpy arrays (PEFT params dropped)."""
     out: dict[str, np.ndarray] = {}

@@ -14,6 +14,11 @@ The JSON lists every tensor the export must hold and a checksum of the weights f
 missing tensor, a flipped bit or an edited method field is refused on load. Exports written
 before the manifest existed (flat `PeftConfig` JSON, no checksum) still load.
 A Compacter++ export of T5-base is about 0.4 MB.
+
+The JSON also records how to rebuild the backbone exactly: `init_seed` for a `random:` backbone
+and/or `backbone_sha256`, a fingerprint of the backbone weights the adapter was trained on
+(`backbone_fingerprint`). `load_adapter` refuses a backbone whose fingerprint differs, naming
+both; an export without the record (written before it existed) loads with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,8 @@ import numpy as np
 from flax import traverse_util
 
 from compacter_jax.host import to_host
-from compacter_jax.models import stack_blocks, unstack_blocks
+from compacter_jax.models import (is_backbone_path, missing_backbone_paths, stack_blocks,
+                                  unstack_blocks)
 from compacter_jax.peft import model as peft_model
 from compacter_jax.peft.legacy import method_from_dict
 from compacter_jax.peft.method import Method
@@ -159,12 +166,106 @@ def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(flat), meta
 
 
-def save_adapter(path: str | Path, trainable: Any, method: Method, **metadata: Any) -> Path:
+FINGERPRINT = "backbone_sha256"
+
+
+def backbone_fingerprint(params: Any, method: Method) -> str:
+    """sha256 of the backbone weights an adapter of `method` relies on: every T5 weight of
+    `params` that the method does not train (e.g. all but the layer norms for Compacter++),
+    over sorted paths, shapes, dtypes and bytes; scanned and unscanned trees give the same.
+
+    Args:
+      params: the model's parameter tree as loaded (or the `frozen` part of its partition).
+    Returns:
+      "sha256:<hex>". Raises ValueError when a T5 weight the method does not train is absent.
+    """
+    flat = traverse_util.flatten_dict(unstack_blocks(dict(params)))
+    missing = method_missing_backbone(params, method)
+    if missing:
+        raise ValueError(f"backbone_fingerprint: the tree lacks the backbone weights {missing} "
+                         f"that {method.name} does not train; pass the parameters as loaded "
+                         "(for Intrinsic-SAID: frozen['theta0'])")
+    h = hashlib.sha256()
+    for key in sorted(k for k in flat if is_backbone_path(k) and not method.is_trainable(k)):
+        value = np.ascontiguousarray(np.asarray(jax.device_get(flat[key])))
+        h.update(json.dumps(["/".join(key), list(value.shape), str(value.dtype)]).encode())
+        h.update(value.view(np.uint8).reshape(-1).data)
+    return "sha256:" + h.hexdigest()
+
+
+def method_missing_backbone(params: Any, method: Method) -> list[str]:
+    """The T5 weights absent from `params` that `method` does not train ('/'-joined)."""
+    def trained(missing: str) -> bool:
+        if "<" in missing:  # "{stack}/block_<i>/...": a stack's layers; ask for one kernel
+            missing = f"{missing.split('/')[0]}/block_0/layer_0/SelfAttention/q/kernel"
+        return method.is_trainable(tuple(missing.split("/")))
+
+    return [p for p in missing_backbone_paths(params) if not trained(p)]
+
+
+def save_adapter(path: str | Path, trainable: Any, method: Method, *,
+                 backbone_params: Any = None, **metadata: Any) -> Path:
     """Writes the trainable tree and `method` (plus JSON-able `metadata`, e.g. the backbone
     `model` and `init_seed`) to `path/`. Scanned trees are stored per block, so an export loads
-    into scanned and unscanned models alike."""
+    into scanned and unscanned models alike.
+
+    How to rebuild the backbone is recorded exactly: give `backbone_params` (the params as
+    loaded, or the `frozen` part; its fingerprint `backbone_sha256` is stored and checked by
+    `load_adapter`), or `backbone_sha256=backbone_fingerprint(...)` computed earlier, and/or
+    `init_seed` for a `random:` model (the seed of the PRNGKey it was drawn with). A `random:`
+    model with neither is refused (ValueError): it would reload onto seed 0 whatever it was.
+    """
+    if backbone_params is not None:
+        metadata[FINGERPRINT] = backbone_fingerprint(backbone_params, method)
+    model = str(metadata.get("model") or "")
+    if FINGERPRINT not in metadata:
+        if model.startswith("random:") and "init_seed" not in metadata:
+            raise ValueError(
+                f"save_adapter: cannot record how to rebuild the backbone {model}: pass "
+                "init_seed=<the seed of the PRNGKey it was drawn with> or backbone_params="
+                "params (a fingerprint load_adapter checks)")
+        if not model.startswith("random:"):
+            warnings.warn(f"save_adapter: {path} records the backbone by name only "
+                          f"({model or 'none'}); pass backbone_params=params so that "
+                          "load_adapter can verify it gets the same weights", stacklevel=2)
     return export_trainable(path, unstack_blocks(trainable),
                             {"method": method.to_dict(), **metadata})
+
+
+def _describe_backbone(name: str, seed: int | None) -> str:
+    return f"{name} drawn with init_seed {seed}" if name.startswith("random:") else name
+
+
+def verify_backbone(path: str | Path, meta: Mapping[str, Any], method: Method, params: Any,
+                    backbone: str, init_seed: int, scan_layers: bool = False) -> None:
+    """Checks the loaded `params` (backbone `backbone`, a `random:` one drawn with
+    `init_seed`) against the export's record: AdapterFileError naming both backbones when the
+    fingerprints differ; a warning when the export has no record (written before it existed).
+    """
+    recorded = meta.get(FINGERPRINT)
+    trained_on = _describe_backbone(str(meta.get("model") or "an unrecorded backbone"),
+                                    meta.get("init_seed", 0))
+    if recorded is not None:
+        got = backbone_fingerprint(params, method)
+        if got != recorded:
+            layout = ""
+            drawn_scanned = meta.get("scan_layers")
+            if str(backbone).startswith("random:") and drawn_scanned not in (None, scan_layers):
+                layout = (f" A random backbone drawn with scan_layers={drawn_scanned} (as this "
+                          f"one was) differs from one drawn with scan_layers={scan_layers}: "
+                          f"pass scan_layers={drawn_scanned}.")
+            raise AdapterFileError(
+                f"{path}: the adapter was trained on {trained_on} (backbone {recorded}), but "
+                f"the backbone loaded is {_describe_backbone(backbone, init_seed)} ({got}): "
+                f"its weights differ.{layout} Load it onto the backbone it was trained on "
+                "(pass backbone=<that checkpoint>), or re-export it with save_adapter(..., "
+                "init_seed=<the seed it was drawn with>)")
+    elif not (str(backbone).startswith("random:") and "init_seed" in meta):
+        warnings.warn(
+            f"{path}: the export does not record its backbone's fingerprint (written before "
+            f"exports recorded it): loaded onto {_describe_backbone(backbone, init_seed)} "
+            "unverified; re-export it with save_adapter(..., backbone_params=params)",
+            stacklevel=3)
 
 
 def method_of_export(meta: Mapping[str, Any], path: str | Path = "") -> Method:
@@ -202,6 +303,8 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
     model, params = peft_model.from_pretrained(
         backbone, method, rng, dtype=dtype, scan_layers=scan_layers,
         vocab_size=int(vocab_size) if vocab_size is not None else None)
+    verify_backbone(path, meta, method, params, backbone, int(meta.get("init_seed", 0)),
+                    scan_layers)
     trainable, frozen = method.partition(params)
     if scan_layers:
         trained = stack_blocks(trained)

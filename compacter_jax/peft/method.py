@@ -25,7 +25,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from compacter_jax.models import NO_HOOKS, T5Config, T5Hooks, is_backbone_path
+from compacter_jax.models import (NO_HOOKS, T5Config, T5Hooks, is_backbone_path,
+                                  missing_backbone_paths)
 from compacter_jax.peft import partition
 
 ParamPath = tuple[str, ...]
@@ -96,9 +97,24 @@ class Method:
         return params
 
     # -- trainable / frozen ----------------------------------------------------------------
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Raises ValueError when `params` is not a tree of the library's T5 (the method tells
+        trainable from frozen by T5 weight names: on another tree it would train everything).
+        The message names the missing weights and the way for other models."""
+        missing = missing_backbone_paths(params)
+        if missing:
+            top = sorted(map(str, params))[:8] if isinstance(params, Mapping) else []
+            raise ValueError(
+                f"method {self.name!r} ({type(self).__name__}) splits a compacter_jax T5 "
+                f"parameter tree, but this tree lacks the T5 weights {', '.join(missing)} "
+                f"(its top-level keys: {top}). For another model pass an explicit rule: "
+                "compacter_jax.split(params, r'adapter|layer_norm') or freezing_optimizer("
+                "path_rule(predicate), tx); for a T5 pass the full tree, not a part of it")
+
     def partition(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
-        """(trainable, frozen) parts of the full parameter tree."""
-        return partition.split(params, partition.label_params(params, self.is_trainable))
+        """(trainable, frozen) parts of the full parameter tree of the library's T5 (a tree
+        without its T5 weights raises ValueError, see `check_params`)."""
+        return partition.split(params, partition.label_params(params, self))
 
     def combine(self, trainable: Any, frozen: Any) -> dict:
         """The parameters the model is applied with (the `merge_fn` of the train step)."""
@@ -106,7 +122,7 @@ class Method:
 
     def trainable_count(self, params: Any) -> int:
         """How many numbers `partition(params)` trains; `params` may be ShapeDtypeStructs."""
-        return partition.trainable_count(params, self.is_trainable)
+        return partition.trainable_count(params, self)
 
     # -- configuration ---------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Method":

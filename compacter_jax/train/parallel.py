@@ -1,6 +1,7 @@
 """Data-parallel strategies with one interface: `jit` over a device mesh (default) and `pmap`.
 
-Both give the same numbers (see `step.py`: global token sums, per-example dropout keys):
+Both give the same numbers as one device (see `step.py`: global token sums, dropout masks keyed
+by global row), up to float summation order:
 
     strategy = make_strategy("jit")                 # or "pmap"
     state = strategy.replicate(state)               # TrainState, same on every device
@@ -238,8 +239,11 @@ class PmapStrategy(Strategy):
             lambda x: _put(x, (n,) + np.shape(x), self.stacked, lambda h, idx: h[None]), tree)
 
     def unreplicate(self, tree: Any) -> Any:
-        return jax.tree_util.tree_map(lambda x: np.array(np.asarray(x.addressable_data(0))[0]),
-                                      tree)
+        # Host values beside the device ones (e.g. a batch's token fill added to the step's
+        # metrics) were never replicated: they are returned as numpy as they are.
+        return jax.tree_util.tree_map(
+            lambda x: (np.array(np.asarray(x.addressable_data(0))[0]) if isinstance(x, jax.Array)
+                       else np.asarray(x)), tree)
 
     def one_copy(self, tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree)
@@ -256,7 +260,14 @@ class PmapStrategy(Strategy):
 def make_strategy(name: str = "jit", devices: Sequence[jax.Device] | None = None,
                   shard_frozen: bool = False, min_shard_elements: int = 2**16) -> Strategy:
     """"jit" (recommended; pmap is in maintenance mode) or "pmap" over `devices` (default
-    all). `shard_frozen` (jit only) shards frozen leaves of >= `min_shard_elements`."""
+    all). `shard_frozen` (jit only) shards frozen leaves of >= `min_shard_elements`.
+
+    jit, pmap and one device give the same losses and updates (up to float summation order)
+    with `make_train_step`'s dropout keys: the masks of `flax.linen.Dropout` are keyed by global
+    row. They differ under pmap only for a model whose dropout is not linen's (an NNX module, a
+    hand-drawn mask) trained without `per_example_dropout=True`: each device then draws its
+    shard's masks from the step's one key.
+    """
     if name == "jit":
         return JitStrategy(devices, shard_frozen=shard_frozen,
                            min_shard_elements=min_shard_elements)

@@ -17,13 +17,14 @@ end, so the result is the same for any sharding of the batch; under `pmap` pass
 `merge_fn(trainable, frozen) -> params` builds what `apply_fn` is applied with (a method's
 `combine`, e.g. `compacter_jax.peft.merge` or Intrinsic-SAID's projection).
 
-Dropout: by default one key per step, `fold_in(state.rng, step)`: jit gives the same numbers
-on any number of devices (the model sees the global batch). With `per_example_dropout=True`
-each example gets its own key
-`fold_in(fold_in(state.rng, step), global_row)`, so its mask depends on its row in the global
-batch only, not on which device holds it: 1 device, jit over N devices and pmap over N
-devices draw identical masks. The model is then vmapped over examples (each call sees a
-batch of 1), which suits models without cross-example ops (T5 has none).
+Dropout: every row of the global batch draws its masks from its own key,
+`fold_in(layer_key, global_row)` with `layer_key` from `fold_in(state.rng, step)`
+(`train/dropout.py`, for `flax.linen.Dropout`): a mask depends on the row only, not on which
+device holds it, so 1 device, jit over N devices and pmap over N devices draw identical masks
+(packed rows too). Only the mask draw is per row, so it costs what one key per step costs.
+`per_example_dropout=True` instead vmaps the whole model over rows with a key each (for models
+whose dropout is not linen's, e.g. NNX; each call sees a batch of 1, about 17% slower for
+Compacter++ on CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from compacter_jax.train.dropout import row_keyed_dropout
 from compacter_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -44,6 +46,34 @@ MergeFn = Callable[[Any, Any], Any]
 # Keys of a packed batch (several examples per row), passed to the model as keywords.
 PACKING_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids",
                 "decoder_positions")
+# Keys every train / eval batch holds (docs/DESIGN.md "Batches"; `compacter_jax.make_batch`).
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "decoder_input_ids",
+              "decoder_attention_mask")
+
+
+class BatchKeyError(KeyError):
+    """A batch lacks a key the step needs; the message names it and the expected keys."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def check_batch(batch: Batch, required: tuple[str, ...] = BATCH_KEYS) -> None:
+    """Raises `BatchKeyError` naming the missing keys, the expected ones and the helper that
+    builds them, when `batch` lacks a required key or holds only part of the packing keys."""
+    if not isinstance(batch, Mapping):
+        raise BatchKeyError(f"a batch is a dict of arrays, got {type(batch).__name__}")
+    keys = set(batch)
+    missing = [k for k in required if k not in keys]
+    packing = [k for k in PACKING_KEYS if k in keys]
+    if packing and len(packing) < len(PACKING_KEYS):
+        missing += [k for k in PACKING_KEYS if k not in keys]
+    if missing:
+        raise BatchKeyError(
+            f"batch is missing {', '.join(map(repr, missing))}; a batch holds "
+            f"{', '.join(required)} (int32 [B, S] / [B, T]), plus all four of "
+            f"{', '.join(PACKING_KEYS)} when packed; got keys {sorted(keys)}. Build one with "
+            "compacter_jax.make_batch(tokenizer, sources, targets) (docs/DESIGN.md, Batches)")
 
 
 def seq2seq_apply_fn(model) -> ApplyFn:
@@ -104,7 +134,8 @@ def _global_rows(local_batch: int, axis_name: str | None) -> jax.Array:
 def _forward_train(apply_fn: ApplyFn, params: Any, batch: Batch, key: jax.Array,
                    rows: jax.Array, per_example_dropout: bool) -> jax.Array:
     if not per_example_dropout:
-        return apply_fn(params, batch, False, {"dropout": key})
+        with row_keyed_dropout(rows):
+            return apply_fn(params, batch, False, {"dropout": key})
 
     def one(example, row):
         single = jax.tree_util.tree_map(lambda x: x[None], example)
@@ -135,6 +166,7 @@ def make_train_step(
 
     def train_step(state: TrainState, frozen: Any, batch: Batch,
                    axis_name: str | None = None) -> tuple[TrainState, dict]:
+        check_batch(batch)
         labels, mask = batch["labels"], batch["decoder_attention_mask"]
         key = jax.random.fold_in(state.rng, state.step)
         rows = _global_rows(labels.shape[0], axis_name)
@@ -178,6 +210,7 @@ def make_eval_step(apply_fn: ApplyFn, *, merge_fn: MergeFn) -> Callable[..., dic
 
     def eval_step(params: Any, frozen: Any, batch: Batch,
                   axis_name: str | None = None) -> dict:
+        check_batch(batch)
         labels, mask = batch["labels"], batch["decoder_attention_mask"]
         examples = batch.get("example_mask")
         if examples is None:

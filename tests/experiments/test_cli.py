@@ -24,3 +24,35 @@ def test_bad_value_exits_2_with_one_error_line(module, flags, message, tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def _fields(config, prefix="--config"):
+    from ml_collections import ConfigDict
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ConfigDict):
+            yield from _fields(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
+def test_print_config_lists_every_field_with_its_default(tmp_path):
+    """`--print_config` (no --workdir needed) prints one line per config field, nested
+    `peft.<field>` placeholders included, with overrides applied; --help mentions it."""
+    from experiments.configs.glue import get_config
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "experiments.glue", "--print_config",
+                          "--config.task=rte", "--config.seed=7"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = {line.split("=", 1)[0]: line.split("=", 1)[1].split("  # ")[0]
+               for line in out.stdout.splitlines()}
+    want = dict(_fields(get_config()))
+    want.update({"--config.task": "rte", "--config.seed": 7})
+    assert set(printed) == set(want)                   # every field, nothing else
+    assert {k: printed[k] for k in want} == {k: repr(v) for k, v in want.items()}
+    assert "--config.peft.reduction_factor=None  # int" in out.stdout
+    helptext = subprocess.run([sys.executable, "-m", "experiments.glue", "--help"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "--print_config" in helptext

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from compacter_jax import peft
-from compacter_jax.models import greedy_generate
+from compacter_jax.models import greedy_generate, unstack_blocks
 from experiments import finetune
 from experiments.configs.glue import get_config
 
@@ -66,8 +66,14 @@ def test_exported_adapter_reloads_onto_the_backbone(finished_run, shared_data):
     workdir, _ = finished_run
     trained, meta = peft.load_trainable(workdir / "adapter")
     assert meta["method"]["name"] == "compacter++" and meta["task"] == "rte"
-    model, params = peft.load_adapter(workdir / "adapter")  # backbone recorded: random:t5-tiny
-    flat_loaded = jax.tree_util.tree_leaves(peft.method_of_export(meta).partition(params)[0])
+    # The run drew random:t5-tiny scanned (the config's default); drawn unscanned it has other
+    # weights, which the export's backbone fingerprint catches (it used to load silently).
+    with pytest.raises(peft.AdapterFileError, match="drawn with scan_layers=True.*pass "
+                                                    "scan_layers=True"):
+        peft.load_adapter(workdir / "adapter")
+    model, params = peft.load_adapter(workdir / "adapter", scan_layers=True)
+    flat_loaded = jax.tree_util.tree_leaves(
+        unstack_blocks(peft.method_of_export(meta).partition(params)[0]))
     for got, want in zip(flat_loaded, jax.tree_util.tree_leaves(trained)):
         np.testing.assert_array_equal(np.asarray(got), want)
     ids = np.ones((2, 6), np.int32)
@@ -81,7 +87,8 @@ def test_compacterpp_t5_base_export_is_under_1mb(tmp_path):
     method = peft.get_method("compacter++")
     trainable, _ = method.partition(shapes)
     zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), trainable)
-    path = peft.save_adapter(tmp_path / "adapter", zeros, method, model="t5-base")
+    with pytest.warns(UserWarning, match="records the backbone by name only"):
+        path = peft.save_adapter(tmp_path / "adapter", zeros, method, model="t5-base")
     size = sum(f.stat().st_size for f in path.iterdir())
     assert peft.count(trainable) == 104_704
     assert size < 1_000_000, size

@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 from compacter_jax import peft
+from compacter_jax.models import stack_blocks
 from compacter_jax.peft.export import CONFIG, WEIGHTS
 
 LEGACY = Path(__file__).parent / "data" / "legacy_v0.1"
@@ -166,3 +167,84 @@ def test_manifest_shapes_and_loader_errors_name_the_path(tmp_path):
     with pytest.raises(peft.AdapterFileError, match=r"listed/trainable_config.json: field "
                                                     r"'sha256' must be an object"):
         peft.load_trainable(listed)
+
+
+# -- the export records its backbone (issue 20) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for these tests: each load_adapter draws the same
+    random:t5-tiny + Compacter++ (the seed is an argument), so it compiles the init once."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0}
+    before = {k: jax.config.values[k] for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def seven(compile_cache):
+    """Compacter++ on random:t5-tiny drawn with PRNGKey(7), "trained" (moved) a little."""
+    method = peft.get_method("compacter++", reduction_factor=8)
+    model, params = peft.from_pretrained("random:t5-tiny", method, rng=jax.random.PRNGKey(7))
+    trainable, frozen = method.partition(params)
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.01, trainable)
+    return method, model, params, trainable, frozen
+
+
+def test_an_adapter_is_refused_by_a_backbone_it_was_not_trained_on(seven, tmp_path):
+    """Before: an adapter saved from random:t5-tiny drawn with PRNGKey(7) reloaded onto seed 0
+    without a word. Now the export records the backbone and load_adapter checks it."""
+    method, model, params, trainable, frozen = seven
+    with pytest.raises(ValueError, match=r"cannot record how to rebuild the backbone "
+                                         r"random:t5-tiny: pass init_seed=.*backbone_params="):
+        peft.save_adapter(tmp_path / "bare", trainable, method, model="random:t5-tiny")
+    peft.save_adapter(tmp_path / "fp", trainable, method, model="random:t5-tiny",
+                      backbone_params=frozen)
+    with pytest.raises(peft.AdapterFileError,
+                       match=r"trained on random:t5-tiny drawn with init_seed 0 \(backbone "
+                             r"sha256:[0-9a-f]{64}\), but the backbone loaded is random:t5-tiny "
+                             r"drawn with init_seed 0 \(sha256:"):
+        peft.load_adapter(tmp_path / "fp")   # no seed recorded: drawn from 0, and refused
+    # With the seed recorded it reloads onto the weights it was trained on, logits and all.
+    peft.save_adapter(tmp_path / "seeded", trainable, method, model="random:t5-tiny",
+                      init_seed=7, backbone_params=params)
+    assert json.loads((tmp_path / "seeded" / CONFIG).read_text())["backbone_sha256"] == \
+        peft.backbone_fingerprint(frozen, method)
+    reloaded_model, reloaded = peft.load_adapter(tmp_path / "seeded")
+    ids = np.arange(1, 7, dtype=np.int32)[None]
+    want = model.apply({"params": method.combine(trainable, frozen)}, ids, ids * 0 + 1, ids)
+    got = reloaded_model.apply({"params": reloaded}, ids, ids * 0 + 1, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_backbone_fingerprint_covers_exactly_the_weights_the_adapter_relies_on(seven):
+    method, _, params, _, frozen = seven
+    fp = peft.backbone_fingerprint(params, method)
+    assert fp == peft.backbone_fingerprint(frozen, method)               # the frozen part
+    assert fp == peft.backbone_fingerprint(stack_blocks(params), method)  # scanned layout
+    flat = traverse_util.flatten_dict(params)
+    ln = next(k for k in flat if k[-2] == "layer_norm")        # trained by Compacter++
+    q = next(k for k in flat if k[-2] == "q")                  # frozen
+    nudged = lambda key: traverse_util.unflatten_dict(         # noqa: E731
+        {**flat, key: np.nextafter(np.asarray(flat[key]), np.inf)})
+    assert peft.backbone_fingerprint(nudged(ln), method) == fp
+    assert peft.backbone_fingerprint(nudged(q), method) != fp  # one ulp of one weight
+    with pytest.raises(ValueError, match="lacks the backbone weights.*shared/embedding"):
+        peft.backbone_fingerprint({"encoder": {}}, method)
+
+
+def test_an_export_without_the_record_loads_with_a_warning(seven, tmp_path):
+    """Exports written before the record existed keep loading (as before: seed 0), and say so;
+    a name-only export of a named checkpoint warns when it is written."""
+    method, _, _, trainable, _ = seven
+    peft.export_trainable(tmp_path / "old", trainable,
+                          {"method": method.to_dict(), "model": "random:t5-tiny"})
+    with pytest.warns(UserWarning, match=r"does not record its backbone's fingerprint.*loaded "
+                                         r"onto random:t5-tiny drawn with init_seed 0"):
+        peft.load_adapter(tmp_path / "old")
+    with pytest.warns(UserWarning, match=r"records the backbone by name only \(t5-base\)"):
+        peft.save_adapter(tmp_path / "named", trainable, method, model="t5-base")

@@ -34,8 +34,13 @@ def test_replace_to_dict_and_validation():
 def test_default_partition_splits_what_the_method_inserted():
     params = {"shared": {"embedding": jnp.zeros((4, 2))},
               "encoder": {"prompt": {"embedding": jnp.ones((3, 2))}}}
+    for stack in ("encoder", "decoder"):  # the T5 weights a partition expects
+        params.setdefault(stack, {}).update({
+            "relative_attention_bias": {"embedding": jnp.zeros((4, 1))},
+            "final_layer_norm": {"scale": jnp.ones(2)},
+            "block_0": {"layer_0": {"SelfAttention": {"q": {"kernel": jnp.zeros((2, 2))}}}}})
     trainable, frozen = Method().partition(params)
     assert jax.tree_util.tree_structure(trainable) == jax.tree_util.tree_structure(
         {"encoder": {"prompt": {"embedding": 0}}})
-    assert set(frozen) == {"shared"}
+    assert set(frozen) == {"shared", "encoder", "decoder"}
     assert Method().combine(trainable, frozen).keys() == params.keys()

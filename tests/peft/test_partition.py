@@ -10,8 +10,9 @@ import pytest
 from jax.extend import core as jex_core
 
 from compacter_jax.models import get_preset
-from compacter_jax.peft import (FROZEN, TRAINABLE, build_model, count, freezing_optimizer,
-                                get_method, label_params, merge, split, trainable_count)
+from compacter_jax.peft import (FROZEN, TRAINABLE, PathRule, build_model, count,
+                                freezing_optimizer, get_method, label_params, merge, path_rule,
+                                split, trainable_count)
 from compacter_jax.train import TrainState, make_train_step, seq2seq_apply_fn
 
 # Untied lm_head so the test can check that it stays frozen.
@@ -88,7 +89,7 @@ def test_labels_by_path(setup):
                   "q_delta": {"bias": jax.ShapeDtypeStruct((8,), jnp.float32)}}}}}}
     # Labels follow the paths: whatever PEFT module a tree holds is trainable, LNs only if asked.
     for method in ("prompt_tuning", "bitfit_projections", "lora"):
-        flat = _flat(label_params(shapes, get_method(method)))
+        flat = _flat(label_params(shapes, get_method(method).is_trainable))  # a part of a T5
         assert sorted(p for p, v in flat.items() if v == TRAINABLE) == [
             "decoder/block_0/layer_0/SelfAttention/q_delta/bias", "encoder/prompt/embedding"]
     assert count(shapes) == 24 + 8 + 64 + 8
@@ -194,3 +195,67 @@ def test_no_gradient_is_computed_for_frozen_weights(setup):
           f"frozen kernels {frozen_kernels}")
     assert bad - good >= frozen_kernels
     assert good > forward      # it does differentiate (through frozen layers to adapters)
+
+
+# -- a split that never guesses (issue 20) ------------------------------------------------------
+
+def _gpt_like():
+    """A parameter tree that is not a T5 (a small decoder-only LM with LoRA-like extras)."""
+    rng = np.random.default_rng(0)
+    w = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return {"wte": {"embedding": w(16, 8)},
+            "h_0": {"attn": {"c_attn": {"kernel": w(8, 24)}, "lora_a": {"kernel": w(8, 2)}},
+                    "ln_1": {"scale": w(8)}},
+            "ln_f": {"scale": w(8)}}
+
+
+@pytest.mark.parametrize("name", ["compacter++", "lora", "prompt_tuning", "intrinsic_said"])
+def test_a_method_refuses_a_tree_that_is_not_its_t5(name):
+    """Before: every weight of a non-T5 tree read as "inserted by the method", so Compacter++
+    trained all of it. Now: an error naming the T5 weights that are missing."""
+    method = get_method(name)
+    for call in (method.partition, method.trainable_count, lambda p: label_params(p, method),
+                 lambda p: split(p, method), lambda p: freezing_optimizer(method, optax.sgd(1)).init(p)):
+        with pytest.raises(ValueError, match=r"lacks the T5 weights shared/embedding, "
+                                             r"encoder/relative_attention_bias/embedding.*"
+                                             r"\['h_0', 'ln_f', 'wte'\].*explicit rule"):
+            call(_gpt_like())
+    # A T5 tree cut down to a few leaves is refused too (what is missing is named).
+    part = {"shared": {"embedding": jnp.zeros((4, 2))},
+            "encoder": {"final_layer_norm": {"scale": jnp.ones(2)}}}
+    with pytest.raises(ValueError, match="decoder/final_layer_norm/scale"):
+        method.partition(part)
+
+
+def test_explicit_path_rules_split_any_model():
+    params = _gpt_like()
+    lora_and_norms = ["h_0/attn/lora_a/kernel", "h_0/ln_1/scale", "ln_f/scale"]
+    by_regex = split(params, r"lora_|ln_")
+    by_compiled = split(params, __import__("re").compile(r"lora_|ln_"))
+    by_predicate = split(params, lambda path: path[-2].startswith(("lora_", "ln_")))
+    for trainable, frozen in (by_regex, by_compiled, by_predicate):
+        assert sorted(_flat(trainable)) == lora_and_norms
+        assert sorted(_flat(frozen)) == ["h_0/attn/c_attn/kernel", "wte/embedding"]
+    assert trainable_count(params, r"lora_|ln_") == 16 + 8 + 8
+    # The optimizer safety net with a rule: frozen leaves never move, trainable ones do.
+    tx = freezing_optimizer(r"lora_|ln_", optax.adamw(1e-1, weight_decay=0.1))
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    moved = {p for p, v in _flat(upd).items() if np.any(np.asarray(v) != 0)}
+    assert moved == set(lora_and_norms)
+    tx = freezing_optimizer(path_rule(lambda path: "lora_a" in path), optax.sgd(1.0))
+    assert {p for p, v in _flat(tx.update(grads, tx.init(params), params)[0]).items()
+            if np.any(np.asarray(v) != 0)} == {"h_0/attn/lora_a/kernel"}
+    # A rule that matches nothing, a bad regex, an ambiguous rule: errors that say so.
+    with pytest.raises(ValueError, match=r"'adapter' matches none of the 5 parameters.*wte/"):
+        split(params, "adapter")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        split(params, "lora_(")
+    with pytest.raises(ValueError, match="exactly one of"):
+        PathRule(pattern="a", predicate=lambda p: True)
+    with pytest.raises(TypeError, match="a path rule is a regex or a predicate"):
+        split(params, 3)
+    # A T5 may be split by rule as well (no check: the rule is explicit).
+    t5 = {"shared": {"embedding": jnp.zeros((4, 2))},
+          "encoder": {"prompt": {"embedding": jnp.ones((3, 2))}}}
+    assert list(_flat(split(t5, "prompt")[0])) == ["encoder/prompt/embedding"]

@@ -15,10 +15,10 @@ from compacter_jax.train.step import make_eval_step, make_train_step
 STEPS = 4
 
 
-def run(toy, strategy, batches, tx, schedule):
-    # Per-example dropout keys: pmap then draws the masks of one device.
+def run(toy, strategy, batches, tx, schedule, per_example_dropout=False):
     step = strategy.compile_train_step(make_train_step(
-        toy.apply_fn, tx, merge_fn=partition.merge, schedule=schedule, per_example_dropout=True))
+        toy.apply_fn, tx, merge_fn=partition.merge, schedule=schedule,
+        per_example_dropout=per_example_dropout))
     state = strategy.replicate(TrainState.create(toy.trainable, tx, 0))
     frozen = strategy.put_frozen(toy.frozen)
     if getattr(strategy, "shard_frozen", False):  # FSDP really splits the toy's frozen leaves
@@ -34,16 +34,19 @@ def run(toy, strategy, batches, tx, schedule):
 
 
 def test_one_device_jit_and_pmap_agree(toy):
+    """The library's default dropout (masks keyed by global row; the model sees its shard):
+    pmap over 4 devices draws the masks of one device. (per_example_dropout=True, the model
+    vmapped over rows, is checked the same way on the T5 in test_train_parallel_t5.py.)"""
     assert jax.device_count() == 4, "tests/conftest.py should provide 4 CPU devices"
     tx, schedule = make_optimizer(1e-2, 1, 10)
     rng = np.random.default_rng(0)
     batches = [make_batch(rng, 8) for _ in range(STEPS)]
+    go = lambda s: run(toy, s, batches, tx, schedule)  # noqa: E731
     runs = {
-        "1dev": run(toy, make_strategy("jit", jax.devices()[:1]), batches, tx, schedule),
-        "jit4": run(toy, make_strategy("jit"), batches, tx, schedule),
-        "jit4_fsdp": run(toy, make_strategy("jit", shard_frozen=True, min_shard_elements=1),
-                         batches, tx, schedule),
-        "pmap4": run(toy, make_strategy("pmap"), batches, tx, schedule),
+        "1dev": go(make_strategy("jit", jax.devices()[:1])),
+        "jit4": go(make_strategy("jit")),
+        "jit4_fsdp": go(make_strategy("jit", shard_frozen=True, min_shard_elements=1)),
+        "pmap4": go(make_strategy("pmap")),
     }
     ref_metrics, ref_state, ref_eval = runs["1dev"]
     assert int(ref_state.step) == STEPS
@@ -80,10 +83,13 @@ def test_layouts_and_errors(toy):
     assert big["w"].sharding.spec == jax.sharding.PartitionSpec("data", None)
     assert big["w"].addressable_shards[0].data.shape == (128, 256)
     assert big["s"].sharding.is_fully_replicated
-    # replicate / unreplicate round trip, both layouts
+    # replicate / unreplicate round trip, both layouts; host values beside device ones (the
+    # CLI adds each batch's token fill to the step's metrics) come back as they are.
     tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
     for s in (jit, pmap):
         np.testing.assert_array_equal(s.unreplicate(s.replicate(tree))["a"], tree["a"])
+        mixed = s.unreplicate({**s.replicate(tree), "fill": 0.75, "n": np.int32(3)})
+        assert float(mixed["fill"]) == 0.75 and int(mixed["n"]) == 3
 
 
 def test_jit_step_donates_the_state(toy_no_dropout):

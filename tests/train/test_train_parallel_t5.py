@@ -1,5 +1,5 @@
-"""One device, 4 devices under jit and 4 under pmap train a Compacter++ T5 identically
-(pmap with per-example dropout keys; see experiments/configs/glue.py)."""
+"""One device, 4 devices under jit and 4 under pmap train a Compacter++ T5 identically, with
+the default dropout (masks keyed by global row) and with per-example dropout (vmapped)."""
 
 from __future__ import annotations
 
@@ -53,11 +53,12 @@ def assert_same(run_a, run_b, label):
 
 @pytest.mark.long  # ~85 s; the toy 1-device/jit-4/pmap-4 equality (test_train_parallel.py) runs by default
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake CPU) devices")
-def test_one_key_per_step_jit_on_1_and_4_devices_agree():
+def test_default_dropout_jit_and_pmap_on_1_and_4_devices_agree():
     batches = random_batches(3)
     one = run("jit", 1, batches, per_example_dropout=False)
     assert one[0][-1] < one[0][0]  # dropout is on; it still learns this batch set
     assert_same(run("jit", 4, batches, per_example_dropout=False), one, "jit x4")
+    assert_same(run("pmap", 4, batches, per_example_dropout=False), one, "pmap x4")
 
 
 @pytest.mark.long  # ~75 s; the toy pmap/jit equality (test_train_parallel.py) runs by default

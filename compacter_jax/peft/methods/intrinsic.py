@@ -395,9 +395,11 @@ class IntrinsicSAID(Method):
                 if is_backbone_path(p)}
 
     def trainable_count(self, params: Any) -> int:
+        self.check_params(params)
         return intrinsic_layout(self._shapes(params), self.dim, self.said).trainable_count
 
     def partition(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
+        self.check_params(params)
         trainable, constants = init_intrinsic(jax.random.PRNGKey(self.seed),
                                               self._shapes(params), self.dim, self.said)
         return trainable, {"theta0": dict(params), "constants": constants}

@@ -406,7 +406,8 @@ def test_partition_combine_and_an_export_round_trip(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     moved = {**trainable, "vector": jnp.full_like(trainable["vector"], 0.1)}
-    peft.save_adapter(tmp_path / "said", moved, method, model="random:t5-tiny")
+    peft.save_adapter(tmp_path / "said", moved, method, model="random:t5-tiny",
+                      backbone_params=params)     # its fingerprint is checked on load
     reloaded_model, reloaded = peft.load_adapter(tmp_path / "said")   # constants redrawn
     for a, b in zip(jax.tree_util.tree_leaves(reloaded),
                     jax.tree_util.tree_leaves(method.combine(moved, frozen))):
