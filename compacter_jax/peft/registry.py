@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from compacter_jax.peft.method import Method
-from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning,
-                                        IntrinsicSAID, LoRAMethod, PromptTuning)
+from compacter_jax.peft.methods import (AdapterMethod, AttemptMethod, BitFitMethod,
+                                        FullFineTuning, IntrinsicSAID, LoRAMethod, PromptTuning)
 
 _ADAPTERS = dict(train_layer_norms=True, reduction_factor=32)
 
@@ -35,6 +35,8 @@ PRESETS: dict[str, Method] = {p.name: p for p in (
     BitFitMethod(name="bitfit_projections", layer_norms=False, learning_rate=3e-4),
     PromptTuning(name="prompt_tuning_vocab", length=100, init="vocab", learning_rate=3e-1),
     IntrinsicSAID(name="intrinsic_said", dim=20_000, said=True, learning_rate=3e-2),
+    # Source prompts: set `sources` (prompt-tuning exports); lr 3e-1 as the original configs.
+    AttemptMethod(name="attempt", length=100, attn_dim=100, learning_rate=3e-1),
 )}
 
 
