@@ -41,7 +41,7 @@ def test_presets_and_their_key_fields():
     assert {m: get_method(m).learning_rate for m in EXPECTED} == PAPER_LR
     assert [m for m in EXPECTED if get_method(m).task_prefix] == [
         "full", "bitfit", "prompt_tuning", "bitfit_projections", "prompt_tuning_vocab",
-        "intrinsic_said"]
+        "intrinsic_said", "attempt"]
     hash(get_method("compacter"))     # static model structure: must be hashable
 
 

@@ -115,6 +115,7 @@ class AttemptMethod(Method):
     """Attributes:
       sources: export directories of prompt-tuning runs (`save_adapter`, experiments.glue's
         WORKDIR/adapter), one frozen source prompt each; their length must be `length`.
+        A comma-separated string is split (`--config.peft.sources=runs/a/adapter,runs/b/adapter`).
       length: prompt tokens (the original: 100).
       attn_dim: the attention module's bottleneck (the original: 100).
       temperature: softmax temperature; None = d_model * e (the original's 2,087 for T5-base).
@@ -141,7 +142,10 @@ class AttemptMethod(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "sources", tuple(str(s) for s in as_tuple(self.sources)))
+        # "a,b" (a comma-separated flag value) is two exports.
+        sources = (self.sources,) if isinstance(self.sources, str) else as_tuple(self.sources)
+        object.__setattr__(self, "sources", tuple(
+            part for s in sources for part in str(s).split(",") if part))
         object.__setattr__(self, "vocab_ids", as_tuple(self.vocab_ids))
         if self.length < 1 or self.attn_dim < 1:
             raise ValueError(f"{self.name}: length and attn_dim must be >= 1, got "

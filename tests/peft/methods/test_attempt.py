@@ -128,6 +128,8 @@ def test_bad_sources_are_refused(sources, tmp_path):
                  get_method("lora"), model="random:t5-tiny")
     with pytest.raises(ValueError, match="an export of 'lora'.*prompt_tuning runs"):
         method.replace(sources=(sources[0][0], str(lora))).prepare(raw, TINY)
+    assert get_method("attempt", sources="a/x,b/y").sources == ("a/x", "b/y")
+    assert get_method("attempt", sources=("a/x,b/y",)).sources == ("a/x", "b/y")
     with pytest.raises(ValueError, match="init_source=2 but there are 2 sources"):
         method.replace(init_source=2)
     with pytest.raises(ValueError, match="init='zeros'"):
