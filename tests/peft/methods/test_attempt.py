@@ -100,6 +100,18 @@ def test_trainable_set_is_target_prompt_and_attention(sources):
     assert method.trainable_count(params) == L * D + 2 * D * 100 + 2 * D
 
 
+def test_gradients_reach_the_target_and_the_attention_only(sources):
+    _, _, params = _model_and_params(sources)
+    emb = jax.random.normal(jax.random.PRNGKey(1), (2, 5, D))
+    module = AttemptPrompt(L, D, 2, 100, 2.0)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, emb,
+                                                            jnp.ones((2, 5)))[0]))))(
+        params["encoder"]["prompt"])
+    norms = {k: float(jnp.abs(v).max()) for k, v in traverse_util.flatten_dict(
+        grads, sep="/").items()}
+    assert norms.pop("sources") == 0.0 and min(norms.values()) > 0, norms
+
+
 def test_target_prompt_inits(sources, tmp_path):
     method, _, _ = _model_and_params(sources)
     model = build_model(TINY, method)
