@@ -53,6 +53,10 @@ class BankError(ValueError):
 
 def check_bankable(method: Method) -> None:
     """Raises BankError when `method`'s trainable parameters cannot be split per task."""
+    reason = getattr(type(method), "bank_refusal", "")
+    if not type(method).bankable and reason:
+        raise BankError(f"method {method.name!r} ({type(method).__name__}) cannot be banked: "
+                        f"{reason}")
     if not type(method).bankable:
         raise BankError(
             f"method {method.name!r} ({type(method).__name__}) cannot be banked: what it trains "

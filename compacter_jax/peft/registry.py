@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from compacter_jax.peft.method import Method
-from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning,
-                                        IntrinsicSAID, LoRAMethod, PromptTuning)
+from compacter_jax.peft.methods import (AdapterMethod, AttemptMethod, BitFitMethod,
+                                        FullFineTuning, IntrinsicSAID, LoRAMethod, PromptTuning)
 from compacter_jax.peft.methods.lst import LadderSideTuning
 
 _ADAPTERS = dict(train_layer_norms=True, reduction_factor=32)
@@ -39,6 +39,8 @@ PRESETS: dict[str, Method] = {p.name: p for p in (
     # Ladder Side-Tuning (Sung et al. 2022): r = 8, side blocks 1-3, 5-7, 9-11 of T5-base,
     # lr 3e-3 (the authors' scripts/ladder_side_tuning_base.sh).
     LadderSideTuning(name="lst", reduction_factor=8, drop_every=4, learning_rate=3e-3),
+    # Source prompts: set `sources` (prompt-tuning exports); lr 3e-1 as the original configs.
+    AttemptMethod(name="attempt", length=100, attn_dim=100, learning_rate=3e-1),
 )}
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from compacter_jax import data as data_lib
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
-from compacter_jax.peft import method_names
+from compacter_jax.peft import (get_method, load_adapter, load_trainable, method_names,
+                                save_adapter)
 from experiments import finetune
 from experiments.configs.glue import get_config
 
@@ -30,7 +31,7 @@ OVERRIDES = {"adapter": {"reduction_factor": 4}, "pfeiffer": {"reduction_factor"
              "lowrank": {"reduction_factor": 4}, "phm_adapter": {"reduction_factor": 4},
              "compacter": {"reduction_factor": 4}, "compacter++": {"reduction_factor": 4},
              "prompt_tuning": {"length": 4}, "prompt_tuning_vocab": {"length": 4},
-             "intrinsic_said": {"dim": 2000}}
+             "intrinsic_said": {"dim": 2000}, "attempt": {"length": 4, "attn_dim": 8}}
 SYNTHETIC = ("qqp", "mnli", "qnli", "boolq", "multirc", "record", "superglue_rte", "wic",
              "wsc.fixed")
 
@@ -151,11 +152,24 @@ def test_every_task_trains_two_steps(task, backbone, data_dir, tmp_path):
     assert len(rows) == 4 and {"index", "source", "target", "prediction", "parsed"} <= set(rows[0])
 
 
+@pytest.fixture(scope="module")
+def source_prompts(tmp_path_factory, backbone):
+    """ATTEMPT's source prompts: two prompt-tuning exports (random prompts, length 4)."""
+    root, paths = tmp_path_factory.mktemp("sources"), []
+    for k in range(2):
+        prompt = np.random.default_rng(k).normal(size=(4, TINY.d_model)).astype(np.float32)
+        paths.append(str(save_adapter(root / f"src{k}", {"encoder": {"prompt": {
+            "embedding": prompt}}}, get_method("prompt_tuning", length=4), model=backbone)))
+    return tuple(paths)
+
+
 @pytest.mark.parametrize("method", method_names())
-def test_every_method_trains_two_steps(method, backbone, data_dir, tmp_path):
+def test_every_method_trains_two_steps(method, backbone, data_dir, tmp_path, request):
     # No evaluation: only the train step is compiled per method.
-    summary = finetune.train_and_evaluate(config_for(backbone, data_dir, "rte", method,
-                                                     eval_every=0), tmp_path)
+    config = config_for(backbone, data_dir, "rte", method, eval_every=0)
+    if method == "attempt":
+        config.peft.sources = request.getfixturevalue("source_prompts")
+    summary = finetune.train_and_evaluate(config, tmp_path)
     events = _events(tmp_path)
     losses = [e["train/loss"] for e in events if "train/loss" in e]
     assert len(losses) == 2 and np.all(np.isfinite(losses))
@@ -164,6 +178,11 @@ def test_every_method_trains_two_steps(method, backbone, data_dir, tmp_path):
     rates = [e["train/learning_rate"] for e in events if "train/learning_rate" in e]
     np.testing.assert_allclose(rates, [1e-3 * 0 / 500, 1e-3 * 1 / 500], rtol=1e-4, atol=1e-12)  # float32
     assert not (tmp_path / "predictions").exists()       # eval_every=0: never evaluated
+    if method == "attempt":   # target prompt + attention trained; the exported sources reloaded
+        assert summary["trainable_params"] == 4 * 48 + 2 * 48 * 8 + 2 * 48
+        _, params = load_adapter(tmp_path / "adapter")
+        np.testing.assert_array_equal(params["encoder"]["prompt"]["sources"], np.stack(
+            [load_trainable(p)[0]["encoder"]["prompt"]["embedding"] for p in config.peft.sources]))
 
 
 @pytest.mark.parametrize("method,override,prefixed", [

@@ -9,7 +9,7 @@ from compacter_jax.peft.registry import get_method
 
 EXPECTED = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "phm_adapter", "compacter",
             "compacter++", "bitfit", "prompt_tuning", "lora", "bitfit_projections",
-            "prompt_tuning_vocab", "intrinsic_said", "lst")
+            "prompt_tuning_vocab", "intrinsic_said", "lst", "attempt")
 ADAPTERS = EXPECTED[1:8]
 LN_SCALE = ("encoder", "final_layer_norm", "scale")
 # The original configs' peak learning rates (paper §5; LoRA is not in the paper).
@@ -17,7 +17,8 @@ PAPER_LR = {"full": 3e-4, "adapter": 3e-4, "pfeiffer": 3e-4, "adapterdrop": 3e-4
             "lowrank": 3e-3, "phm_adapter": 3e-3, "compacter": 3e-3, "compacter++": 3e-3,
             "bitfit": 3e-4, "bitfit_projections": 3e-4, "prompt_tuning": 3e-2,
             "prompt_tuning_vocab": 3e-1, "lora": 1e-3, "intrinsic_said": 3e-2,
-            "lst": 3e-3}  # LST: its authors' scripts/ladder_side_tuning_base.sh
+            "lst": 3e-3,  # LST: its authors' scripts/ladder_side_tuning_base.sh
+            "attempt": 3e-1}
 
 
 def test_presets_and_their_key_fields():
@@ -41,7 +42,7 @@ def test_presets_and_their_key_fields():
     assert {m: get_method(m).learning_rate for m in EXPECTED} == PAPER_LR
     assert [m for m in EXPECTED if get_method(m).task_prefix] == [
         "full", "bitfit", "prompt_tuning", "bitfit_projections", "prompt_tuning_vocab",
-        "intrinsic_said", "lst"]
+        "intrinsic_said", "lst", "attempt"]
     hash(get_method("compacter"))     # static model structure: must be hashable
 
 

@@ -1,6 +1,7 @@
 """Method families, one module each (see `compacter_jax.peft.method.Method`)."""
 
 from compacter_jax.peft.methods.adapter import AdapterHooks, AdapterMethod
+from compacter_jax.peft.methods.attempt import AttemptHooks, AttemptMethod
 from compacter_jax.peft.methods.bitfit import BitFitHooks, BitFitMethod
 from compacter_jax.peft.methods.full import FullFineTuning
 from compacter_jax.peft.methods.intrinsic import IntrinsicSAID
@@ -9,7 +10,7 @@ from compacter_jax.peft.methods.lst import LadderSideTuning
 from compacter_jax.peft.methods.prompt import PromptHooks, PromptTuning, init_prompt_from_vocab
 
 __all__ = [
-    "AdapterHooks", "AdapterMethod", "BitFitHooks", "BitFitMethod", "FullFineTuning",
-    "IntrinsicSAID", "LadderSideTuning",
+    "AdapterHooks", "AdapterMethod", "AttemptHooks", "AttemptMethod", "BitFitHooks",
+    "BitFitMethod", "FullFineTuning", "IntrinsicSAID", "LadderSideTuning",
     "LoRAHooks", "LoRAMethod", "PromptHooks", "PromptTuning", "init_prompt_from_vocab",
 ]

@@ -1,0 +1,175 @@
+"""ATTEMPT: the per-input mixture against an explicit numpy computation on a tiny T5; the
+trainable set; source prompts from prompt-tuning exports; packing and banking refused; the
+T5-base count against the paper's."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from tiny import TINY, ids, init_fn
+
+from compacter_jax import params as params_cli
+from compacter_jax.models import get_preset
+from compacter_jax.peft import AdapterFileError, bank, build_model, get_method, save_adapter
+from compacter_jax.peft.methods.attempt import AttemptMethod, AttemptPrompt
+
+L, D = 3, TINY.d_model
+
+
+def _export(path, length=L, d_model=D, seed=0, method="prompt_tuning"):
+    """A prompt-tuning export holding a random soft prompt, as experiments.glue writes one."""
+    prompt = np.random.default_rng(seed).normal(size=(length, d_model)).astype(np.float32)
+    save_adapter(path, {"encoder": {"prompt": {"embedding": prompt}}},
+                 get_method(method, length=length), model="random:t5-tiny")
+    return str(path), prompt
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return [_export(tmp_path / f"src{k}", seed=k) for k in range(2)]
+
+
+def _model_and_params(sources, **fields):
+    method = get_method("attempt", sources=tuple(p for p, _ in sources), length=L, **fields)
+    model = build_model(TINY, method)
+    params = method.prepare(init_fn(model)(jax.random.PRNGKey(0)), TINY)
+    # Every trained leaf random (the norm's scale/bias too), so each one matters below.
+    flat = traverse_util.flatten_dict(params)
+    rng = np.random.default_rng(7)
+    for k in flat:
+        if k[:2] == ("encoder", "prompt") and k[-1] != "sources":
+            flat[k] = jnp.asarray(rng.normal(size=flat[k].shape), jnp.float32)
+    return method, model, traverse_util.unflatten_dict(flat)
+
+
+def _reference(x_ids, mask, params, temperature):
+    """The paper's mixture in float64 numpy, written out step by step."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["encoder"]["prompt"])
+    emb = np.asarray(params["shared"]["embedding"], np.float64)[np.asarray(x_ids)]   # [B, T, D]
+    pooled = np.stack([emb[b][np.asarray(mask[b]).astype(bool)].max(axis=0)
+                       for b in range(emb.shape[0])])                             # [B, D]
+    z = pooled @ p["down"]["kernel"]
+    z = (z / (1 + np.exp(-z))) @ p["up"]["kernel"]                               # SiLU, up
+    z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-5)
+    query = z * p["norm"]["scale"] + p["norm"]["bias"]
+    prompts = np.concatenate([p["sources"], p["embedding"][None]])               # [K+1, L, D]
+    logits = query @ prompts.max(axis=1).T / temperature
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    mixed = p["embedding"][None] + np.einsum("bk,kld->bld", w, prompts)
+    return w, mixed, emb
+
+
+@pytest.mark.parametrize("temperature", [None, 2.0])      # None: d_model * e (near uniform)
+def test_mixture_matches_numpy(sources, temperature):
+    method, model, params = _model_and_params(sources, temperature=temperature)
+    x = ids(b=3, t=6)
+    mask = jnp.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])   # padding masked out
+    t = D * math.e if temperature is None else temperature
+    w_ref, mixed_ref, emb = _reference(x, mask, params, t)
+    # The module alone: its output is [mixture; embeddings] and the mask gets L ones in front.
+    out, out_mask = AttemptPrompt(L, D, 2, method.attn_dim, t).apply(
+        {"params": params["encoder"]["prompt"]}, jnp.asarray(emb, jnp.float32), mask)
+    tol = dict(rtol=20 * np.finfo(np.float32).eps * math.sqrt(D),
+               atol=20 * np.finfo(np.float32).eps * math.sqrt(D) * np.abs(mixed_ref).max())
+    np.testing.assert_allclose(out[:, :L], mixed_ref, **tol)
+    np.testing.assert_allclose(out[:, L:], emb, **tol)
+    np.testing.assert_array_equal(out_mask, np.concatenate([np.ones((3, L)), mask], 1))
+    # Inside the T5: the weights the encoder computed from its own embedding lookup.
+    _, inter = model.apply({"params": params}, x, mask, method=model.encode,
+                           mutable=["intermediates"])
+    w = inter["intermediates"]["encoder"]["prompt"]["attention"][0]
+    np.testing.assert_allclose(w, w_ref, rtol=tol["rtol"], atol=1e-6)
+    assert w.shape == (3, 3) and (temperature is None or np.ptp(w_ref) > 0.1)
+    # The sources in the tree are the exported prompts; "source" init copies the first.
+    np.testing.assert_array_equal(params["encoder"]["prompt"]["sources"],
+                                  np.stack([s for _, s in sources]))
+
+
+def test_trainable_set_is_target_prompt_and_attention(sources):
+    method, _, params = _model_and_params(sources)
+    trainable, frozen = method.partition(params)
+    names = set(traverse_util.flatten_dict(trainable, sep="/"))
+    assert names == {"encoder/prompt/embedding", "encoder/prompt/down/kernel",
+                     "encoder/prompt/up/kernel", "encoder/prompt/norm/scale",
+                     "encoder/prompt/norm/bias"}
+    assert "encoder/prompt/sources" in traverse_util.flatten_dict(frozen, sep="/")
+    assert method.trainable_count(params) == L * D + 2 * D * 100 + 2 * D
+
+
+def test_gradients_reach_the_target_and_the_attention_only(sources):
+    _, _, params = _model_and_params(sources)
+    emb = jax.random.normal(jax.random.PRNGKey(1), (2, 5, D))
+    module = AttemptPrompt(L, D, 2, 100, 2.0)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, emb,
+                                                            jnp.ones((2, 5)))[0]))))(
+        params["encoder"]["prompt"])
+    norms = {k: float(jnp.abs(v).max()) for k, v in traverse_util.flatten_dict(
+        grads, sep="/").items()}
+    assert norms.pop("sources") == 0.0 and min(norms.values()) > 0, norms
+
+
+def test_target_prompt_inits(sources, tmp_path):
+    method, _, _ = _model_and_params(sources)
+    model = build_model(TINY, method)
+    raw = init_fn(model)(jax.random.PRNGKey(0))
+    got = method.replace(init_source=1).prepare(raw, TINY)["encoder"]["prompt"]
+    np.testing.assert_array_equal(got["embedding"], sources[1][1])
+    got = method.replace(init="vocab", vocab_ids=(5, 0, 9)).prepare(raw, TINY)
+    np.testing.assert_array_equal(got["encoder"]["prompt"]["embedding"],
+                                  raw["shared"]["embedding"][jnp.array([5, 0, 9])])
+    got = method.replace(init="uniform").prepare(raw, TINY)["encoder"]["prompt"]["embedding"]
+    np.testing.assert_array_equal(got, raw["encoder"]["prompt"]["embedding"])
+
+
+def test_bad_sources_are_refused(sources, tmp_path):
+    method, _, _ = _model_and_params(sources)
+    raw = init_fn(build_model(TINY, method))(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="no source prompts; set sources"):
+        get_method("attempt", length=L).prepare(raw, TINY)
+    long_path, _ = _export(tmp_path / "long", length=L + 1)
+    with pytest.raises(ValueError, match=r"long: prompt of shape \(4, 64\), expected"):
+        method.replace(sources=(sources[0][0], long_path)).prepare(raw, TINY)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        method.replace(sources=(str(tmp_path / "missing"), sources[0][0])).prepare(raw, TINY)
+    lora = tmp_path / "lora"
+    save_adapter(lora, {"encoder": {"prompt": {"embedding": np.zeros((L, D), np.float32)}}},
+                 get_method("lora"), model="random:t5-tiny")
+    with pytest.raises(ValueError, match="an export of 'lora'.*prompt_tuning runs"):
+        method.replace(sources=(sources[0][0], str(lora))).prepare(raw, TINY)
+    assert get_method("attempt", sources="a/x,b/y").sources == ("a/x", "b/y")
+    assert get_method("attempt", sources=("a/x,b/y",)).sources == ("a/x", "b/y")
+    with pytest.raises(ValueError, match="init_source=2 but there are 2 sources"):
+        method.replace(init_source=2)
+    with pytest.raises(ValueError, match="init='zeros'"):
+        method.replace(init="zeros")
+    with pytest.raises(AdapterFileError):   # a source export edited after the fact
+        cfg = tmp_path / "src0" / "trainable_config.json"
+        cfg.write_text(cfg.read_text().replace('"length": 3', '"length": 4'))
+        method.prepare(raw, TINY)
+
+
+def test_packing_and_banking_refused(sources):
+    method, model, params = _model_and_params(sources)
+    assert not method.packable
+    x = ids()
+    with pytest.raises(ValueError, match="does not support packed inputs; set packing off"):
+        model.apply({"params": params}, x, jnp.ones_like(x), method=model.encode,
+                    encoder_segment_ids=jnp.ones_like(x), encoder_positions=jnp.ones_like(x))
+    with pytest.raises(bank.BankError, match="shares one attention module"):
+        bank.check_bankable(method)
+
+
+def test_t5_base_count_against_the_paper():
+    # Target prompt 100 x 768 + W_down 768 x 100 + W_up 100 x 768 + LayerNorm 2 x 768.
+    r = params_cli.report(get_preset("t5-base"), AttemptMethod(name="attempt", sources=("a",) * 6))
+    assert r.trainable == 76_800 + 76_800 + 76_800 + 1_536 == 231_936
+    assert round(r.trainable, -3) == 232_000                 # paper Table 1: ATTEMPT 232K/task
+    assert r.peft == r.trainable + 6 * 76_800                # frozen sources: not trained
+    # Multi-task over the 8 GLUE tasks, one attention shared: 96K per task, the abstract's
+    # "2,300 times fewer parameters than full fine-tuning" (220M).
+    per_task = 76_800 + (r.trainable - 76_800) / 8
+    assert round(per_task, -3) == 96_000 and abs(220e6 / per_task / 2_300 - 1) < 0.01
