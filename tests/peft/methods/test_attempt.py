@@ -23,7 +23,7 @@ def _export(path, length=L, d_model=D, seed=0, method="prompt_tuning"):
     """A prompt-tuning export holding a random soft prompt, as experiments.glue writes one."""
     prompt = np.random.default_rng(seed).normal(size=(length, d_model)).astype(np.float32)
     save_adapter(path, {"encoder": {"prompt": {"embedding": prompt}}},
-                 get_method(method, length=length), model="random:t5-tiny")
+                 get_method(method, length=length), model="random:t5-tiny", init_seed=0)
     return str(path), prompt
 
 
@@ -137,7 +137,7 @@ def test_bad_sources_are_refused(sources, tmp_path):
         method.replace(sources=(str(tmp_path / "missing"), sources[0][0])).prepare(raw, TINY)
     lora = tmp_path / "lora"
     save_adapter(lora, {"encoder": {"prompt": {"embedding": np.zeros((L, D), np.float32)}}},
-                 get_method("lora"), model="random:t5-tiny")
+                 get_method("lora"), model="random:t5-tiny", init_seed=0)
     with pytest.raises(ValueError, match="an export of 'lora'.*prompt_tuning runs"):
         method.replace(sources=(sources[0][0], str(lora))).prepare(raw, TINY)
     assert get_method("attempt", sources="a/x,b/y").sources == ("a/x", "b/y")
