@@ -35,6 +35,12 @@ PRESETS: dict[str, Method] = {p.name: p for p in (
     BitFitMethod(name="bitfit_projections", layer_norms=False, learning_rate=3e-4),
     PromptTuning(name="prompt_tuning_vocab", length=100, init="vocab", learning_rate=3e-1),
     IntrinsicSAID(name="intrinsic_said", dim=20_000, said=True, learning_rate=3e-2),
+    # SparseAdapter (He et al. 2022): Houlsby adapters 40% pruned by SNIP at init, and
+    # "Large-Sparse": twice the bottleneck, 50% pruned: the dense adapter's weight budget.
+    AdapterMethod(name="sparse_adapter", projection="dense", sparsity=0.4, prune="snip",
+                  learning_rate=3e-4, **_ADAPTERS),
+    AdapterMethod(name="large_sparse_adapter", projection="dense", sparsity=0.5, prune="snip",
+                  learning_rate=3e-4, **{**_ADAPTERS, "reduction_factor": 16}),
 )}
 
 

@@ -30,7 +30,10 @@ OVERRIDES = {"adapter": {"reduction_factor": 4}, "pfeiffer": {"reduction_factor"
              "lowrank": {"reduction_factor": 4}, "phm_adapter": {"reduction_factor": 4},
              "compacter": {"reduction_factor": 4}, "compacter++": {"reduction_factor": 4},
              "prompt_tuning": {"length": 4}, "prompt_tuning_vocab": {"length": 4},
-             "intrinsic_said": {"dim": 2000}}
+             "intrinsic_said": {"dim": 2000},
+             # SNIP is tested in tests/peft/test_sparsity.py; random pruning compiles no gradient
+             "sparse_adapter": {"reduction_factor": 4, "prune": "random"},
+             "large_sparse_adapter": {"reduction_factor": 2, "prune": "random"}}
 SYNTHETIC = ("qqp", "mnli", "qnli", "boolq", "multirc", "record", "superglue_rte", "wic",
              "wsc.fixed")
 

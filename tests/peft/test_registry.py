@@ -9,7 +9,7 @@ from compacter_jax.peft.registry import get_method
 
 EXPECTED = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "phm_adapter", "compacter",
             "compacter++", "bitfit", "prompt_tuning", "lora", "bitfit_projections",
-            "prompt_tuning_vocab", "intrinsic_said")
+            "prompt_tuning_vocab", "intrinsic_said", "sparse_adapter", "large_sparse_adapter")
 ADAPTERS = EXPECTED[1:8]
 LN_SCALE = ("encoder", "final_layer_norm", "scale")
 # The original configs' peak learning rates (paper §5; LoRA is not in the paper).
