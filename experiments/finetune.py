@@ -399,7 +399,9 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                       task=task.name, step=best_step, init_seed=config.seed,
                       max_source_length=config.max_source_length,
                       max_target_length=target_length(config, task, tokenizer),
-                      add_task_prefix=add_prefix)
+                      add_task_prefix=add_prefix,
+                      **({"sparsity_masks": sparsity_lib.export_masks(best_params, masks)}
+                         if masks is not None else {}))
     history = writer.read()
     summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
                                   and any(k.startswith("validation/") for k in h)), {})

@@ -20,6 +20,7 @@ seeded noise as `random`, so the ranking is total and deterministic.
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Callable, Iterable
 
 import jax
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from compacter_jax.models import unstack_blocks
 from compacter_jax.peft.method import ParamPath, is_peft_path
 
 CRITERIA = ("random", "magnitude", "snip", "grasp")
@@ -153,6 +155,32 @@ def trained_count(params: Any, masks: Any) -> int:
     return int(sum(int(np.sum(m)) if np.ndim(m) else int(np.size(p))
                    for p, m in zip(jax.tree_util.tree_leaves(params),
                                    jax.tree_util.tree_leaves(masks))))
+
+
+def export_masks(params: Any, masks: Any) -> dict[str, str]:
+    """The masks as an export stores them (JSON): "encoder/block_0/.../kernel" -> base64 of
+    the packed bits (1 = kept), blocks unstacked as `save_adapter` stores the weights."""
+    full = jax.tree_util.tree_map(lambda p, m: np.broadcast_to(np.asarray(m), p.shape),
+                                  params, masks)
+    flat = traverse_util.flatten_dict(unstack_blocks(full))
+    return {"/".join(k): base64.b64encode(np.packbits(np.asarray(v) != 0).tobytes()).decode()
+            for k, v in flat.items() if is_prunable(k)}
+
+
+def check_pruned(trained: Any, record: dict[str, str]) -> None:
+    """Raises ValueError naming the tensor when an export's weights are non-zero where its
+    stored mask pruned them, or a masked tensor is missing (`trained`: unstacked tree)."""
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(trained)).items()}
+    for key, bits in record.items():
+        if key not in flat:
+            raise ValueError(f"sparsity mask of {key} but no such tensor in the export")
+        value = np.asarray(flat[key])
+        kept = np.unpackbits(np.frombuffer(base64.b64decode(bits), np.uint8),
+                             count=value.size).reshape(value.shape).astype(bool)
+        if np.any(value[~kept] != 0):
+            raise ValueError(f"{key}: {int(np.sum(value[~kept] != 0))} weights are non-zero "
+                             "where the stored sparsity mask pruned them (edited or not "
+                             "trained with its mask)")
 
 
 def keep_pruned(masks: Any) -> optax.GradientTransformation:

@@ -138,3 +138,27 @@ def test_counts_report_non_zeros_and_large_sparse_budget():
     assert dense.trainable - sparse.trainable == int(0.4 * kernels)
     # Twice the bottleneck, half pruned: the dense budget up to the wider down-biases.
     assert large.trainable - dense.trainable == 48 * 24
+
+
+def test_exports_store_the_mask_and_loads_check_it(tmp_path):
+    method, _, trainable, _ = tiny("lora", sparsity=0.5, prune="magnitude")
+    pruned, masks = sparsity.prune_at_init(trainable, 0.5, "magnitude",
+                                           key=jax.random.PRNGKey(0))
+    record = sparsity.export_masks(pruned, masks)
+    assert set(record) == {"/".join(p) for p in flat(pruned) if sparsity.is_prunable(p)}
+    peft.save_adapter(tmp_path / "ok", pruned, method, model="random:t5-tiny",
+                      sparsity_masks=record)
+    _, params = peft.load_adapter(tmp_path / "ok")
+    key = sorted(record)[0]
+    loaded = flat(params)[tuple(key.split("/"))]
+    np.testing.assert_array_equal(loaded, flat(pruned)[tuple(key.split("/"))])
+    # A weight moved off zero where the mask pruned it: refused on load, naming the tensor.
+    tampered = flat(pruned)
+    m = np.asarray(flat(masks)[tuple(key.split("/"))])
+    w = np.asarray(tampered[tuple(key.split("/"))]).copy()
+    w[m == 0] = 1e-3
+    tampered[tuple(key.split("/"))] = jnp.asarray(w)
+    peft.save_adapter(tmp_path / "bad", traverse_util.unflatten_dict(tampered), method,
+                      model="random:t5-tiny", sparsity_masks=record)
+    with pytest.raises(peft.AdapterFileError, match="non-zero where the stored sparsity mask"):
+        peft.load_adapter(tmp_path / "bad")
