@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from compacter_jax.peft.method import Method
-from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, FullFineTuning,
+from compacter_jax.peft.methods import (AdapterMethod, BitFitMethod, DSEEMethod, FullFineTuning,
                                         IntrinsicSAID, LoRAMethod, PromptTuning)
 
 _ADAPTERS = dict(train_layer_norms=True, reduction_factor=32)
@@ -41,6 +41,10 @@ PRESETS: dict[str, Method] = {p.name: p for p in (
                   learning_rate=3e-4, **_ADAPTERS),
     AdapterMethod(name="large_sparse_adapter", projection="dense", sparsity=0.5, prune="snip",
                   learning_rate=3e-4, **{**_ADAPTERS, "reduction_factor": 16}),
+    # DSEE (Chen et al. 2021): low-rank + 16-entry sparse updates of q and v (authors' GLUE
+    # scripts: rank 16, alpha 32, lr 2e-4 to 6e-4).
+    DSEEMethod(name="dsee", rank=16, alpha=32.0, num_sparse=16, targets=("q", "v"),
+               learning_rate=5e-4),
 )}
 
 

@@ -52,10 +52,12 @@ METHOD_TITLES = {"full": "T5-base (full)", "adapter": "Adapter", "pfeiffer": "Pf
 # The paper's methods this library registers (Intrinsic-SAID joins once it has a preset).
 METHODS = tuple(m for m in PAPER_METHODS if m in peft.method_names())
 # Methods beyond the paper's tables that join its grid and tables as rows (issue 21):
-# SparseAdapter (He et al. 2022) at 40% SNIP sparsity and its "Large-Sparse" setting.
-EXTRA_METHODS = ("sparse_adapter", "large_sparse_adapter")
+# SparseAdapter (He et al. 2022) at 40% SNIP sparsity and its "Large-Sparse" setting; DSEE
+# (Chen et al. 2021), low-rank + sparse updates of q and v.
+EXTRA_METHODS = ("sparse_adapter", "large_sparse_adapter", "dsee")
 METHOD_TITLES.update({"sparse_adapter": "SparseAdapter (40%, SNIP)",
-                      "large_sparse_adapter": "SparseAdapter Large-Sparse (2x, 50%)"})
+                      "large_sparse_adapter": "SparseAdapter Large-Sparse (2x, 50%)",
+                      "dsee": "DSEE (r=16, 16 sparse)"})
 
 # The sweeps (original scripts; paper §5) and the low-resource study (paper §5.6).
 REDUCTION_FACTORS = (32, 16, 8)       # bottleneck 24, 48, 96 on T5-base

@@ -9,14 +9,16 @@ from compacter_jax.peft.registry import get_method
 
 EXPECTED = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "phm_adapter", "compacter",
             "compacter++", "bitfit", "prompt_tuning", "lora", "bitfit_projections",
-            "prompt_tuning_vocab", "intrinsic_said", "sparse_adapter", "large_sparse_adapter")
+            "prompt_tuning_vocab", "intrinsic_said", "sparse_adapter", "large_sparse_adapter",
+            "dsee")
 ADAPTERS = EXPECTED[1:8]
 LN_SCALE = ("encoder", "final_layer_norm", "scale")
 # The original configs' peak learning rates (paper §5; LoRA is not in the paper).
 PAPER_LR = {"full": 3e-4, "adapter": 3e-4, "pfeiffer": 3e-4, "adapterdrop": 3e-4,
             "lowrank": 3e-3, "phm_adapter": 3e-3, "compacter": 3e-3, "compacter++": 3e-3,
             "bitfit": 3e-4, "bitfit_projections": 3e-4, "prompt_tuning": 3e-2,
-            "prompt_tuning_vocab": 3e-1, "lora": 1e-3, "intrinsic_said": 3e-2}
+            "prompt_tuning_vocab": 3e-1, "lora": 1e-3, "intrinsic_said": 3e-2,
+            "sparse_adapter": 3e-4, "large_sparse_adapter": 3e-4, "dsee": 5e-4}
 
 
 def test_presets_and_their_key_fields():

@@ -1,0 +1,146 @@
+"""DSEE (Chen et al. 2021, "Dually Sparsity-embedded Efficient Tuning", arXiv 2111.00160),
+its parameter-efficient half: each targeted projection W gets the update
+
+    delta W = (alpha / rank) * (A B + S),    A [in, rank], B [rank, out] (zeros),
+                                             S [in, out] non-zero at `num_sparse` fixed places
+
+S's places come from the pretrained weight, as the authors' code does: a GoDec-style split
+W ~ L + S0 (L of rank `residual_rank` from a truncated SVD of W - S0, S0 = W - L with entries
+below `threshold` zeroed, `iterations` times; their GreBsmo grows L's rank to ~500 on
+BERT-base's 768 x 768 projections), and the `num_sparse` largest |S0| are S's support. S's
+values start at zero (the authors' start from nn.Linear's init on those entries; zero keeps
+the model at the pretrained function at init, as LoRA), so only A, B and S's values train.
+Defaults are the authors' GLUE scripts': rank 16, alpha 32, 16 sparse entries, on q and v
+(of every self- and cross-attention of T5).
+
+The places are frozen int32 parameters (`sparse_index`, flat into in*out), computed by
+`prepare` from the loaded backbone, so `load_adapter` recomputes them from the same weights.
+Not done here: DSEE's second half (pruning the final weights for inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.linen.dtypes import promote_dtype
+
+from compacter_jax.models import Site, T5Config, T5Hooks
+from compacter_jax.peft import layers
+from compacter_jax.peft.method import Method, ParamPath, as_tuple, is_peft_path
+
+TARGETS = ("q", "k", "v", "o")
+INDEX = "sparse_index"
+
+
+def sparse_support(w: np.ndarray, num_sparse: int, residual_rank: int,
+                   iterations: int = 2, threshold: float = 0.01) -> np.ndarray:
+    """Flat indices (into w.size, int32 [num_sparse], ascending) of the largest entries of
+    the sparse part of `w` [in, out] after a GoDec split (module docstring). The rank is
+    capped at min(in, out) - 1 so that a residual remains. Deterministic (SVD, stable sort)."""
+    w = np.asarray(w, np.float64)
+    k = max(1, min(residual_rank, min(w.shape) - 1))
+    s = np.zeros_like(w)
+    for _ in range(iterations):
+        u, sv, vt = np.linalg.svd(w - s, full_matrices=False)
+        low = (u[:, :k] * sv[:k]) @ vt[:k]
+        s = w - low
+        s[np.abs(s) < threshold] = 0.0
+    order = np.argsort(-np.abs(s).ravel(), kind="stable")
+    return np.sort(order[:num_sparse]).astype(np.int32)
+
+
+class SparseLowRankDelta(nn.Module):
+    """(alpha / rank) * x @ (A B + S), S = `sparse_values` [N] scattered to the flat places
+    `sparse_index` [N] of an [in, out] matrix. x: [..., in] -> [..., features_out]."""
+
+    features_out: int
+    rank: int = 16
+    alpha: float = 32.0
+    num_sparse: int = 16
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, shared: Any = None):
+        d_in = x.shape[-1]
+        a = self.param("lora_a", layers.lora_a_init, (d_in, self.rank))
+        b = self.param("lora_b", nn.initializers.zeros_init(), (self.rank, self.features_out))
+        values = self.param("sparse_values", nn.initializers.zeros_init(), (self.num_sparse,))
+        index = self.param(INDEX, lambda key, shape: jnp.arange(shape[0], dtype=jnp.int32),
+                           (self.num_sparse,))
+        s = jnp.zeros(d_in * self.features_out, values.dtype).at[index].add(values)
+        x, a, b, s = promote_dtype(x, a, b, s.reshape(d_in, self.features_out),
+                                          dtype=self.dtype)
+        return ((x @ a) @ b + x @ s) * jnp.asarray(self.alpha / self.rank, x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DSEEMethod(Method):
+    """Attributes:
+      rank, alpha: the low-rank part (scale alpha / rank on both parts, as the authors').
+      num_sparse: non-zeros of S per projection. targets: attention projections updated.
+      residual_rank, iterations, threshold: the GoDec split that places S (module doc).
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    num_sparse: int = 16
+    targets: tuple[str, ...] = ("q", "v")
+    residual_rank: int = 500
+    iterations: int = 2
+    threshold: float = 0.01
+
+    task_prefix: ClassVar[bool] = False  # per-task modules, like LoRA
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "targets", as_tuple(self.targets))
+        for f in ("rank", "num_sparse", "residual_rank", "iterations"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{self.name}: {f} must be >= 1, got {getattr(self, f)}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"{self.name}: targets has unknown {bad}; use a non-empty subset "
+                             f"of {TARGETS} (DSEE updates attention projections)")
+
+    def hooks(self, dtype: str | None = None) -> T5Hooks:
+        return DSEEHooks(self, dtype)
+
+    def is_trainable(self, path: ParamPath) -> bool:
+        return is_peft_path(path) and path[-1] != INDEX  # the places are fixed
+
+    def validate(self, t5: T5Config) -> None:
+        if self.num_sparse > t5.d_model * t5.num_heads * t5.d_kv:
+            raise ValueError(f"{self.name}: num_sparse={self.num_sparse} exceeds the entries "
+                             "of an attention projection; lower num_sparse")
+
+    def prepare(self, params: dict, t5: T5Config) -> dict:
+        """Places each S at the largest entries of its pretrained weight's sparse part."""
+        flat = traverse_util.flatten_dict(dict(params))
+        for path in [p for p in flat if p[-1] == INDEX]:
+            projection = path[-2].removesuffix("_delta")
+            kernel = np.asarray(flat[path[:-2] + (projection, "kernel")])
+            support = lambda w: sparse_support(  # noqa: E731
+                w, self.num_sparse, self.residual_rank, self.iterations, self.threshold)
+            index = (np.stack([support(w) for w in kernel]) if kernel.ndim == 3  # scanned
+                     else support(kernel))
+            flat[path] = jnp.asarray(index, jnp.int32)
+        return traverse_util.unflatten_dict(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class DSEEHooks(T5Hooks):
+    method: DSEEMethod
+    dtype: str | None = None
+
+    def projection_delta(self, site: Site, projection: str, in_features: int,
+                         out_features: int, name: str) -> nn.Module | None:
+        m = self.method
+        if projection not in m.targets:
+            return None
+        return SparseLowRankDelta(out_features, rank=m.rank, alpha=m.alpha,
+                                  num_sparse=m.num_sparse, dtype=self.dtype, name=name)

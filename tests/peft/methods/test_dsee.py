@@ -1,0 +1,67 @@
+"""DSEE (peft/methods/dsee.py): sparse places from the pretrained weight, the update's math
+against numpy, the model at init equal to the backbone, and the T5-base count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from compacter_jax import peft
+from compacter_jax.peft.methods.dsee import SparseLowRankDelta, sparse_support
+
+
+def test_support_finds_the_spikes_beside_a_low_rank_weight():
+    """W = (rank 3) + 10 spikes: the GoDec split's largest sparse entries are the spikes."""
+    rng = np.random.default_rng(0)
+    low = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30))
+    spikes = rng.choice(40 * 30, 10, replace=False)
+    w = low.ravel().copy()
+    w[spikes] += 4.0 * rng.choice([-1, 1], 10)
+    # The largest entries of W itself are mostly not the spikes: the split is needed.
+    assert len(set(np.argsort(-np.abs(w))[:10]) & set(spikes)) < 10
+    got = sparse_support(w.reshape(40, 30), num_sparse=10, residual_rank=3, iterations=3)
+    assert got.dtype == np.int32 and got.tolist() == sorted(spikes.tolist())
+
+
+def test_delta_equals_numpy():
+    rng = np.random.default_rng(1)
+    module = SparseLowRankDelta(features_out=6, rank=2, alpha=8.0, num_sparse=5)
+    x = jnp.asarray(rng.standard_normal((3, 4, 7)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(0), x)["params"]
+    assert float(jnp.abs(module.apply({"params": params}, x)).max()) == 0.0  # zero at init
+    a, b = rng.standard_normal((7, 2)), rng.standard_normal((2, 6))
+    values, index = rng.standard_normal(5), np.array([0, 8, 13, 20, 41], np.int32)
+    params = {"lora_a": a, "lora_b": b, "sparse_values": values, "sparse_index": index}
+    got = module.apply({"params": jax.tree_util.tree_map(jnp.asarray, params)}, x)
+    s = np.zeros(7 * 6)
+    s[index] = values
+    want = (np.asarray(x, np.float64) @ (a @ b + s.reshape(7, 6))) * (8.0 / 2)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_model_places_from_the_backbone_and_starts_at_it():
+    method = peft.get_method("dsee", residual_rank=8, num_sparse=4)
+    model, params = peft.from_pretrained("random:t5-tiny", method, jax.random.PRNGKey(0))
+    flat = traverse_util.flatten_dict(params)
+    indices = {k: v for k, v in flat.items() if k[-1] == "sparse_index"}
+    assert len(indices) == 2 * 3 * 2  # q, v in enc self, dec self and cross; 2 blocks
+    for path, index in indices.items():
+        kernel = np.asarray(flat[path[:-2] + (path[-2][0], "kernel")])
+        np.testing.assert_array_equal(index, sparse_support(kernel, 4, 8))
+    trainable, frozen = method.partition(params)
+    names = {k[-1] for k in traverse_util.flatten_dict(trainable)}
+    assert names == {"lora_a", "lora_b", "sparse_values"}
+    _, backbone = peft.from_pretrained("random:t5-tiny", None, jax.random.PRNGKey(0))
+    ids = jnp.array([[5, 6, 7, 1]])
+    mask = jnp.ones_like(ids)
+    plain = peft.build_model(model.config, peft.Method(name="backbone"))
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, ids, mask, ids, mask, deterministic=True),
+        plain.apply({"params": backbone}, ids, mask, ids, mask, deterministic=True))
+
+
+def test_t5_base_count():
+    from compacter_jax.params import report, resolve_model
+    r = report(resolve_model("random:t5-base"), peft.get_method("dsee"))
+    # q and v of 36 attention sublayers: rank 16 factors (768 + 768) * 16, 16 sparse values.
+    assert r.trainable == 72 * ((768 + 768) * 16 + 16) == 1_770_624
