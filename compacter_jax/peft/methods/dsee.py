@@ -95,6 +95,9 @@ class DSEEMethod(Method):
     threshold: float = 0.01
 
     task_prefix: ClassVar[bool] = False  # per-task modules, like LoRA
+    # The places are frozen int leaves derived from the backbone; banks (which stack the
+    # trainable trees of K tasks) are not yet checked with them.
+    bankable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
