@@ -14,6 +14,9 @@ training batches (higher = kept):
   magnitude  |w|.
   snip       |w * g|           (Lee et al. 2019, the paper's recommended criterion).
   grasp      w * (H g)         (Wang et al. 2020: GraSP removes the largest -w * Hg).
+  erdos_renyi  random within each tensor, tensor [.., i, o] keeping a share proportional to
+             (i + o) / (i * o) (Mocanu et al. 2018), capped at all of it; the only criterion
+             that sets per-tensor budgets instead of one global ranking.
 Ties (e.g. LoRA's B = 0 at init, where |w * g| is 0 everywhere) are broken by the same
 seeded noise as `random`, so the ranking is total and deterministic.
 """
@@ -32,7 +35,7 @@ from flax import traverse_util
 from compacter_jax.models import unstack_blocks
 from compacter_jax.peft.method import ParamPath, is_peft_path
 
-CRITERIA = ("random", "magnitude", "snip", "grasp")
+CRITERIA = ("random", "magnitude", "snip", "grasp", "erdos_renyi")
 PRUNABLE = ("kernel", "lowrank_left", "lowrank_right", "phm_factors", "phm_left", "phm_right",
             "lora_a", "lora_b")
 
@@ -82,7 +85,7 @@ def scores(criterion: str, params: Any, *, key: jax.Array,
         gradient is the mean over `batches`.
     """
     flat = {p: v for p, v in _flat(params).items() if is_prunable(p)}
-    if criterion == "random":
+    if criterion in ("random", "erdos_renyi"):  # erdos_renyi: per tensor, `prune_at_init`
         keys = jax.random.split(key, len(flat))
         return {p: jax.random.uniform(k, v.shape) for k, (p, v) in zip(keys, flat.items())}
     if criterion == "magnitude":
@@ -103,6 +106,31 @@ def scores(criterion: str, params: Any, *, key: jax.Array,
     hvp = jax.jit(lambda b: jax.jvp(lambda q: jax.grad(loss_fn)(q, b), (params,), (grads,))[1])
     hg = _flat(jax.tree_util.tree_map(lambda *h: sum(h) / len(h), *[hvp(b) for b in batches]))
     return {p: (v * hg[p]).astype(jnp.float32) for p, v in flat.items()}
+
+
+def erdos_renyi_keep(sizes: dict, num_keep: int) -> dict:
+    """Kept weights per tensor (path -> int, summing to `num_keep`): density eps (i + o) /
+    (i o) of each [..., i, o] tensor, eps set so the total is num_keep, capped at 1 (the
+    capped tensors keep all, the rest share what remains); largest remainders round."""
+    shapes = {p: tuple(s) for p, s in sizes.items()}
+    size = {p: int(np.prod(s)) for p, s in shapes.items()}
+    raw = {p: (s[-2] + s[-1]) / (s[-2] * s[-1]) if len(s) >= 2 else 1.0
+           for p, s in shapes.items()}
+    full: set = set()
+    while True:
+        free = [p for p in shapes if p not in full]
+        budget = num_keep - sum(size[p] for p in full)
+        eps = budget / max(sum(raw[p] * size[p] for p in free), 1e-30)
+        over = {p for p in free if eps * raw[p] > 1.0}
+        if not over:
+            break
+        full |= over
+    want = {p: size[p] if p in full else eps * raw[p] * size[p] for p in shapes}
+    keep = {p: int(np.floor(v)) for p, v in want.items()}
+    rest = num_keep - sum(keep.values())
+    for p in sorted(shapes, key=lambda p: (-(want[p] - keep[p]), p))[:rest]:
+        keep[p] += 1
+    return keep
 
 
 def masks_from_scores(score: dict, sparsity: float, key: jax.Array) -> dict:
@@ -145,6 +173,18 @@ def prune_at_init(params: Any, sparsity: float, criterion: str, *, key: jax.Arra
                   batches: Iterable[Any] = ()) -> tuple[Any, Any]:
     """(pruned params, mask tree) for the trainable tree `params` (see `scores`)."""
     score_key, tie_key = jax.random.split(key)
+    if criterion == "erdos_renyi":  # per-tensor budgets, random within each
+        noise = scores("random", params, key=score_key)
+        total = sum(int(np.size(v)) for v in noise.values())
+        keep = erdos_renyi_keep({p: np.shape(v) for p, v in noise.items()},
+                                total - num_pruned(total, sparsity))
+        flat_masks = {}
+        for p, v in noise.items():
+            kept = np.zeros(np.size(v), np.float32)
+            kept[np.argsort(-np.asarray(v).ravel(), kind="stable")[:keep[p]]] = 1.0
+            flat_masks[p] = jnp.asarray(kept.reshape(np.shape(v)))
+        masks = mask_tree(params, flat_masks)
+        return apply_masks(params, masks), masks
     score = scores(criterion, params, key=score_key, loss_fn=loss_fn, batches=batches)
     masks = mask_tree(params, masks_from_scores(score, sparsity, tie_key))
     return apply_masks(params, masks), masks

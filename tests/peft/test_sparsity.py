@@ -162,3 +162,19 @@ def test_exports_store_the_mask_and_loads_check_it(tmp_path):
                       model="random:t5-tiny", sparsity_masks=record)
     with pytest.raises(peft.AdapterFileError, match="non-zero where the stored sparsity mask"):
         peft.load_adapter(tmp_path / "bad")
+
+
+def test_erdos_renyi_budgets():
+    """Per-tensor kept counts follow (i + o) / (i o), capped, summing to the budget."""
+    sizes = {("a",): (64, 8), ("b",): (8, 64), ("c",): (4, 16, 2), ("d",): (2, 2)}
+    keep = sparsity.erdos_renyi_keep(sizes, 300)
+    assert sum(keep.values()) == 300 and keep[("d",)] == 4             # tiny one: capped
+    assert abs(keep[("a",)] - keep[("b",)]) <= 1                      # same (i + o) / (i o)
+    eps = keep[("a",)] / (72 / 512 * 512)
+    assert abs(keep[("c",)] - eps * (18 / 32) * 128) <= 1
+    params = {"enc": {"adapter": {"down": {"kernel": jnp.ones((64, 8))},
+                                  "up": {"kernel": jnp.ones((8, 64))}}}}
+    pruned, masks = sparsity.prune_at_init(params, 0.75, "erdos_renyi",
+                                           key=jax.random.PRNGKey(0))
+    assert sparsity.trained_count(pruned, masks) == 1024 - int(0.75 * 1024)
+    assert int(np.sum(np.asarray(pruned["enc"]["adapter"]["down"]["kernel"]) != 0)) == 128
