@@ -15,7 +15,10 @@ Defaults are the authors' GLUE scripts': rank 16, alpha 32, 16 sparse entries, o
 
 The places are frozen int32 parameters (`sparse_index`, flat into in*out), computed by
 `prepare` from the loaded backbone, so `load_adapter` recomputes them from the same weights.
-Not done here: DSEE's second half (pruning the final weights for inference).
+DSEE's second half, sparse final weights for inference, as a function: `merge_and_prune`
+folds each update into its projection (W + delta W, the delta then zero) and zeroes the
+smallest-magnitude `sparsity` fraction of each merged projection (unstructured, per matrix;
+the authors then tune again, not done here).
 """
 
 from __future__ import annotations
@@ -133,6 +136,46 @@ class DSEEMethod(Method):
                      else support(kernel))
             flat[path] = jnp.asarray(index, jnp.int32)
         return traverse_util.unflatten_dict(flat)
+
+
+def merged_delta(delta: dict, d_in: int, d_out: int, scale: float) -> np.ndarray:
+    """delta W [in, out] (float64) of one `SparseLowRankDelta`'s params."""
+    s = np.zeros(d_in * d_out)
+    np.add.at(s, np.asarray(delta[INDEX]), np.asarray(delta["sparse_values"], np.float64))
+    return scale * (np.asarray(delta["lora_a"], np.float64) @ np.asarray(delta["lora_b"],
+                                                                         np.float64)
+                    + s.reshape(d_in, d_out))
+
+
+def merge_and_prune(params: dict, method: DSEEMethod, sparsity: float = 0.0) -> dict:
+    """Params (unscanned) with every DSEE update folded into its projection and the smallest
+    `sparsity` fraction (floor) of each merged projection's entries set to zero; the deltas
+    are zeroed, so the same model computes x @ pruned(W + delta W).
+
+    Args:
+      params: full params of a DSEE model (`method.combine(trainable, frozen)`).
+      sparsity: in [0, 1); 0 merges only.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    flat = dict(traverse_util.flatten_dict(dict(params)))
+    for path in [p for p in flat if p[-1] == INDEX]:
+        owner, projection = path[:-2], path[-2].removesuffix("_delta")
+        kernel = np.asarray(flat[owner + (projection, "kernel")], np.float64)
+        if kernel.ndim != 2:
+            raise ValueError("merge_and_prune needs unscanned params (models.unstack_blocks)")
+        delta = {k[-1]: v for k, v in flat.items() if k[:-1] == path[:-1]}
+        merged = kernel + merged_delta(delta, *kernel.shape, method.alpha / method.rank)
+        cut = int(np.floor(sparsity * merged.size + 1e-9))
+        if cut:
+            order = np.argsort(np.abs(merged).ravel(), kind="stable")
+            merged.ravel()[order[:cut]] = 0.0
+        dtype = flat[owner + (projection, "kernel")].dtype
+        flat[owner + (projection, "kernel")] = jnp.asarray(merged, dtype)
+        for k in delta:
+            if k != INDEX:
+                flat[path[:-1] + (k,)] = jnp.zeros_like(flat[path[:-1] + (k,)])
+    return traverse_util.unflatten_dict(flat)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import numpy as np
 from flax import traverse_util
 
 from compacter_jax import peft
+from compacter_jax.peft.methods import dsee
 from compacter_jax.peft.methods.dsee import SparseLowRankDelta, sparse_support
 
 
@@ -65,3 +66,32 @@ def test_t5_base_count():
     r = report(resolve_model("random:t5-base"), peft.get_method("dsee"))
     # q and v of 36 attention sublayers: rank 16 factors (768 + 768) * 16, 16 sparse values.
     assert r.trainable == 72 * ((768 + 768) * 16 + 16) == 1_770_624
+
+
+def test_merge_and_prune_final_weights():
+    """Merging the updates into the projections keeps the logits; pruning zeroes exactly the
+    asked fraction of each merged projection (its smallest entries)."""
+    method = peft.get_method("dsee", residual_rank=8, num_sparse=4, rank=2)
+    model, params = peft.from_pretrained("random:t5-tiny", method, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    flat = traverse_util.flatten_dict(params)
+    for k, v in flat.items():  # a "trained" update: every DSEE leaf non-zero
+        if k[-1] in ("lora_b", "sparse_values"):
+            flat[k] = jnp.asarray(0.05 * rng.standard_normal(v.shape), v.dtype)
+    params = traverse_util.unflatten_dict(flat)
+    ids = jnp.array([[5, 6, 7, 8, 1]])
+    mask = jnp.ones_like(ids)
+    run = lambda p: np.asarray(model.apply({"params": p}, ids, mask, ids, mask,  # noqa: E731
+                                           deterministic=True), np.float64)
+    before = run(params)
+    merged = dsee.merge_and_prune(params, method, 0.0)
+    np.testing.assert_allclose(run(merged), before, rtol=1e-4,
+                               atol=1e-4 * np.abs(before).max())
+    pruned = traverse_util.flatten_dict(dsee.merge_and_prune(params, method, 0.3))
+    m = traverse_util.flatten_dict(merged)
+    for k, v in pruned.items():
+        if k[-2] in method.targets and k[-1] == "kernel":
+            v, full = np.asarray(v), np.asarray(m[k])
+            assert np.sum(v == 0) == int(0.3 * v.size)
+            assert np.abs(full[v == 0]).max() <= np.abs(full[v != 0]).min()
+    assert np.isfinite(run(traverse_util.unflatten_dict(pruned))).all()
