@@ -5,9 +5,10 @@ its parameter-efficient half: each targeted projection W gets the update
                                              S [in, out] non-zero at `num_sparse` fixed places
 
 S's places come from the pretrained weight, as the authors' code does: a GoDec-style split
-W ~ L + S0 (L of rank `residual_rank` from a truncated SVD of W - S0, S0 = W - L with entries
-below `threshold` zeroed, `iterations` times; their GreBsmo grows L's rank to ~500 on
-BERT-base's 768 x 768 projections), and the `num_sparse` largest |S0| are S's support. S's
+W ~ L + S0 (L of rank `rank_fraction` x min(in, out) from a truncated SVD of W - S0, S0 = W - L
+with entries below `threshold` zeroed, `iterations` times; their GreBsmo grows L's rank to
+501 on BERT-base's 768 x 768 projections: 0.65), and the `num_sparse` largest |S0| are S's
+support. S's
 values start at zero (the authors' start from nn.Linear's init on those entries; zero keeps
 the model at the pretrained function at init, as LoRA), so only A, B and S's values train.
 Defaults are the authors' GLUE scripts': rank 16, alpha 32, 16 sparse entries, on q and v
@@ -86,14 +87,14 @@ class DSEEMethod(Method):
     """Attributes:
       rank, alpha: the low-rank part (scale alpha / rank on both parts, as the authors').
       num_sparse: non-zeros of S per projection. targets: attention projections updated.
-      residual_rank, iterations, threshold: the GoDec split that places S (module doc).
+      rank_fraction, iterations, threshold: the GoDec split that places S (module doc).
     """
 
     rank: int = 16
     alpha: float = 32.0
     num_sparse: int = 16
     targets: tuple[str, ...] = ("q", "v")
-    residual_rank: int = 500
+    rank_fraction: float = 0.65
     iterations: int = 2
     threshold: float = 0.01
 
@@ -105,9 +106,12 @@ class DSEEMethod(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "targets", as_tuple(self.targets))
-        for f in ("rank", "num_sparse", "residual_rank", "iterations"):
+        for f in ("rank", "num_sparse", "iterations"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{self.name}: {f} must be >= 1, got {getattr(self, f)}")
+        if not 0.0 < self.rank_fraction < 1.0:
+            raise ValueError(f"{self.name}: rank_fraction must be in (0, 1), got "
+                             f"{self.rank_fraction}")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"{self.name}: targets has unknown {bad}; use a non-empty subset "
@@ -131,7 +135,8 @@ class DSEEMethod(Method):
             projection = path[-2].removesuffix("_delta")
             kernel = np.asarray(flat[path[:-2] + (projection, "kernel")])
             support = lambda w: sparse_support(  # noqa: E731
-                w, self.num_sparse, self.residual_rank, self.iterations, self.threshold)
+                w, self.num_sparse, round(self.rank_fraction * min(w.shape)), self.iterations,
+                self.threshold)
             index = (np.stack([support(w) for w in kernel]) if kernel.ndim == 3  # scanned
                      else support(kernel))
             flat[path] = jnp.asarray(index, jnp.int32)
