@@ -154,7 +154,9 @@ def test_every_task_trains_two_steps(task, backbone, data_dir, tmp_path):
     assert len(rows) == 4 and {"index", "source", "target", "prediction", "parsed"} <= set(rows[0])
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", [  # Large-Sparse: sparse_adapter's code, another size
+    pytest.param(m, marks=pytest.mark.long) if m == "large_sparse_adapter" else m
+    for m in method_names()])
 def test_every_method_trains_two_steps(method, backbone, data_dir, tmp_path):
     # No evaluation: only the train step is compiled per method.
     summary = finetune.train_and_evaluate(config_for(backbone, data_dir, "rte", method,

@@ -140,6 +140,7 @@ def test_counts_report_non_zeros_and_large_sparse_budget():
     assert large.trainable - dense.trainable == 48 * 24
 
 
+@pytest.mark.long  # test_every_task_and_method's sparse_adapter run writes an export too
 def test_exports_store_the_mask_and_loads_check_it(tmp_path):
     method, _, trainable, _ = tiny("lora", sparsity=0.5, prune="magnitude")
     pruned, masks = sparsity.prune_at_init(trainable, 0.5, "magnitude",

@@ -41,6 +41,7 @@ def test_delta_equals_numpy():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.long  # test_every_task_and_method trains the dsee preset in the default run
 def test_model_places_from_the_backbone_and_starts_at_it():
     method = peft.get_method("dsee", rank_fraction=0.25, num_sparse=4)
     model, params = peft.from_pretrained("random:t5-tiny", method, jax.random.PRNGKey(0))
