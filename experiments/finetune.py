@@ -9,6 +9,7 @@ workdir)` reads top-down, as flax examples/wmt/train.py:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -19,12 +20,16 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+import optax
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.models import hf_io
 from compacter_jax.models.hf_io import ModelNotCachedError
 from compacter_jax.tokenizer import tokenizer_for_model
+from compacter_jax.peft import sparsity as sparsity_lib
+from compacter_jax.train import step as step_lib
 from compacter_jax.train import (Checkpointer, MetricsBuffer, NonFiniteLossError, TrainState,
                                  due, make_optimizer, make_strategy, make_train_step,
                                  mean_metrics, seq2seq_apply_fn)
@@ -110,6 +115,34 @@ def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.Data
 
 
 # ---------------------------------------------------------------------------- model
+
+
+PRUNE_BATCHES = 4  # training batches whose mean gradient scores SNIP / GraSP
+
+
+def prune_at_init(config, method: peft.Method, model, trainable, frozen,
+                  train: data_lib.EncodedData, rng):
+    """(trainable, masks): SparseAdapter's pruning at initialisation (`peft/sparsity.py`)
+    when the method has `sparsity` > 0, scored on the run's first training batches (padded);
+    else (trainable, None). A function of the seed and data, so a resumed run recomputes
+    the same masks (its checkpointed optimizer state holds them too)."""
+    if not getattr(method, "sparsity", 0.0):
+        return trainable, None
+    apply_fn = seq2seq_apply_fn(model)
+
+    def loss(params, batch):
+        logits = apply_fn(method.combine(params, frozen), batch, True, None)
+        return step_lib.loss_fn(logits, batch["labels"], batch["decoder_attention_mask"])[0]
+
+    stream = data_lib.train_batches(train, config.batch_size, seed=config.seed)
+    batches = [data_lib.pad_batch(b, config.batch_size)
+               for b, _ in itertools.islice(stream, PRUNE_BATCHES)]
+    pruned, masks = sparsity_lib.prune_at_init(
+        trainable, method.sparsity, method.prune, key=jax.random.fold_in(rng, 2),
+        loss_fn=loss, batches=batches)
+    log.info("%s: %.0f%% of the adapter weights pruned at init by %s", method.name,
+             100 * method.sparsity, method.prune)
+    return pruned, masks
 
 
 def peft_overrides(config) -> dict[str, Any]:
@@ -278,8 +311,12 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     backbone_sha256 = peft.backbone_fingerprint(params, method)
     trainable, frozen = method.partition(params)
     del params
+    trainable, masks = prune_at_init(config, method, model, trainable, frozen, encoded["train"],
+                                     init_rng)
     n_trainable = peft.count(trainable)
     n_total = n_trainable + peft.count(frozen)
+    if masks is not None:  # report non-zeros: pruned weights are not trained
+        n_trainable = sparsity_lib.trained_count(trainable, masks)
     log.info("model %s, method %s: %s trainable of %s params (%.3f%%)", model_name, method.name,
              f"{n_trainable:,}", f"{n_total:,}", 100 * n_trainable / n_total)
 
@@ -296,6 +333,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                                   total_steps, weight_decay=config.weight_decay,
                                   clip_norm=config.clip_norm if config.clip_norm > 0 else None,
                                   optimizer=config.get("optimizer", "adamw"))
+    if masks is not None:  # pruned weights never move, whatever the optimizer does
+        tx = optax.chain(tx, sparsity_lib.keep_pruned(masks))
     train_step = strategy.compile_train_step(make_train_step(
         seq2seq_apply_fn(model), tx, merge_fn=method.combine, schedule=schedule,
         per_example_dropout=config.per_example_dropout))
@@ -398,7 +437,9 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                       max_source_length=config.max_source_length,
                       max_target_length=target_length(config, task, tokenizer),
                       add_task_prefix=add_prefix,
-                      **({"vocab_size": vocab_size} if vocab_size is not None else {}))
+                      **({"vocab_size": vocab_size} if vocab_size is not None else {}),
+                      **({"sparsity_masks": sparsity_lib.export_masks(best_params, masks)}
+                         if masks is not None else {}))
     history = writer.read()
     summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
                                   and any(k.startswith("validation/") for k in h)), {})

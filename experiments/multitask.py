@@ -221,7 +221,9 @@ def joint_packing_plan(config, method: peft.Method, runs: list[TaskRun],
             groups=np.concatenate([np.full(len(s), k) for k, (s, _) in active]))
         counts.append(layout.num_rows)
     buckets = packing_lib.fit_row_buckets(counts, multiple_of=num_devices)
-    return data_lib.PackingPlan(source_length, target_length, buckets)
+    tight = sorted({t for p in plans for t in p.target_buckets})  # each task's short targets
+    targets = packing_lib.fit_row_buckets(tight) if tight else ()
+    return data_lib.PackingPlan(source_length, target_length, buckets, targets)
 
 
 # ------------------------------------------------------------------------------ main

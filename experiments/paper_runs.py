@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     low_resource = args.low_resource or args.train_sizes is not None
     tasks = _csv(args.tasks) or list(GLUE_TASKS if low_resource else GLUE_TASKS + SUPERGLUE_TASKS)
-    methods = _csv(args.methods) or list(paper.LOW_RESOURCE_METHODS if low_resource else METHODS)
+    methods = _csv(args.methods) or list(paper.LOW_RESOURCE_METHODS if low_resource
+                                         else METHODS + paper.EXTRA_METHODS)
 
     if not (args.sweep or low_resource):  # one command per (task, method), as before
         cmds = commands(tasks, methods, args.workdir_root, extra)

@@ -9,7 +9,8 @@ Three groups of runs, each an `experiments.glue` run with the paper's recipe (co
 the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps):
 
 * main: full fine-tuning, Adapter, Pfeiffer, Adapter-LowRank, PHM-Adapter, Compacter,
-  Compacter++, BitFit, prompt tuning and LoRA on SST-2, MRPC, CoLA, STS-B and RTE;
+  Compacter++, BitFit, prompt tuning and LoRA, SparseAdapter (and Large-Sparse) and DSEE on
+  SST-2, MRPC, CoLA, STS-B and RTE;
 * low_resource: full fine-tuning and Compacter++ with 100 / 500 / 1000 / 2000 / 4000 training
   examples (the original's subsamples) on SST-2 and MRPC;
 * control: the same runs as `main` for full fine-tuning and Compacter++ on a randomly
@@ -37,7 +38,8 @@ from experiments.paper_runs import run_all
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "checkpoints" / "t5-mini-glue"
 METHODS = ("full", "adapter", "pfeiffer", "lowrank", "phm_adapter", "compacter", "compacter++",
-           "bitfit", "prompt_tuning", "lora", "lst")
+           "bitfit", "prompt_tuning", "lora", "lst", "sparse_adapter", "large_sparse_adapter",
+           "dsee")
 TASKS = ("sst2", "mrpc", "cola", "stsb", "rte")
 LOW_RESOURCE_TASKS = ("sst2", "mrpc")
 LOW_RESOURCE_SIZES = (100, 500, 1000, 2000, 4000)

@@ -14,7 +14,9 @@ padding); positions restart at 0 in each segment; `decoder_input_ids` are the la
 right *within* each segment (start id at each segment's first token, 0 on padding), as seqio's
 `autoregressive_inputs`. The loss (a token mean over the global batch) is unchanged by
 packing. The number of rows R is the smallest of a few `row_buckets` that holds the batch
-(the train step compiles once per bucket); empty rows are all padding.
+(the train step compiles once per bucket); empty rows are all padding. The target length T
+is the shortest of a few `target_buckets` that packs the batch in those rows (`tight_rows`):
+short targets (SST-2's 2-3 tokens) would otherwise sit in rows sized for the fullest row.
 
 Evaluation is not packed: `bucketed_eval_batches` sorts rows by source length and trims each
 batch to a length bucket, so scoring and decoding run on short shapes.
@@ -121,19 +123,111 @@ def assign_rows(source_lengths: Sequence[int], target_lengths: Sequence[int], *,
             row_src[r] += s
             row_tgt[r] += t
             row[i] = r
-    # Segments and offsets in batch order within each row (stable sort by row).
+    return _layout(row, src, tgt, len(row_src))
+
+
+def _layout(row: np.ndarray, src: np.ndarray, tgt: np.ndarray, num_rows: int) -> Layout:
+    """The `Layout` of a row assignment: segments and offsets in batch order within rows."""
     by_row = np.argsort(row, kind="stable")
     segment = np.zeros_like(row)
     src_off = np.zeros_like(row)
     tgt_off = np.zeros_like(row)
-    starts = np.searchsorted(row[by_row], np.arange(len(row_src)))
+    starts = np.searchsorted(row[by_row], np.arange(num_rows))
     for r, start in enumerate(starts):
         stop = starts[r + 1] if r + 1 < len(starts) else len(by_row)
         members = by_row[start:stop]
         segment[members] = np.arange(1, len(members) + 1)
         src_off[members] = np.cumsum(src[members]) - src[members]
         tgt_off[members] = np.cumsum(tgt[members]) - tgt[members]
-    return Layout(row, segment, src_off, tgt_off, len(row_src))
+    return Layout(row, segment, src_off, tgt_off, num_rows)
+
+
+def balance_rows(source_lengths: Sequence[int], target_lengths: Sequence[int], rows: Layout, *,
+                 max_source_length: int, packed_target_length: int,
+                 groups: Sequence[int] | None = None) -> Layout | None:
+    """The examples re-placed in the rows of `rows` (same count per group), targets balanced.
+
+    First-fit-decreasing fills rows in order, so its last rows collect the many short
+    examples and their target tokens: the target length must hold the fullest row. Here the
+    rows are fixed (those of `rows`, e.g. `assign_rows` with a loose target length) and each
+    example, longest source first (ties: longer target, then lower index), goes to the row of
+    its group with room for both its source and target that holds the fewest target tokens
+    (ties: fewest source tokens, then lowest row); where that fails, the same with the fewest
+    source tokens first (it spreads long sources, leaving room for short ones everywhere).
+    Each alone reaches ~0.82-0.85 target fill on SST-2 (at each batch's shortest length),
+    the pair 0.89. Deterministic.
+
+    Args:
+      source_lengths, target_lengths, groups: as `assign_rows`.
+      rows: a layout of these examples; its row count per group is kept.
+      max_source_length, packed_target_length: row capacities S and T (T usually smaller
+        than the one `rows` was packed with).
+    Returns:
+      The `Layout` (same `num_rows` as `rows`), or None when some example finds no row.
+    """
+    src = np.asarray(source_lengths, dtype=np.int64)
+    tgt = np.asarray(target_lengths, dtype=np.int64)
+    grp = np.zeros_like(src) if groups is None else np.asarray(groups, dtype=np.int64)
+    if len(tgt) and tgt.max() > packed_target_length:
+        return None
+    for first in (0, 1):  # 0: fewest target tokens first; 1: fewest source tokens first
+        row = np.zeros(len(src), dtype=np.int64)
+        used = [[0, 0] for _ in range(rows.num_rows)]  # [target, source] tokens per row
+        if _place(src, tgt, grp, rows.row, used, row, first, max_source_length,
+                  packed_target_length):
+            return _layout(row, src, tgt, rows.num_rows)
+    return None
+
+
+def _place(src, tgt, grp, base_row, used, row, first, max_source_length, target_length) -> bool:
+    """`balance_rows`' greedy pass (in place); False when an example finds no row."""
+    for g in np.unique(grp):
+        members = np.flatnonzero(grp == g)
+        group_rows = np.unique(base_row[members]).tolist()
+        order = members[np.lexsort((members, -tgt[members], -src[members]))]
+        for i in order.tolist():  # python ints: a batch is small, numpy calls would dominate
+            s, t = int(src[i]), int(tgt[i])
+            room = [r for r in group_rows if used[r][1] + s <= max_source_length
+                    and used[r][0] + t <= target_length]
+            if not room:
+                return False
+            r = min(room, key=lambda r: (used[r][first], used[r][1 - first], r))
+            used[r][0] += t
+            used[r][1] += s
+            row[i] = r
+    return True
+
+
+def tight_rows(source_lengths: Sequence[int], target_lengths: Sequence[int], *,
+               max_source_length: int, packed_target_length: int,
+               target_buckets: Sequence[int] = (),
+               groups: Sequence[int] | None = None) -> tuple[Layout, int]:
+    """Rows as `assign_rows` packs them, targets in the shortest bucket that keeps them.
+
+    The rows are those of first-fit-decreasing with the loose `packed_target_length`; the
+    target length is the smallest of `target_buckets` (those below `packed_target_length`)
+    that holds the fullest of those rows or for which `balance_rows` places every example
+    in the same number of rows, else
+    `packed_target_length` with first-fit-decreasing's own layout. So tight targets never
+    cost a row: the row count, hence the row buckets, is that of `assign_rows`.
+
+    Returns:
+      (layout, target length T).
+    """
+    base = assign_rows(source_lengths, target_lengths, max_source_length=max_source_length,
+                       packed_target_length=packed_target_length, groups=groups)
+    fullest = int(np.bincount(base.row, weights=np.asarray(target_lengths)).max(initial=0))
+    for length in sorted(int(t) for t in target_buckets):
+        if length >= packed_target_length:
+            break
+        if fullest <= length:  # first-fit-decreasing's own rows already fit
+            return base, length
+        layout = balance_rows(source_lengths, target_lengths, base,
+                              max_source_length=max_source_length,
+                              packed_target_length=length, groups=groups)
+        if layout is not None:
+            return layout, length
+    return base, int(packed_target_length)
 
 
 def _scatter(ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray, offsets: np.ndarray,
@@ -152,7 +246,7 @@ def _scatter(ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray, offsets: np
 
 def pack_batch(batch: Mapping[str, np.ndarray], *, max_source_length: int,
                packed_target_length: int, row_buckets: Sequence[int],
-               decoder_start_token_id: int = 0) -> Batch:
+               target_buckets: Sequence[int] = (), decoder_start_token_id: int = 0) -> Batch:
     """Packs one padded batch (as `make_batch` builds it) into few rows; no token is dropped.
 
     Args:
@@ -161,6 +255,8 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, max_source_length: int,
       max_source_length: source tokens per packed row (S; any width >= the longest source,
         it need not equal S_in).  packed_target_length: target tokens per packed row (T).
       row_buckets: allowed row counts; R is the smallest that holds the batch.
+      target_buckets: shorter target lengths to try (`tight_rows`): T is the smallest that
+        packs the batch in the rows `packed_target_length` needs. Empty: T is fixed.
       decoder_start_token_id: first decoder input of every segment (T5: 0).
     Returns:
       The packed batch of the module docstring ([R, S] / [R, T] int32, task_ids [R] with -1
@@ -173,8 +269,10 @@ def pack_batch(batch: Mapping[str, np.ndarray], *, max_source_length: int,
     src_len = _lengths(batch["attention_mask"], "attention_mask")
     tgt_len = _lengths(batch["decoder_attention_mask"], "decoder_attention_mask")
     task_ids = batch.get("task_ids")
-    layout = assign_rows(src_len, tgt_len, max_source_length=max_source_length,
-                         packed_target_length=packed_target_length, groups=task_ids)
+    layout, packed_target_length = tight_rows(
+        src_len, tgt_len, max_source_length=max_source_length,
+        packed_target_length=packed_target_length, target_buckets=target_buckets,
+        groups=task_ids)
     fitting = [int(b) for b in row_buckets if b >= layout.num_rows]
     if not fitting:
         raise ValueError(f"this batch of {len(src_len)} examples needs {layout.num_rows} rows "
@@ -279,17 +377,20 @@ def fit_row_buckets(row_counts: Sequence[int], *, max_buckets: int = 4,
 @dataclasses.dataclass(frozen=True)
 class PackingPlan:
     """Static shapes of packed training batches: rows of `max_source_length` source and
-    `packed_target_length` target tokens, and the allowed row counts `row_buckets`."""
+    `packed_target_length` target tokens, and the allowed row counts `row_buckets`;
+    `target_buckets`: shorter target lengths a batch uses when its rows allow (`tight_rows`;
+    empty: always `packed_target_length`)."""
 
     max_source_length: int
     packed_target_length: int
     row_buckets: tuple[int, ...]
+    target_buckets: tuple[int, ...] = ()
 
     def pack(self, batch: Mapping[str, np.ndarray]) -> Batch:
         """`pack_batch(batch)` with this plan's shapes."""
         return pack_batch(batch, max_source_length=self.max_source_length,
                           packed_target_length=self.packed_target_length,
-                          row_buckets=self.row_buckets)
+                          row_buckets=self.row_buckets, target_buckets=self.target_buckets)
 
 
 def _batch_lengths(data: EncodedData, batch_size: int, seed: int, epochs: Sequence[int],
@@ -314,9 +415,41 @@ def batch_row_counts(data: EncodedData, batch_size: int, *, seed: int, epochs: S
                     dtype=np.int64)
 
 
+def fit_target_buckets(data: EncodedData, batch_size: int, *, seed: int, max_source_length: int,
+                       packed_target_length: int, max_buckets: int = 4, multiple: int = 2,
+                       probe_batches: int = 512) -> tuple[int, ...]:
+    """The <= max_buckets target lengths (multiples of `multiple`, below
+    `packed_target_length`) for `tight_rows`, fitted to the first `probe_batches` batches of
+    epoch 0: each batch needs the shortest length that holds the fullest row of
+    `assign_rows` or with which `balance_rows` packs it in as many rows (binary search over
+    the multiples; `packed_target_length` if none), and `fit_row_buckets` picks the lengths
+    of least padding over those needs. Batches that need `packed_target_length` use it (it
+    is always a shape of the plan)."""
+    needs = []
+    for s, t in _batch_lengths(data, batch_size, seed, [0], probe_batches):
+        base = assign_rows(s, t, max_source_length=max_source_length,
+                           packed_target_length=packed_target_length)
+        fullest = int(np.bincount(base.row, weights=t).max())
+        candidates = range(_round_up(t.max(), multiple), packed_target_length, multiple)
+        lo, hi = 0, len(candidates)  # binary search: the first candidate that packs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if candidates[mid] >= fullest or balance_rows(
+                    s, t, base, max_source_length=max_source_length,
+                    packed_target_length=candidates[mid]) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        if hi < len(candidates):  # else it needs packed_target_length, always a shape
+            needs.append(candidates[hi])
+    return fit_row_buckets(needs, max_buckets=max_buckets) if needs else ()
+
+
 def plan_packing(data: EncodedData, batch_size: int, *, seed: int, num_epochs: int,
                  multiple_of: int = 1, max_buckets: int = 4, length_multiple: int = 8,
-                 target_tolerance: float = 0.01, probe_batches: int = 512) -> PackingPlan:
+                 target_tolerance: float = 0.01, probe_batches: int = 512,
+                 tight_targets: bool = True, max_target_buckets: int = 4,
+                 target_multiple: int = 2) -> PackingPlan:
     """Fits packed shapes to the training data and the exact batches of the run.
 
     - max_source_length: the longest training source rounded up to `length_multiple` (not
@@ -326,6 +459,11 @@ def plan_packing(data: EncodedData, batch_size: int, *, seed: int, num_epochs: i
       with unlimited target room.
     - row_buckets: `fit_row_buckets` over the row counts of every batch of epochs
       0..num_epochs-1 (rounded up to `multiple_of`), so no batch of the run misses a bucket.
+    - target_buckets (`tight_targets`): `fit_target_buckets`, <= max_target_buckets
+      multiples of `target_multiple`: each batch packs its targets in the shortest that
+      keeps its rows (SST-2, batch 32, 3 epochs: target fill 0.36 -> 0.82, rows unchanged),
+      at the cost of more compiled shapes: at most len(row_buckets) x (max_target_buckets
+      + 1) (SST-2: 16 instead of 4). `tight_targets=False`: one target length.
     A pure function of (data, batch_size, seed, num_epochs): every host and every resume
     computes the same plan. Costs about one FFD per batch of the run (SST-2, 3 epochs of 32:
     a few seconds).
@@ -350,7 +488,11 @@ def plan_packing(data: EncodedData, batch_size: int, *, seed: int, num_epochs: i
                               max_source_length=source_length,
                               packed_target_length=target_length)
     buckets = fit_row_buckets(counts, max_buckets=max_buckets, multiple_of=multiple_of)
-    return PackingPlan(source_length, target_length, buckets)
+    targets = fit_target_buckets(
+        data, batch_size, seed=seed, max_source_length=source_length,
+        packed_target_length=target_length, max_buckets=max_target_buckets,
+        multiple=target_multiple, probe_batches=probe_batches) if tight_targets else ()
+    return PackingPlan(source_length, target_length, buckets, targets)
 
 
 # ------------------------------------------------------------------------ evaluation

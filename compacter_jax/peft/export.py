@@ -41,6 +41,7 @@ from compacter_jax.host import to_host
 from compacter_jax.models import (is_backbone_path, missing_backbone_paths, stack_blocks,
                                   unstack_blocks)
 from compacter_jax.peft import model as peft_model
+from compacter_jax.peft import sparsity
 from compacter_jax.peft.legacy import method_from_dict
 from compacter_jax.peft.method import Method
 
@@ -292,6 +293,11 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
     """
     trained, meta = load_trainable(path)
     method = method_of_export(meta, path)
+    if "sparsity_masks" in meta:  # SparseAdapter: pruned weights must still be zero
+        try:
+            sparsity.check_pruned(trained, meta["sparsity_masks"])
+        except ValueError as e:
+            raise AdapterFileError(f"{path}: {e}") from None
     backbone = backbone or meta.get("model")
     if not backbone:
         raise AdapterFileError(f"{path}: no backbone recorded; pass backbone=<checkpoint or "

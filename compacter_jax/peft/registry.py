@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from compacter_jax.peft.method import Method
-from compacter_jax.peft.methods import (AdapterMethod, AttemptMethod, BitFitMethod,
+from compacter_jax.peft.methods import (AdapterMethod, AttemptMethod, BitFitMethod, DSEEMethod,
                                         FullFineTuning, IntrinsicSAID, LoRAMethod, PromptTuning)
 from compacter_jax.peft.methods.lst import LadderSideTuning
 
@@ -41,6 +41,16 @@ PRESETS: dict[str, Method] = {p.name: p for p in (
     LadderSideTuning(name="lst", reduction_factor=8, drop_every=4, learning_rate=3e-3),
     # Source prompts: set `sources` (prompt-tuning exports); lr 3e-1 as the original configs.
     AttemptMethod(name="attempt", length=100, attn_dim=100, learning_rate=3e-1),
+    # SparseAdapter (He et al. 2022): Houlsby adapters 40% pruned by SNIP at init, and
+    # "Large-Sparse": twice the bottleneck, 50% pruned: the dense adapter's weight budget.
+    AdapterMethod(name="sparse_adapter", projection="dense", sparsity=0.4, prune="snip",
+                  learning_rate=3e-4, **_ADAPTERS),
+    AdapterMethod(name="large_sparse_adapter", projection="dense", sparsity=0.5, prune="snip",
+                  learning_rate=3e-4, **{**_ADAPTERS, "reduction_factor": 16}),
+    # DSEE (Chen et al. 2021): low-rank + 16-entry sparse updates of q and v (authors' GLUE
+    # scripts: rank 16, alpha 32, lr 2e-4 to 6e-4).
+    DSEEMethod(name="dsee", rank=16, alpha=32.0, num_sparse=16, targets=("q", "v"),
+               learning_rate=5e-4),
 )}
 
 

@@ -52,6 +52,13 @@ METHOD_TITLES = {"full": "T5-base (full)", "adapter": "Adapter", "pfeiffer": "Pf
 METHOD_TITLES["attempt"] = "ATTEMPT"   # not in the paper: shown after its rows when run
 # The paper's methods this library registers (Intrinsic-SAID joins once it has a preset).
 METHODS = tuple(m for m in PAPER_METHODS if m in peft.method_names())
+# Methods beyond the paper's tables that join its grid and tables as rows (issue 21):
+# SparseAdapter (He et al. 2022) at 40% SNIP sparsity and its "Large-Sparse" setting; DSEE
+# (Chen et al. 2021), low-rank + sparse updates of q and v.
+EXTRA_METHODS = ("sparse_adapter", "large_sparse_adapter", "dsee")
+METHOD_TITLES.update({"sparse_adapter": "SparseAdapter (40%, SNIP)",
+                      "large_sparse_adapter": "SparseAdapter Large-Sparse (2x, 50%)",
+                      "dsee": "DSEE (r=16, 16 sparse)"})
 
 # The sweeps (original scripts; paper §5) and the low-resource study (paper §5.6).
 REDUCTION_FACTORS = (32, 16, 8)       # bottleneck 24, 48, 96 on T5-base
@@ -94,12 +101,14 @@ PAPER_SOURCES = ("% trained: paper Table 1. Compacter++ scores: paper Table 1 as
 
 def sweep_axes(method: peft.Method | str) -> dict[str, tuple[int, ...]]:
     """The method fields the paper sweeps -> their values: `reduction_factor` for every
-    bottleneck-adapter method, plus `n` for the PHM ones (PHM-Adapter, Compacter,
-    Compacter++); {} for the others (full, BitFit, prompt tuning, ...: learning rate only)."""
+    bottleneck-adapter method (Large-Sparse: half of each, the dense budget at 50%), plus
+    `n` for the PHM ones (PHM-Adapter, Compacter, Compacter++); {} for the others (full, BitFit, prompt tuning, ...: learning rate only)."""
     method = peft.get_method(method)
     if not isinstance(method, peft.AdapterMethod):
         return {}
     axes = {"reduction_factor": REDUCTION_FACTORS}
+    if method.name == "large_sparse_adapter":  # twice each dense bottleneck, half pruned
+        axes["reduction_factor"] = tuple(r // 2 for r in REDUCTION_FACTORS)
     if method.projection in ("phm", "lphm"):
         axes["n"] = PHM_DIMS
     return axes

@@ -306,3 +306,119 @@ def test_real_data_fill(real_train, task, batch_size):
     assert source_fill >= 0.9, (plan, source_fill)
     assert padded[0] / padded[1] < 0.6 and totals[0] == padded[0] and totals[2] == padded[2]
     assert isinstance(plan, PackingPlan)
+
+
+# ------------------------------------------------------------- tight target lengths
+
+
+def reference_balanced(src, tgt, groups, base_rows, S, T):
+    """Independent loop for `balance_rows`: the base layout's rows per group; longest source
+    first into the row with room of fewest (targets, sources), else of fewest (sources,
+    targets); None when both fail."""
+    for first in (0, 1):
+        used, rows = {}, [None] * len(src)
+        for g in sorted(set(groups)):
+            mine = sorted({base_rows[i] for i in range(len(src)) if groups[i] == g})
+            for r in mine:
+                used[r] = [0, 0]
+            for i in sorted((i for i in range(len(src)) if groups[i] == g),
+                            key=lambda i: (-src[i], -tgt[i], i)):
+                room = [r for r in mine if used[r][0] + tgt[i] <= T and used[r][1] + src[i] <= S]
+                if not room:
+                    break
+                r = min(room, key=lambda r: (used[r][first], used[r][1 - first], r))
+                used[r][0] += tgt[i]
+                used[r][1] += src[i]
+                rows[i] = r
+            else:
+                continue
+            break
+        else:
+            return rows
+    return None
+
+
+@pytest.mark.parametrize("seed,task_ids", [(10, False), (11, True), (12, False), (13, True)])
+def test_tight_targets_keep_rows_and_tokens(seed, task_ids):
+    batch = random_batch(seed, n=40, width=16, target_width=4, task_ids=task_ids)
+    S, T, buckets = 16, 24, (4, 6, 8, 10, 12)
+    loose = pack_batch(batch, max_source_length=S, packed_target_length=T, row_buckets=(64,))
+    tight = pack_batch(batch, max_source_length=S, packed_target_length=T, row_buckets=(64,),
+                       target_buckets=buckets)
+    width = tight["labels"].shape[1]
+    assert width in buckets + (T,) and tight["input_ids"].shape == loose["input_ids"].shape
+    key = lambda ex: (ex[0].tobytes(), ex[1].tobytes())  # noqa: E731
+    assert sorted(map(key, unpack_batch(tight))) == sorted(map(key, examples_of(batch)))
+    assert fill(tight)["target_tokens"] == fill(loose)["target_tokens"]
+    assert fill(tight)["target_slots"] < fill(loose)["target_slots"]
+    # Same rows in use as first-fit-decreasing; each row's segments agree across sides.
+    used = lambda p: (p["encoder_segment_ids"].max(1) > 0).sum()  # noqa: E731
+    assert used(tight) == used(loose)
+    np.testing.assert_array_equal(tight["encoder_segment_ids"].max(1),
+                                  tight["decoder_segment_ids"].max(1))
+    if task_ids:
+        for r in range(tight["input_ids"].shape[0]):  # one task per row, as its label says
+            segs = tight["encoder_segment_ids"][r]
+            assert (tight["task_ids"][r] == -1) == (segs.max() == 0)
+    # The width is the shortest bucket the independent loop (or the FFD rows) can use.
+    src = batch["attention_mask"].sum(1).tolist()
+    tgt = batch["decoder_attention_mask"].sum(1).tolist()
+    groups = batch["task_ids"].tolist() if task_ids else [0] * len(src)
+    base, _ = reference_ffd(src, tgt, S, T, groups)
+    fullest = max(sum(t for t, r in zip(tgt, base) if r == row) for row in set(base))
+
+    def fits(length):
+        return fullest <= length or reference_balanced(src, tgt, groups, base, S, length)
+    assert fits(width) and not any(fits(b) for b in buckets if b < width)
+
+
+def test_tight_targets_same_rows_as_fixed_over_a_run():
+    data = make_encoded(14, n=300, width=24, target_width=3)
+    plan = plan_packing(data, 32, seed=1, num_epochs=2, max_target_buckets=2)
+    fixed = plan_packing(data, 32, seed=1, num_epochs=2, tight_targets=False)
+    assert plan.row_buckets == fixed.row_buckets and fixed.target_buckets == ()
+    assert 1 <= len(plan.target_buckets) <= 2
+    assert all(t % 2 == 0 and t < plan.packed_target_length for t in plan.target_buckets)
+    slots = {"tight": 0, "fixed": 0}
+    for batch, _ in train_batches(data, 32, seed=1, num_epochs=2):
+        a, b = plan.pack(batch), fixed.pack(batch)
+        assert a["input_ids"].shape == b["input_ids"].shape
+        assert a["labels"].shape[1] in plan.target_buckets + (plan.packed_target_length,)
+        slots["tight"] += a["labels"].size
+        slots["fixed"] += b["labels"].size
+    assert slots["tight"] < slots["fixed"]
+
+
+def test_real_sst2_tight_target_fill(real_train):
+    """SST-2's 2-3 token targets: a fixed target length fills ~0.3 of the packed target
+    slots, tight lengths more than twice that, with the rows of the fixed plan (2,000 rows
+    here; the paper's full split reaches >= 0.8: the long test below)."""
+    data = real_train("sst2")
+    tight, fixed = _target_fills(data, num_epochs=1)
+    assert tight >= 0.7 and tight >= 2 * fixed, (tight, fixed)
+
+
+def _target_fills(data, num_epochs):
+    plan = plan_packing(data, 32, seed=42, num_epochs=num_epochs)
+    fixed = plan_packing(data, 32, seed=42, num_epochs=num_epochs, tight_targets=False)
+    tight_fill, fixed_fill = np.zeros(2), np.zeros(2)
+    for batch, _ in train_batches(data, 32, seed=42, num_epochs=num_epochs):
+        a, b = plan.pack(batch), fixed.pack(batch)
+        assert a["input_ids"].shape == b["input_ids"].shape
+        tight_fill += [fill(a)["target_tokens"], fill(a)["target_slots"]]
+        fixed_fill += [fill(b)["target_tokens"], fill(b)["target_slots"]]
+    assert tight_fill[0] == fixed_fill[0]
+    return tight_fill[0] / tight_fill[1], fixed_fill[0] / fixed_fill[1]
+
+
+@pytest.mark.long
+def test_paper_sst2_tight_target_fill(files_source, tokenizer):
+    """The issue's goal on the paper's SST-2 training split (3 epochs of batch 32, as the
+    recipe): target fill >= 0.8 (fixed: 0.36)."""
+    from compacter_jax.data import paper_splits
+    task = get_task("sst2")
+    train = paper_splits(task, files_source, data_seed=42)["train"]
+    data = encode(task, train, tokenizer, max_source_length=128,
+                  max_target_length=task.max_target_length(tokenizer), train=True)
+    tight, fixed = _target_fills(data, num_epochs=3)
+    assert tight >= 0.8 > 0.4 > fixed, (tight, fixed)

@@ -31,7 +31,10 @@ OVERRIDES = {"adapter": {"reduction_factor": 4}, "pfeiffer": {"reduction_factor"
              "lowrank": {"reduction_factor": 4}, "phm_adapter": {"reduction_factor": 4},
              "compacter": {"reduction_factor": 4}, "compacter++": {"reduction_factor": 4},
              "prompt_tuning": {"length": 4}, "prompt_tuning_vocab": {"length": 4},
-             "intrinsic_said": {"dim": 2000}, "attempt": {"length": 4, "attn_dim": 8}}
+             "intrinsic_said": {"dim": 2000}, "attempt": {"length": 4, "attn_dim": 8},
+             # SNIP is tested in tests/peft/test_sparsity.py; random pruning compiles no gradient
+             "sparse_adapter": {"reduction_factor": 4, "prune": "random"},
+             "large_sparse_adapter": {"reduction_factor": 2, "prune": "random"}}
 SYNTHETIC = ("qqp", "mnli", "qnli", "boolq", "multirc", "record", "superglue_rte", "wic",
              "wsc.fixed")
 
@@ -163,7 +166,9 @@ def source_prompts(tmp_path_factory, backbone):
     return tuple(paths)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", [  # Large-Sparse: sparse_adapter's code, another size
+    pytest.param(m, marks=pytest.mark.long) if m == "large_sparse_adapter" else m
+    for m in method_names()])
 def test_every_method_trains_two_steps(method, backbone, data_dir, tmp_path, request):
     # No evaluation: only the train step is compiled per method.
     config = config_for(backbone, data_dir, "rte", method, eval_every=0)

@@ -13,6 +13,7 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.models import greedy_generate
 from compacter_jax.train import TrainState, make_train_step, seq2seq_apply_fn
+from compacter_jax.train.step import loss_fn
 from experiments.evaluation import Evaluator
 
 B, S = 16, 128
@@ -114,3 +115,38 @@ def test_bucketed_evaluation_gives_the_unbucketed_predictions_in_order(rows, mod
     assert bucketed == plain
     shapes = {b["input_ids"].shape[1] for b in data_lib.bucketed_eval_batches(encoded, 5)}
     assert min(shapes) < S                              # short batches run on short shapes
+
+
+def test_tight_target_packed_step_equals_padded_step(rows, model_and_method):
+    """Tight decoder packing (targets in the shortest of a few lengths that keeps the rows)
+    changes the layout only: the same examples give the padded step's loss and gradients."""
+    model, method, params = model_and_method
+    encoded = rows[1]                                   # SST-2: many short examples per row
+    padded = data_lib.make_batch(encoded, np.arange(B))
+    kwargs = dict(max_source_length=S, packed_target_length=32, row_buckets=(2, 3, 4, 8))
+    loose = data_lib.pack_batch(padded, **kwargs)
+    tight = data_lib.pack_batch(padded, target_buckets=tuple(range(4, 32, 2)), **kwargs)
+    assert tight["labels"].shape[1] < loose["labels"].shape[1]            # it really cut
+    assert tight["input_ids"].shape == loose["input_ids"].shape
+    trainable, frozen = method.partition(params)
+    apply_fn = seq2seq_apply_fn(model)
+
+    @jax.jit
+    def loss_and_grad(batch):                           # gradients directly, no update
+        def loss(p):
+            logits = apply_fn(method.combine(p, frozen), batch, True, None)
+            return loss_fn(logits, batch["labels"], batch["decoder_attention_mask"])
+        return jax.value_and_grad(loss, has_aux=True)(trainable)
+
+    (l_pad, n_pad), g_pad = loss_and_grad(padded)
+    (l_tight, n_tight), g_tight = loss_and_grad(tight)
+    assert float(n_tight) == float(n_pad) == padded["decoder_attention_mask"].sum()
+    # float32 sums over a few hundred terms in another order: ~100 eps32, relative; leaves
+    # near zero against 100 eps32 of the whole gradient's norm.
+    tol = 100 * float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(float(l_tight), float(l_pad), rtol=tol)
+    total = float(optax.tree.norm(g_pad))
+    assert total > 0
+    for a, b in zip(jax.tree_util.tree_leaves(g_tight), jax.tree_util.tree_leaves(g_pad)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= tol * (np.linalg.norm(b) + 1e-3 * total)

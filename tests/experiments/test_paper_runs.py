@@ -242,3 +242,16 @@ def test_run_skips_finished_runs_and_reports_failures(tmp_path, capsys):
     assert not (done / "ran").exists() and ok.is_dir() and bad.is_dir()
     err = capsys.readouterr().err
     assert f"done, skipped: {done}" in err and f"1 run(s) failed:\n{bad}" in err
+
+
+def test_sparse_adapter_and_dsee_rows_join_the_grid():
+    """SparseAdapter (issue 21) runs the adapter's bottleneck sweep; Large-Sparse twice each
+    bottleneck, so every configuration has its dense counterpart's weight budget."""
+    grid = sweep(["rte"], paper.EXTRA_METHODS)
+    factors = {m: sorted(dict(r.axes).get("reduction_factor") for r in grid.runs
+                         if r.method == m and r.axes)
+               for m in paper.EXTRA_METHODS}
+    assert factors == {"sparse_adapter": [8, 16, 32], "large_sparse_adapter": [4, 8, 16],
+                       "dsee": []}
+    assert [r.learning_rate for r in grid.runs if r.method == "dsee"] == [5e-4]  # rate only
+    assert all(m in paper.METHOD_TITLES for m in paper.EXTRA_METHODS)

@@ -68,7 +68,8 @@ def random_params(model, seed: int = 0) -> dict:
     """Random float32 params for every leaf of `model` (numpy; no XLA compile).
 
     Scales keep activations O(1): kernels N(0, 1/fan_in), embeddings N(0, 1), layer-norm
-    scales 1 + N(0, 0.1), everything else (biases, PEFT leaves) N(0, 0.1).
+    scales 1 + N(0, 0.1), everything else (biases, PEFT leaves) N(0, 0.1); integer leaves
+    (DSEE's sparse places) distinct sorted draws from [0, 4 n).
     """
     import flax.traverse_util as traverse_util
     import jax
@@ -81,6 +82,9 @@ def random_params(model, seed: int = 0) -> dict:
     out = {}
     for path, spec in shapes.items():
         name, shape = path[-1], spec.shape
+        if np.issubdtype(spec.dtype, np.integer):  # places (DSEE's sparse_index): distinct
+            out[path] = np.sort(rng.permutation(4 * shape[-1])[:shape[-1]]).astype(spec.dtype)
+            continue
         if name == "kernel":
             value = rng.normal(0.0, shape[-2] ** -0.5, shape)
         elif name == "embedding":

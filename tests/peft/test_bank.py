@@ -25,7 +25,8 @@ TINY = get_preset("t5-tiny").replace(vocab_size=64, d_ff=64, num_heads=2, d_kv=1
 FIT = {"adapter": {}, "pfeiffer": {}, "adapterdrop": {"drop_first": 1}, "lowrank": {},
        "phm_adapter": {"n": 4}, "compacter": {}, "compacter++": {}, "bitfit": {},
        "prompt_tuning": {"length": 3}, "lora": {"rank": 2}, "bitfit_projections": {},
-       "prompt_tuning_vocab": {"length": 3}, "lst": {"reduction_factor": 4, "drop_every": 0}}
+       "prompt_tuning_vocab": {"length": 3}, "lst": {"reduction_factor": 4, "drop_every": 0},
+       "sparse_adapter": {}, "large_sparse_adapter": {}}
 BANKABLE = [name for name, m in peft.PRESETS.items() if type(m).bankable]
 K = 3
 # Tests compile many tiny programs: unoptimised XLA code compiles several times faster.

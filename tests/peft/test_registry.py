@@ -9,7 +9,8 @@ from compacter_jax.peft.registry import get_method
 
 EXPECTED = ("full", "adapter", "pfeiffer", "adapterdrop", "lowrank", "phm_adapter", "compacter",
             "compacter++", "bitfit", "prompt_tuning", "lora", "bitfit_projections",
-            "prompt_tuning_vocab", "intrinsic_said", "lst", "attempt")
+            "prompt_tuning_vocab", "intrinsic_said", "lst", "attempt", "sparse_adapter",
+            "large_sparse_adapter", "dsee")
 ADAPTERS = EXPECTED[1:8]
 LN_SCALE = ("encoder", "final_layer_norm", "scale")
 # The original configs' peak learning rates (paper §5; LoRA is not in the paper).
@@ -18,7 +19,7 @@ PAPER_LR = {"full": 3e-4, "adapter": 3e-4, "pfeiffer": 3e-4, "adapterdrop": 3e-4
             "bitfit": 3e-4, "bitfit_projections": 3e-4, "prompt_tuning": 3e-2,
             "prompt_tuning_vocab": 3e-1, "lora": 1e-3, "intrinsic_said": 3e-2,
             "lst": 3e-3,  # LST: its authors' scripts/ladder_side_tuning_base.sh
-            "attempt": 3e-1}
+            "attempt": 3e-1, "sparse_adapter": 3e-4, "large_sparse_adapter": 3e-4, "dsee": 5e-4}
 
 
 def test_presets_and_their_key_fields():

@@ -18,6 +18,7 @@ import flax.linen as nn
 
 from compacter_jax.models import Site, T5Config, T5Hooks
 from compacter_jax.peft import layers, phm
+from compacter_jax.peft import sparsity as sparsity_lib
 from compacter_jax.peft.method import Method, ParamPath, as_tuple, is_layer_norm_path, is_peft_path
 
 ADAPTER_POSITIONS = ("self_attention", "feed_forward")
@@ -38,6 +39,9 @@ class AdapterMethod(Method):
       rule_init_std: std of the PHM rule init; None = 1e-4 when shared, 1e-2 when own.
       phm_path: "auto" | "materialized" | "factored" (see `phm.phm_matmul`).
       train_layer_norms: also train every T5 layer-norm scale (the paper's adapter methods).
+      sparsity, prune: SparseAdapter (`peft/sparsity.py`): this fraction of the adapter
+        weights (kernels, low-rank and PHM factors) pruned at initialisation by criterion
+        `prune` and kept at zero through training; 0 = dense.
     """
 
     projection: str = "dense"
@@ -52,11 +56,14 @@ class AdapterMethod(Method):
     rule_init_std: float | None = None
     phm_path: str = "auto"
     train_layer_norms: bool = True
+    sparsity: float = 0.0
+    prune: str = "snip"
 
     task_prefix: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        sparsity_lib.check(self.sparsity, self.prune, self.name)
         for f in ("positions", "stacks", "blocks"):
             object.__setattr__(self, f, as_tuple(getattr(self, f)))
         if self.projection not in layers.PROJECTIONS:
@@ -99,6 +106,10 @@ class AdapterMethod(Method):
 
     def bottleneck(self, d_model: int) -> int:
         return d_model // self.reduction_factor
+
+    def trainable_count(self, params) -> int:
+        """Trainable non-zeros: with `sparsity`, the pruned weights are not counted."""
+        return sparsity_lib.kept_count(params, self.is_trainable, self.sparsity)
 
     def hooks(self, dtype: str | None = None) -> T5Hooks:
         return AdapterHooks(self, dtype)

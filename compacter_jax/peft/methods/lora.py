@@ -10,6 +10,7 @@ import flax.linen as nn
 
 from compacter_jax.models import Site, T5Config, T5Hooks
 from compacter_jax.peft import layers
+from compacter_jax.peft import sparsity as sparsity_lib
 from compacter_jax.peft.method import Method, as_tuple
 
 TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head")
@@ -22,16 +23,21 @@ class LoRAMethod(Method):
       targets: projections that get an update, in every self-attention, cross-attention and
         feed-forward sublayer that has them (and the lm_head if listed). Parameters:
         `{projection}_delta/{lora_a [in, r], lora_b [r, out]}`; B starts at zero.
+      sparsity, prune: SparseAdapter pruning of A and B at initialisation
+        (`peft/sparsity.py`); 0 = dense.
     """
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q", "v")
+    sparsity: float = 0.0
+    prune: str = "snip"
 
     task_prefix: ClassVar[bool] = False  # per-task modules, like adapters
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        sparsity_lib.check(self.sparsity, self.prune, self.name)
         object.__setattr__(self, "targets", as_tuple(self.targets))
         if self.rank < 1:
             raise ValueError(f"{self.name}: rank must be >= 1, got {self.rank}")
@@ -39,6 +45,10 @@ class LoRAMethod(Method):
         if bad or not self.targets:
             raise ValueError(f"{self.name}: targets has unknown {bad}; use a non-empty subset of "
                              f"{TARGETS}")
+
+    def trainable_count(self, params) -> int:
+        """Trainable non-zeros: with `sparsity`, the pruned weights are not counted."""
+        return sparsity_lib.kept_count(params, self.is_trainable, self.sparsity)
 
     def hooks(self, dtype: str | None = None) -> T5Hooks:
         return LoRAHooks(self, dtype)
