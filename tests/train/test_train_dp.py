@@ -2,6 +2,8 @@
 examples, padding rows, the noise, equality with the non-DP step at noise 0 / clip inf, the
 jit Mesh strategy over 4 devices, and Poisson sampling."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,9 +145,13 @@ def test_dp_step_on_the_mesh_equals_one_device(toy):
     results = {}
     for name, n in (("jit", 1), ("jit", 4), ("pmap", 4)):
         strategy = make_strategy(name, jax.devices()[:n])
-        step = strategy.compile_train_step(train_step, donate=False)
-        new, metrics = step(strategy.replicate(state), strategy.put_frozen(toy.frozen),
-                            strategy.shard_batch(batch))
+        args = (strategy.replicate(state), strategy.put_frozen(toy.frozen),
+                strategy.shard_batch(batch))
+        compiled = strategy.compile_train_step(train_step, donate=False).lower(*args).compile()
+        if (name, n) == ("jit", 4):  # per-example gradients sharded with the batch: each
+            # device's program holds [8 / 4, ...] of lm_head's [16, 16] kernel, never [8, ...]
+            assert set(re.findall(r"f32\[(\d+),16,16\]", compiled.as_text())) == {"2"}
+        new, metrics = compiled(*args)
         results[(name, n)] = (flat(strategy.unreplicate(new.params)),
                               strategy.unreplicate(metrics))
     ref, ref_m = results[("jit", 1)]
