@@ -24,8 +24,9 @@ import jax
 import numpy as np
 
 from compacter_jax import data as data_lib
-from compacter_jax.train import dp as dp_lib
-from compacter_jax.train import privacy
+
+# compacter_jax.train.dp / .privacy (jax-privacy, dp-accounting) are imported where used: a
+# run without DP does not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class DPPlan:
 
     def spent(self, step: int) -> dict[str, float]:
         """(epsilon, delta) spent after `step` updates."""
+        from compacter_jax.train import privacy  # noqa: PLC0415
         return {"epsilon": privacy.epsilon(self.noise_multiplier, self.sampling_rate, step,
                                            self.delta, self.accountant),
                 "delta": self.delta}
@@ -63,6 +65,8 @@ def make_plan(config, num_examples: int, total_steps: int, multiple_of: int) -> 
     Raises:
       ValueError naming `--config.dp.<field>` when delta is not below 1 / N.
     """
+    from compacter_jax.train import dp as dp_lib  # noqa: PLC0415
+    from compacter_jax.train import privacy  # noqa: PLC0415
     dp = config.dp
     delta = dp.delta if dp.delta is not None else 1.0 / num_examples ** 1.1
     if delta >= 1.0 / num_examples:
@@ -87,6 +91,8 @@ def make_plan(config, num_examples: int, total_steps: int, multiple_of: int) -> 
 
 
 def make_train_step(plan: DPPlan, apply_fn, tx, *, merge_fn, schedule):
+    """`compacter_jax.train.dp.make_dp_train_step` with the plan's mechanism."""
+    from compacter_jax.train import dp as dp_lib  # noqa: PLC0415
     return dp_lib.make_dp_train_step(
         apply_fn, tx, merge_fn=merge_fn, clip_norm=plan.clip_norm,
         noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
@@ -99,6 +105,7 @@ def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.Data
     s's Poisson sample, padded with empty rows (`example_mask` 0) to `plan.rows` rows (more,
     never fewer examples, in the rare step whose sample is larger). `position` is passed
     through unchanged (the batches depend on the step alone)."""
+    from compacter_jax.train import dp as dp_lib  # noqa: PLC0415
     step = start_step
     while True:
         step += 1

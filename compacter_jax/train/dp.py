@@ -14,8 +14,12 @@ One update:
      stays `clip_norm / expected_batch_size`), then handed to the optimizer (post-processing).
 
 Steps 2-3 (vmap of the per-example gradient, clipping, masked sum) are jax-privacy's
-`clipped_grad` (DeepMind's library); the noise is added here, after the cross-device `psum`
-under pmap, with the same key on every device, so it is drawn once for the global batch. Under
+`clipped_grad` (DeepMind's library: it differentiates one argument, here the trainable tree,
+vmaps over the batch arguments, here the examples and their dropout keys, and zeroes padding
+rows through `is_padding_example`). The Gaussian noise is one line, added here rather than
+through jax-privacy's noise_addition (stateful optax privatizers meant to wrap the optimizer)
+so that under pmap it comes after the cross-device `psum`, with the same key on every device:
+it is drawn once for the global batch. Under
 the jit strategy the batch rows are sharded over the mesh's "data" axis and the vmap over
 examples is partitioned with them (per-example work stays on the device holding the example);
 the sum over examples becomes XLA's all-reduce. `microbatch_size` bounds memory: jax-privacy then
