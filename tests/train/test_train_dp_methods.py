@@ -1,6 +1,6 @@
 """The DP step for every PEFT method (it only sees the method's `combine`): on a tiny T5 with
 noise 0, clip inf and equal target lengths its gradient is the plain step's, and its gradient
-tree is exactly the method's trainable tree. LoRA runs by default; every preset is a long test."""
+tree is exactly the method's trainable tree. Long tests (COMPACTER_LONG_TESTS=1)."""
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +43,8 @@ def flat(tree):
                            for x in jax.tree_util.tree_leaves(tree)])
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n == "lora" else pytest.mark.long)
-    for n in peft.method_names()])
+@pytest.mark.long  # a T5 compile or two each; fast versions: tests/train/test_train_dp.py (toy) and
+@pytest.mark.parametrize("name", peft.method_names())  # test_dp_finetune.py (Compacter++)
 def test_dp_step_of_every_method_is_the_plain_step_at_noise_0_clip_inf(name, backbone):
     model, params = peft.from_pretrained(backbone, name, rng=jax.random.PRNGKey(1),
                                          **OVERRIDES.get(name, {}))
