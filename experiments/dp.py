@@ -31,6 +31,24 @@ from compacter_jax import data as data_lib
 log = logging.getLogger(__name__)
 
 
+# Fields that fix a DP run's mechanism besides `dp.*` (which `experiments.workdir` never lets
+# a resume change): the sampling rate, the number of steps the noise was calibrated for, the
+# sample of every step.
+MECHANISM_FIELDS = ("batch_size", "max_steps", "epochs", "train_samples", "seed", "data_seed")
+
+
+def refuse_changed_mechanism(changes: dict[str, Any]) -> None:
+    """Raises ValueError when a DP run would resume with a field of `MECHANISM_FIELDS`
+    changed (`--config.allow_config_change` or not): the (epsilon, delta) accounting assumes
+    one noise multiplier and sampling rate over the whole run."""
+    bad = sorted(k for k in changes if k.split(".")[0] in MECHANISM_FIELDS)
+    if bad:
+        raise ValueError(
+            f"a differentially private run cannot resume with changed {', '.join(bad)}: its "
+            "noise, sampling rate and accounting are fixed by the configuration it started "
+            "with; restore those values or start a new --workdir")
+
+
 @dataclasses.dataclass(frozen=True)
 class DPPlan:
     """The mechanism of a DP run (see `compacter_jax.train.privacy`)."""

@@ -294,9 +294,11 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     if (restored := ckpt.restore_latest(state)) is not None:
         state, meta = restored
         if isinstance(meta.get("config"), dict):  # the config that state was trained with
-            workdir_lib.refuse_or_allow(
-                workdir_lib.config_changes(meta["config"], config.to_dict()),
-                config.get("allow_config_change", False), f"checkpoint step {int(state.step)}")
+            changes = workdir_lib.config_changes(meta["config"], config.to_dict())
+            if dp_plan:
+                dp_run.refuse_changed_mechanism(changes)
+            workdir_lib.refuse_or_allow(changes, config.get("allow_config_change", False),
+                                        f"checkpoint step {int(state.step)}")
         position = data_lib.DataState.from_dict(meta["data_position"])
         log.info("resumed from step %d at %s", int(state.step), position)
     if ckpt.best_step is not None:

@@ -83,3 +83,19 @@ def test_delta_must_be_below_one_over_n():
     plan = dp_run.make_plan(tiny(**{"dp.noise_multiplier": 1.3}), 32, 3, multiple_of=4)
     assert plan.noise_multiplier == 1.3 and plan.delta == pytest.approx(32 ** -1.1)
     assert plan.rows % 4 == 0 and plan.rows >= 8 and plan.sampling_rate == 0.25
+
+
+def test_a_dp_run_never_resumes_with_another_mechanism():
+    from experiments import workdir as workdir_lib
+    stored = tiny(**{"dp.epsilon": 3.0}).to_dict()
+    for field, value in (("max_steps", 6), ("batch_size", 4), ("seed", 1)):
+        changes = workdir_lib.config_changes(stored, tiny(**{"dp.epsilon": 3.0,
+                                                             field: value}).to_dict())
+        with pytest.raises(ValueError, match=f"cannot resume with changed {field}"):
+            dp_run.refuse_changed_mechanism(changes)
+    dp_run.refuse_changed_mechanism(workdir_lib.config_changes(  # evaluation: free to change
+        stored, tiny(**{"dp.epsilon": 3.0, "eval_every": 5}).to_dict()))
+    for new in (tiny(**{"dp.epsilon": 8.0}), tiny()):  # another target, or DP turned off
+        changes = workdir_lib.config_changes(stored, new.to_dict())
+        with pytest.raises(workdir_lib.WorkdirError, match="dp.epsilon"):
+            workdir_lib.refuse_or_allow(changes, True, "checkpoint step 2")
