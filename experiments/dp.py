@@ -62,8 +62,9 @@ class DPPlan:
     target_epsilon: float | None
     num_examples: int
     expected_batch_size: int
-    rows: int  # static rows of a padded batch (a multiple of the devices)
+    rows: int  # static rows of a padded batch (a multiple of `multiple_of`)
     microbatch_size: int | None
+    multiple_of: int  # devices (x microbatch_size: each device's rows split into chunks)
 
     def spent(self, step: int) -> dict[str, float]:
         """(epsilon, delta) spent after `step` updates."""
@@ -79,6 +80,8 @@ class DPPlan:
 
 def make_plan(config, num_examples: int, total_steps: int, multiple_of: int) -> DPPlan:
     """The run's DP mechanism; the noise is calibrated when a target epsilon is given.
+    `multiple_of`: the devices the batch is split over (padded rows are a multiple of them,
+    times `dp.microbatch_size` when set).
 
     Raises:
       ValueError naming `--config.dp.<field>` when delta is not below 1 / N.
@@ -92,6 +95,8 @@ def make_plan(config, num_examples: int, total_steps: int, multiple_of: int) -> 
                          "training examples), else a mechanism may publish one example "
                          "outright; e.g. 1e-5 or leave it unset")
     rate = config.batch_size / num_examples
+    microbatch = dp.microbatch_size if dp.microbatch_size > 0 else None
+    multiple_of *= microbatch or 1
     if dp.epsilon is not None:
         sigma = privacy.calibrate_noise_multiplier(dp.epsilon, rate, total_steps, delta,
                                                    dp.accountant)
@@ -105,7 +110,7 @@ def make_plan(config, num_examples: int, total_steps: int, multiple_of: int) -> 
                   target_epsilon=dp.epsilon, num_examples=num_examples,
                   expected_batch_size=config.batch_size,
                   rows=dp_lib.padded_rows(num_examples, rate, multiple_of),
-                  microbatch_size=dp.microbatch_size if dp.microbatch_size > 0 else None)
+                  microbatch_size=microbatch, multiple_of=multiple_of)
 
 
 def make_train_step(plan: DPPlan, apply_fn, tx, *, merge_fn, schedule):
@@ -118,7 +123,7 @@ def make_train_step(plan: DPPlan, apply_fn, tx, *, merge_fn, schedule):
 
 
 def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState,
-                  start_step: int, plan: DPPlan, multiple_of: int) -> Iterator[tuple]:
+                  start_step: int, plan: DPPlan) -> Iterator[tuple]:
     """(position, this host's rows, global token fill) for steps start_step + 1, ...: step
     s's Poisson sample, padded with empty rows (`example_mask` 0) to `plan.rows` rows (more,
     never fewer examples, in the rare step whose sample is larger). `position` is passed
@@ -128,7 +133,7 @@ def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.Data
     while True:
         step += 1
         idx = dp_lib.poisson_sample(len(encoded), plan.sampling_rate, config.seed, step)
-        rows = dp_lib.pad_rows(len(idx), plan.rows, multiple_of)
+        rows = dp_lib.pad_rows(len(idx), plan.rows, plan.multiple_of)
         if rows > plan.rows:
             log.warning("DP step %d: %d examples sampled, more than the %d padded rows; this "
                         "step uses %d rows (a new compilation)", step, len(idx), plan.rows, rows)

@@ -310,8 +310,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
         log.info("metrics.jsonl: dropped %d record(s) after step %d (they are recomputed)",
                  dropped, start_step)
     progress = reporting.Progress(total_steps, config.batch_size, start_step, enabled=primary)
-    batches = (dp_run.train_batches(config, encoded["train"], position, start_step, dp_plan,
-                                    strategy.num_devices) if dp_plan else
+    batches = (dp_run.train_batches(config, encoded["train"], position, start_step, dp_plan)
+               if dp_plan else
                train_batches(config, encoded["train"], position, plan, with_fill=True))
     buffer, window = MetricsBuffer(strategy), []
 

@@ -85,6 +85,9 @@ def test_delta_must_be_below_one_over_n():
     plan = dp_run.make_plan(tiny(**{"dp.noise_multiplier": 1.3}), 32, 3, multiple_of=4)
     assert plan.noise_multiplier == 1.3 and plan.delta == pytest.approx(32 ** -1.1)
     assert plan.rows % 4 == 0 and plan.rows >= 8 and plan.sampling_rate == 0.25
+    chunked = dp_run.make_plan(tiny(**{"dp.noise_multiplier": 1.3, "dp.microbatch_size": 3}),
+                               32, 3, multiple_of=4)  # each device's rows split in chunks of 3
+    assert chunked.rows % 12 == 0 and chunked.microbatch_size == 3
 
 
 def test_a_dp_run_never_resumes_with_another_mechanism():

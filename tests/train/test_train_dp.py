@@ -79,6 +79,11 @@ def test_dp_grads_equal_a_loop_over_single_examples_with_clipping(toy):
         np.linalg.norm(got - ref) / np.linalg.norm(ref))
     assert 1e-6 > 8 * EPS32
     assert float(metrics["examples"]) == 4.0
+    chunked = jax.jit(make_dp_train_step(toy.apply_fn, tx, merge_fn=partition.merge,
+                                         clip_norm=clip, noise_multiplier=0.0,
+                                         expected_batch_size=5.0, microbatch_size=2))
+    got2 = flat(chunked(state, toy.frozen, {**batch, "example_mask": mask})[0].opt_state)
+    assert np.linalg.norm(got2 - ref) <= 1e-6 * np.linalg.norm(ref)  # 3 chunks of 2 examples
     assert float(metrics["clipped_fraction"]) == pytest.approx(np.mean(norms > clip))
     # Each clipped example's contribution has norm exactly clip: the mechanism's sensitivity.
     single = np.zeros_like(mask)
