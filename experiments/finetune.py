@@ -33,6 +33,7 @@ from compacter_jax.train import step as step_lib
 from compacter_jax.train import (Checkpointer, MetricsBuffer, NonFiniteLossError, TrainState,
                                  due, make_optimizer, make_strategy, make_train_step,
                                  mean_metrics, seq2seq_apply_fn)
+from experiments import dp as dp_run
 from experiments import multihost, reporting, validation
 from experiments import workdir as workdir_lib
 from experiments.configs.glue import DEFAULT_MODEL
@@ -90,6 +91,8 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
     """The packed shapes of the run, or None for padded batches. `packing` None (default): on
     when the method supports it."""
     if config.packing is False or (config.packing is None and not method.packable):
+        return None
+    if validation.dp_enabled(config):  # per-example clipping needs one example per row
         return None
     if not method.packable:
         raise ValueError(f"--config.packing=True: {method.name} does not support packed inputs "
@@ -329,15 +332,22 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                         strategy.num_devices)
     eval_every = per_epoch if config.eval_every < 0 else config.eval_every  # 0: never
     save_every = config.save_every if config.save_every > 0 else (eval_every or per_epoch)
+    dp_plan = (dp_run.make_plan(config, len(encoded["train"]), total_steps,
+                                strategy.num_devices)
+               if validation.dp_enabled(config) else None)
+    # Under DP each example's gradient is clipped (dp.clip_norm); no second, global clip.
     tx, schedule = make_optimizer(learning_rate, config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
-                                  clip_norm=config.clip_norm if config.clip_norm > 0 else None,
+                                  clip_norm=config.clip_norm if config.clip_norm > 0
+                                  and dp_plan is None else None,
                                   optimizer=config.get("optimizer", "adamw"))
     if masks is not None:  # pruned weights never move, whatever the optimizer does
         tx = optax.chain(tx, sparsity_lib.keep_pruned(masks))
-    train_step = strategy.compile_train_step(make_train_step(
-        seq2seq_apply_fn(model), tx, merge_fn=method.combine, schedule=schedule,
-        per_example_dropout=config.per_example_dropout))
+    train_step = strategy.compile_train_step(
+        dp_run.make_train_step(dp_plan, seq2seq_apply_fn(model), tx, merge_fn=method.combine,
+                               schedule=schedule) if dp_plan else
+        make_train_step(seq2seq_apply_fn(model), tx, merge_fn=method.combine,
+                        schedule=schedule, per_example_dropout=config.per_example_dropout))
     # Several processes: each decodes its share of the batches on its own devices, from
     # process-local parameters, and the texts are gathered.
     sharded_eval = jax.process_count() > 1
@@ -359,9 +369,11 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
     if (restored := ckpt.restore_latest(state)) is not None:
         state, meta = restored
         if isinstance(meta.get("config"), dict):  # the config that state was trained with
-            workdir_lib.refuse_or_allow(
-                workdir_lib.config_changes(meta["config"], config.to_dict()),
-                config.get("allow_config_change", False), f"checkpoint step {int(state.step)}")
+            changes = workdir_lib.config_changes(meta["config"], config.to_dict())
+            if dp_plan:
+                dp_run.refuse_changed_mechanism(changes)
+            workdir_lib.refuse_or_allow(changes, config.get("allow_config_change", False),
+                                        f"checkpoint step {int(state.step)}")
         position = data_lib.DataState.from_dict(meta["data_position"])
         log.info("resumed from step %d at %s", int(state.step), position)
     if ckpt.best_step is not None:
@@ -373,7 +385,9 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
         log.info("metrics.jsonl: dropped %d record(s) after step %d (they are recomputed)",
                  dropped, start_step)
     progress = reporting.Progress(total_steps, config.batch_size, start_step, enabled=primary)
-    batches = train_batches(config, encoded["train"], position, plan, with_fill=True)
+    batches = (dp_run.train_batches(config, encoded["train"], position, start_step, dp_plan)
+               if dp_plan else
+               train_batches(config, encoded["train"], position, plan, with_fill=True))
     buffer, window = MetricsBuffer(strategy), []
 
     with ckpt:
@@ -395,9 +409,13 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
             if do_eval:
                 start = time.perf_counter()
                 scores = evaluator.evaluate(eval_params(dev_state.params), "validation")
-                writer.write(step, {f"validation/{k}": v for k, v in scores.items()})
+                spent = dp_plan.spent(step) if dp_plan else {}  # (epsilon, delta) so far
+                writer.write(step, {**{f"validation/{k}": v for k, v in scores.items()},
+                                    **{f"privacy/{k}": v for k, v in spent.items()}})
                 progress.note(f"step {step}: validation " + reporting.format_metrics(scores)
-                              + f" ({time.perf_counter() - start:.1f}s)")
+                              + f" ({time.perf_counter() - start:.1f}s)"
+                              + (f"; DP epsilon {spent['epsilon']:.3f} at delta "
+                                 f"{spent['delta']:.2g}" if spent else ""))
                 # Refuses NaN/inf parameters; committed before the step checkpoint below.
                 ckpt.save_best(step, strategy.unreplicate(dev_state.params), scores["score"],
                                {"config": config.to_dict()})
@@ -420,6 +438,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
         "method_config": method.to_dict(), "config": config.to_dict(),
         "processes": jax.process_count(), "devices": strategy.num_devices,
     }
+    if dp_plan:
+        summary["privacy"] = dp_plan.summary(total_steps)
     if ckpt.problems:
         summary["warnings"] = list(ckpt.problems)
     if history := workdir_lib.config_history(workdir):

@@ -167,10 +167,47 @@ def validate_config(config, *, available_devices: int | None = None,
     if address and not _ADDRESS.match(address):
         raise ConfigError(f"{_flag('coordinator_address', address)}: expected host:port of "
                           "process 0, e.g. 10.0.0.2:1234")
+    _check_dp(config)
     if available_devices is not None:
         packing = config.get("packing")
         _check_devices(config, available_devices, processes,
                        padded=packing is False or (packing is None and not method.packable))
+
+
+def dp_enabled(config) -> bool:
+    """True when the config asks for differentially private training (`--config.dp.*`)."""
+    dp = config.get("dp")
+    return dp is not None and (dp.get("noise_multiplier") is not None
+                               or dp.get("epsilon") is not None)
+
+
+def _check_dp(config) -> None:
+    if not dp_enabled(config):
+        return
+    dp = {f"dp.{k}": v for k, v in config["dp"].items()}  # flags named --config.dp.<field>
+    if dp.get("dp.noise_multiplier") is not None and dp.get("dp.epsilon") is not None:
+        raise ConfigError(f"{_flag('dp.noise_multiplier', dp['dp.noise_multiplier'])} and "
+                          f"{_flag('dp.epsilon', dp['dp.epsilon'])}: set one (the noise, or the "
+                          "target epsilon the noise is calibrated for), not both")
+    _check_float(dp, "dp.noise_multiplier", lambda v: v > 0, "> 0 (noise 0 gives no privacy: "
+                 "epsilon is infinite); e.g. 1.0", optional=True)
+    _check_float(dp, "dp.epsilon", lambda v: v > 0, "a positive target epsilon, e.g. 3 or 8",
+                 optional=True)
+    _check_float(dp, "dp.clip_norm", lambda v: v > 0, "a positive per-example gradient norm "
+                 "bound, e.g. 1.0")
+    _check_float(dp, "dp.delta", lambda v: 0 < v < 1, "in (0, 1), below 1 / (training "
+                 "examples); leave it unset for 1 / N**1.1", optional=True)
+    _check_int(dp, "dp.microbatch_size", _minus_one_or_positive, "-1 (all examples of the batch "
+               "at once) or a positive number of examples")
+    from compacter_jax.train.privacy import ACCOUNTANTS  # noqa: PLC0415 (DP runs only)
+    if dp.get("dp.accountant") not in ACCOUNTANTS:
+        raise ConfigError(f"{_flag('dp.accountant', dp.get('dp.accountant'))}: use one of "
+                          f"{', '.join(ACCOUNTANTS)}")
+    if config.get("packing"):
+        raise ConfigError("--config.packing=True with --config.dp: DP clips each example's "
+                          "gradient, and a packed row mixes several examples; set "
+                          "--config.packing=False (or leave it unset: DP runs use padded "
+                          "batches)")
 
 
 def _check_devices(config, available: int, processes: int, padded: bool) -> None:

@@ -49,7 +49,7 @@ OUTPUT_FILES = {"metrics.jsonl": "the metrics log", "summary.json": "the run's s
                 "learning_curves.png": "the learning-curve plot", RUN_CONFIG: "the run config",
                 LOCK_FILE: "the workdir lock"}
 # Never change within one workdir (the checkpoints belong to them).
-FIXED_FIELDS = ("task", "method", "model", "peft")
+FIXED_FIELDS = ("task", "method", "model", "peft", "dp")  # dp: the privacy accounting
 # Change how, not what, is computed: free to differ on a resume.
 OPERATIONAL_FIELDS = ("allow_config_change", "force_unlock", "coordinator_address",
                       "num_processes", "process_id", "detect_cluster", "num_devices",

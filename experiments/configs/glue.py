@@ -109,6 +109,18 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     # Dropout: masks are keyed by global row either way, so jit, pmap and one device agree.
     # True vmaps the model over examples (a key each; ~17% step time for Compacter on CPU).
     c.per_example_dropout = False
+    # Differential privacy (DP-SGD / DP-Adam on the trainable parameters, any method): on when
+    # noise_multiplier or a target epsilon is set (not both; the noise is then calibrated so
+    # the whole run spends at most epsilon). Poisson sampling at rate batch_size / train rows,
+    # padded batches (no packing), per-example clipping at clip_norm (the optimizer's global
+    # clip_norm is then off); delta None: 1 / N**1.1 (below 1/N). See experiments/dp.py.
+    c.dp = ml_collections.ConfigDict()
+    c.dp.noise_multiplier = ml_collections.config_dict.placeholder(float)
+    c.dp.epsilon = ml_collections.config_dict.placeholder(float)
+    c.dp.clip_norm = 1.0
+    c.dp.delta = ml_collections.config_dict.placeholder(float)
+    c.dp.accountant = "rdp"  # "rdp" (Renyi DP) or "pld" (privacy loss distributions, tighter)
+    c.dp.microbatch_size = -1  # > 0: per-example gradients in chunks of N examples (memory)
     # Logging, evaluation, checkpoints.
     c.log_every = 10
     c.eval_every = -1  # steps; -1 = once per epoch; 0 = never (no best checkpoint)
