@@ -62,39 +62,18 @@ print("trainable groups:", sorted(trainable))
 # %% [markdown]
 # ## 2. A batch
 #
-# The model takes `input_ids`, `attention_mask`, `decoder_input_ids` (the targets shifted right
-# by `cj.shift_right`) and `decoder_attention_mask`; the loss needs the `labels`. Here they are
-# built with the library's T5 tokenizer (`cj.load_tokenizer`, the SentencePiece vocabulary under
-# `$COMPACTER_DATA_DIR/t5_vocab`); without it, a few fixed token ids stand in.
-# (A `cj.make_batch` helper is planned: it will build this dict, packed or not.)
+# The model takes `input_ids`, `attention_mask`, `decoder_input_ids` (the targets shifted right)
+# and `decoder_attention_mask`; the loss needs the `labels`. `cj.make_batch` builds that dict
+# from text pairs with a T5 tokenizer (`pack=True` gives the packed form, several examples per
+# row). The tokenizer here is the one shipped with the embedded backbone (`t5-mini-glue`: the
+# T5 SentencePiece vocabulary), so the notebook needs no data folder.
 
 # %%
 sources = ["rte sentence1: A cat sat on the mat. sentence2: A cat is sitting.",
            "rte sentence1: It rained all day. sentence2: The ground is dry."]
 targets = ["entailment", "not_entailment"]
-try:
-    tokenizer = cj.load_tokenizer()
-except FileNotFoundError as e:
-    tokenizer = None
-    print(f"no tokenizer ({e}); using fixed token ids")
-
-
-def encode(texts, length):
-    if tokenizer is None:   # stand-in ids: EOS-terminated, 0-padded rows
-        rows = [[3 + (sum(map(ord, w)) % 500) for w in t.split()][:length - 1] + [1] for t in texts]
-    else:
-        rows = [tokenizer(t, max_length=length, truncation=True)["input_ids"] for t in texts]
-    return jnp.asarray([r + [0] * (length - len(r)) for r in rows], jnp.int32)
-
-
-input_ids, labels = encode(sources, 32), encode(targets, 8)
-batch = {
-    "input_ids": input_ids,
-    "attention_mask": (input_ids != 0).astype(jnp.int32),
-    "decoder_input_ids": cj.shift_right(labels),
-    "decoder_attention_mask": (labels != 0).astype(jnp.int32),
-    "labels": labels,
-}
+tokenizer = cj.load_tokenizer("t5-mini-glue")
+batch = cj.make_batch(tokenizer, sources, targets, max_source_length=32, max_target_length=8)
 print({k: v.shape for k, v in batch.items()})
 
 # %% [markdown]

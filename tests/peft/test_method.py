@@ -24,7 +24,8 @@ def test_replace_to_dict_and_validation():
     m = peft.get_method("lora")
     assert m.replace(rank=4).rank == 4 and m.rank == 8
     assert m.to_dict() == {"family": "LoRAMethod", "name": "lora", "learning_rate": 1e-3,
-                           "rank": 8, "alpha": 16.0, "targets": ["q", "v"]}
+                           "rank": 8, "alpha": 16.0, "targets": ["q", "v"],
+                           "sparsity": 0.0, "prune": "snip"}
     assert peft.method_from_dict(m.to_dict()) == m
     assert Method.config_field_names() == ()
     with pytest.raises(ValueError, match="learning_rate must be > 0"):

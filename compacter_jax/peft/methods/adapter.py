@@ -109,6 +109,7 @@ class AdapterMethod(Method):
 
     def trainable_count(self, params) -> int:
         """Trainable non-zeros: with `sparsity`, the pruned weights are not counted."""
+        self.check_params(params)   # a tree that is not this method's T5 is an error
         return sparsity_lib.kept_count(params, self.is_trainable, self.sparsity)
 
     def hooks(self, dtype: str | None = None) -> T5Hooks:
