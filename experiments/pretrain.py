@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,14 +31,16 @@ import optax
 from absl import app, flags
 
 from compacter_jax.data import DataState, make_source
-from compacter_jax.data.corpus import PretrainingCorpus, pretraining_corpus
-from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, eval_batches,
-                                                 pretraining_batches)
+from compacter_jax.data.corpus import (PretrainingCorpus, corpus_documents, pretraining_corpus,
+                                       text_documents)
+from compacter_jax.data.denoising import denoise_eval_batches, mixture_batches
+from compacter_jax.data.span_corruption import NUM_SENTINELS, SpanCorruption, eval_batches
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
 from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_strategy,
                                  make_train_step, seq2seq_apply_fn)
 from experiments import cli, reporting
+from experiments.train_tokenizer import SPIECE, parse_text_sources, train_sentencepiece
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -59,20 +62,58 @@ def span_corruption_spec(config: ml_collections.ConfigDict, tokenizer) -> SpanCo
                           eos_id=int(tokenizer.eos_token_id))
 
 
-def build_corpus(config: ml_collections.ConfigDict, tokenizer,
-                 spec: SpanCorruption) -> PretrainingCorpus:
+def build_documents(config: ml_collections.ConfigDict):
+    """The decontaminated documents: the tasks' training text plus `config.text_sources`."""
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] or None
     source = make_source(config.source, data_dir=config.data_dir or None)
-    return pretraining_corpus(source, tasks, tokenizer=tokenizer,
-                              chunk_length=spec.tokens_length, data_seed=config.data_seed,
-                              heldout_fraction=config.heldout_fraction)
+    names = parse_text_sources(config.text_sources)
+    texts = None
+    if names:
+        from compacter_jax.paths import data_dir
+        texts = text_documents(config.data_dir or data_dir(), names)
+    return corpus_documents(source, tasks, data_seed=config.data_seed,
+                            heldout_fraction=config.heldout_fraction, texts=texts)
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: Path, documents):
+    """`config.tokenizer`: "" = the shared T5 vocabulary, a directory holding spiece.model, or
+    "train": a `config.tokenizer_vocab_size`-piece SentencePiece model trained on the corpus'
+    training documents, written once to `<workdir>/tokenizer/` (a resumed run reuses it)."""
+    if config.tokenizer != "train":
+        return load_tokenizer(config.tokenizer or None)
+    out = workdir / "tokenizer"
+    if not (out / SPIECE).is_file():
+        log.info("training a %d-piece SentencePiece model on %d documents",
+                 config.tokenizer_vocab_size, len(documents.train_texts))
+        train_sentencepiece(documents.train_texts, out,
+                            vocab_size=config.tokenizer_vocab_size)
+    return load_tokenizer(out)
+
+
+def build_corpus(config: ml_collections.ConfigDict, tokenizer,
+                 spec: SpanCorruption, documents=None) -> PretrainingCorpus:
+    documents = build_documents(config) if documents is None else documents
+    return pretraining_corpus(tokenizer=tokenizer, chunk_length=spec.tokens_length,
+                              documents=documents)
 
 
 # ---------------------------------------------------------------------------- model
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int = 32128) -> T5Config:
-    """The T5Config of `config.model` (runtime options: float32, `config.scan_layers`)."""
+def model_config(config: ml_collections.ConfigDict, tokenizer_size: int | None = None
+                 ) -> T5Config:
+    """The T5Config of `config.model` (runtime options: float32, `config.scan_layers`).
+
+    Its vocabulary is `config.vocab_size`, or, when that is 0, the tokenizer's size
+    (`len(tokenizer)`, sentinels included), which must then be given."""
+    vocab_size = int(config.get("vocab_size", 32128))
+    if vocab_size <= 0:
+        if tokenizer_size is None:
+            raise ValueError("config.vocab_size=0 (the tokenizer's size) needs tokenizer_size")
+        vocab_size = int(tokenizer_size)
+    if tokenizer_size is not None and tokenizer_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer_size} entries > the model's vocab_size "
+                         f"{vocab_size}: set --config.vocab_size=0 (the tokenizer's size)")
     return T5Config(vocab_size=vocab_size, scan_layers=config.scan_layers, **config.model)
 
 
@@ -197,9 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # Data: chunks of the training text, corrupted afresh each epoch; a fixed corruption of
     # the held-out chunks for the loss check.
-    tokenizer = load_tokenizer(config.tokenizer or None)
+    documents = build_documents(config)
+    tokenizer = build_tokenizer(config, workdir, documents)
     spec = span_corruption_spec(config, tokenizer)
-    corpus = build_corpus(config, tokenizer, spec)
+    corpus = build_corpus(config, tokenizer, spec, documents)
     if corpus.train_chunks.shape[0] < config.batch_size:
         raise ValueError(f"--config.batch_size={config.batch_size} exceeds the "
                          f"{corpus.train_chunks.shape[0]} training chunks")
@@ -209,11 +251,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return eval_batches(corpus.heldout_chunks, config.eval_batch_size, spec,
                             seed=config.heldout_corruption_seed)
 
+    def heldout_denoise_batches():
+        return denoise_eval_batches(corpus.heldout_chunks, config.eval_batch_size, spec,
+                                    seed=config.heldout_corruption_seed)
+
     # Model and optimizer: full pretraining trains every parameter (nothing frozen).
-    t5_config = model_config(config)
-    if len(tokenizer) > t5_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} entries > vocab_size "
-                         f"{t5_config.vocab_size}")
+    t5_config = model_config(config, len(tokenizer))
     init_rng = jax.random.PRNGKey(config.seed)
     params = initial_params(t5_config, config.seed)
     n_params = count_params(params)
@@ -235,14 +278,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         log.info("resumed from step %d at %s", int(state.step), position)
     step = int(np.asarray(state.step))
     frozen = strategy.put_frozen({})
+
+    def export(directory: Path, host_params) -> None:
+        # HF layout + the tokenizer's spiece.model when it is not the shared T5 vocabulary.
+        save_pretrained(directory, t5_config.replace(dropout_rate=config.export_dropout_rate,
+                                                     scan_layers=False), host_params)
+        if config.tokenizer:
+            spm = (workdir / "tokenizer" if config.tokenizer == "train"
+                   else Path(config.tokenizer)) / SPIECE
+            shutil.copyfile(spm, directory / SPIECE)
     dev_state = strategy.replicate(state)
 
     writer = reporting.MetricsWriter(workdir)
     progress = reporting.Progress(total_steps, config.batch_size)
     stop_at = total_steps if config.stop_after <= 0 else min(total_steps,
                                                              step + config.stop_after)
-    batches = pretraining_batches(corpus.train_chunks, config.batch_size, spec,
-                                  seed=config.seed, state=position)
+    batches = mixture_batches(corpus.train_chunks, config.batch_size, spec, seed=config.seed,
+                              denoise_fraction=config.denoise_fraction, state=position)
     pending: list[tuple[int, Any]] = []
     window: list[dict] = []
     last_heldout: dict[str, float] | None = None
@@ -285,9 +337,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if do_eval:
                 start = time.perf_counter()
                 last_heldout = heldout_loss(sums_fn, dev_state.params, heldout_batches())
-                writer.write(step, {"heldout/loss": last_heldout["loss"]})
-                progress.note(f"step {step}: held-out loss {last_heldout['loss']:.4f} "
-                              f"({time.perf_counter() - start:.1f}s)")
+                record = {"heldout/loss": last_heldout["loss"]}
+                if config.eval_diagnostics:
+                    diag = heldout_diagnostics(steps.token_losses, dev_state.params,
+                                               heldout_batches(), spec)
+                    record.update({f"heldout/{k}": v for k, v in diag.items() if k != "loss"})
+                    record["heldout/encoder_gain"] = (diag["mismatched_inputs_loss"]
+                                                      - diag["loss"])
+                if config.denoise_fraction > 0:
+                    record["heldout/denoise_loss"] = heldout_loss(
+                        sums_fn, dev_state.params, heldout_denoise_batches())["loss"]
+                writer.write(step, record)
+                progress.note(f"step {step}: " + ", ".join(
+                    f"{k.split('/')[1]} {v:.4f}" for k, v in record.items())
+                    + f" ({time.perf_counter() - start:.1f}s)")
+                if config.export_snapshots and not last:
+                    export(workdir / "snapshots" / f"step_{step}",
+                           strategy.unreplicate(dev_state.params))
             if do_save:
                 seconds = elapsed + time.perf_counter() - started
                 ckpt.save(step, strategy.unreplicate(dev_state),
@@ -308,9 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if last_heldout is None:  # resumed exactly at the end: nothing evaluated in this process
         last_heldout = heldout_loss(sums_fn, host_params, heldout_batches())
     export_dir = Path(config.export_dir) if config.export_dir else workdir / "hf"
-    export_config = t5_config.replace(dropout_rate=config.export_dropout_rate,
-                                      scan_layers=False)
-    save_pretrained(export_dir, export_config, host_params)
+    export(export_dir, host_params)
     diagnostics = heldout_diagnostics(steps.token_losses, host_params, heldout_batches(), spec)
     history = writer.read()
     train_losses = [h["train/loss"] for h in history if "train/loss" in h]
@@ -325,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "eval_batch_size": config.eval_batch_size,
         "parameters": n_params, "export_dir": str(export_dir),
         "tokens_per_step": config.batch_size * (spec.inputs_length + spec.targets_length),
+        "vocab_size": t5_config.vocab_size, "tokenizer_size": len(tokenizer),
         "span_corruption": {"inputs_length": spec.inputs_length,
                             "targets_length": spec.targets_length,
                             "tokens_length": spec.tokens_length,

@@ -19,7 +19,12 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     c.data_dir = ""  # "" = $COMPACTER_DATA_DIR
     c.data_seed = 42  # paper splits and document order (held-out part)
     c.heldout_fraction = 0.01
-    c.tokenizer = ""  # "" = the real T5 vocabulary under $COMPACTER_DATA_DIR/t5_vocab
+    c.text_sources = ""  # unlabelled text/<name>.zip corpora: "all" or a comma-separated list
+    c.tokenizer = ""  # "" = the real T5 vocabulary under $COMPACTER_DATA_DIR/t5_vocab; a dir
+    #                   with spiece.model; "train": trained on the corpus (<workdir>/tokenizer)
+    c.tokenizer_vocab_size = 8000  # SentencePiece pieces when tokenizer="train"
+    c.vocab_size = 32128  # the model's embedding rows; 0 = the tokenizer's size
+    c.denoise_fraction = 0.0  # share of batches with full-sequence denoising targets
     # Span corruption (T5): 15% noise in spans of mean length 3; 141 raw tokens -> 128 inputs
     # and 29 targets (random_spans_helper).
     c.inputs_length = 128
@@ -51,13 +56,35 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     # Logging, held-out loss, checkpoints.
     c.log_every = 50
     c.eval_every = 200
+    c.eval_diagnostics = False  # also the encoder-swap diagnostic at each evaluation
+    c.export_snapshots = False  # HF export of each evaluated step under <workdir>/snapshots
     c.eval_batch_size = 64
     c.save_every = 100  # a kill loses at most ~4 minutes
     c.keep_checkpoints = 2
     c.stop_after = -1  # > 0: stop this process after that many steps (as if killed); rerun resumes
     c.export_dir = ""  # "" = <workdir>/hf (config.json + model.safetensors)
 
-    if variant == "tiny":
+    if variant == "mix":
+        # Issue 18's recipe: the GLUE training text plus the unlabelled text corpora, a
+        # SentencePiece vocabulary trained on them (8,000 pieces + 100 sentinels, the model's
+        # vocabulary exactly), 64-token inputs, and every second batch a full-sequence
+        # denoising batch (compacter_jax.data.denoising) so the decoder reads the encoder.
+        c.text_sources = "all"
+        c.tokenizer = "train"
+        c.tokenizer_vocab_size = 8000
+        c.vocab_size = 0
+        c.denoise_fraction = 0.5
+        c.inputs_length = 64
+        c.heldout_fraction = 0.005
+        c.batch_size = 32
+        c.learning_rate = 2e-3
+        c.warmup_steps = 100
+        c.num_train_steps = 6000
+        c.eval_every = 250
+        c.save_every = 50
+        c.eval_diagnostics = True
+        c.export_snapshots = True
+    elif variant == "tiny":
         c.tasks = "cb,copa"
         c.model = ml_collections.ConfigDict({
             "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 2,
@@ -76,5 +103,5 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
         c.eval_batch_size = 16
         c.save_every = 4
     elif variant != "mini":
-        raise ValueError(f"unknown config variant {variant!r}: use pretrain.py or pretrain.py:tiny")
+        raise ValueError(f"unknown config variant {variant!r}: use pretrain.py, pretrain.py:mix or pretrain.py:tiny")
     return c
