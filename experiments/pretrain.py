@@ -34,7 +34,8 @@ from compacter_jax.data import DataState, make_source
 from compacter_jax.data.corpus import (PretrainingCorpus, corpus_documents, pretraining_corpus,
                                        text_documents)
 from compacter_jax.data.denoising import denoise_eval_batches, mixture_batches
-from compacter_jax.data.span_corruption import NUM_SENTINELS, SpanCorruption, eval_batches
+from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, eval_batches,
+                                                 first_sentinel_id)
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
 from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_strategy,
@@ -51,14 +52,10 @@ SUMMARY_FILE = "summary.json"
 
 def span_corruption_spec(config: ml_collections.ConfigDict, tokenizer) -> SpanCorruption:
     """The span-corruption settings, with `<extra_id_0>` and EOS read from the tokenizer."""
-    first_sentinel = tokenizer.convert_tokens_to_ids("<extra_id_0>")
-    if first_sentinel is None or first_sentinel == tokenizer.unk_token_id:
-        raise ValueError("the tokenizer has no <extra_id_0> sentinel; span corruption needs "
-                         "the T5 vocabulary (--config.tokenizer)")
     return SpanCorruption(inputs_length=config.inputs_length,
                           noise_density=config.noise_density,
                           mean_noise_span_length=config.mean_noise_span_length,
-                          first_sentinel_id=int(first_sentinel),
+                          first_sentinel_id=first_sentinel_id(tokenizer),
                           eos_id=int(tokenizer.eos_token_id))
 
 

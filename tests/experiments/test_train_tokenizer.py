@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compacter_jax.data.span_corruption import NUM_SENTINELS
+from compacter_jax.data.span_corruption import NUM_SENTINELS, first_sentinel_id
 from compacter_jax.tokenizer import load_tokenizer
 from experiments.train_tokenizer import parse_text_sources, train_sentencepiece
 
@@ -30,6 +30,7 @@ def test_trained_vocabulary_follows_t5_conventions(tmp_path):
     # Sentinels count down from the last id, as in T5's 32,100-entry vocabulary.
     assert tok.convert_tokens_to_ids("<extra_id_0>") == 1000 + NUM_SENTINELS - 1
     assert tok.convert_tokens_to_ids("<extra_id_99>") == 1000
+    assert first_sentinel_id(tok) == 1099  # what span corruption then uses
     ids = tok("the good film .").input_ids
     assert ids[-1] == 1 and 2 not in ids and max(ids) < 1000  # EOS appended, no BOS, no unk
     assert tok.decode(ids, skip_special_tokens=True) == "the good film ."
