@@ -1,6 +1,16 @@
 r"""Pretrain a small T5 with span corruption on the text of the local training splits.
 
   python -m experiments.pretrain --config experiments/configs/pretrain.py --workdir runs/pretrain
+  python -m experiments.pretrain --config experiments/configs/pretrain.py:mix --workdir DIR
+
+`:mix` (issue 18) adds the unlabelled text corpora (`config.text_sources`), trains its own
+SentencePiece vocabulary on the corpus (`config.tokenizer="train"`, written to
+`<workdir>/tokenizer/` and shipped as `spiece.model` with every export; the model's
+vocabulary is the tokenizer's size), and makes every second batch a full-sequence denoising
+batch (`compacter_jax.data.denoising`; `config.denoise_fraction`). With
+`config.eval_diagnostics` each evaluation also logs the encoder-swap diagnostic
+(`heldout_diagnostics`), and `config.export_snapshots` exports each evaluated step to
+`<workdir>/snapshots/step_<N>` for fine-tuning checks while the run goes on.
 
 The reading path (flax examples/wmt style): corpus of the paper's train splits -> T5 from
 `config.model` -> AdamW with warm-up -> jit train step over all parameters -> resumable loop

@@ -6,14 +6,18 @@ How it is built (`pretraining_corpus`), every step deterministic:
 
 1. Documents: one per example of `paper_splits(task, source, data_seed)["train"]` for every
    task that loads from `source` (or the tasks asked for): its text fields (`document_fields`)
-   joined by a space; no "sentence1:" prefixes, never a label.
+   joined by a space; no "sentence1:" prefixes, never a label. Optionally (`texts=`), the
+   unlabelled text corpora under `<data_dir>/text/` (`text_documents`: news, the Brown corpus,
+   movie and product reviews, speeches, web text), one field per ~200-word passage.
 2. Decontamination: the validation and test splits of the paper are never in the corpus.
    Besides taking train splits only (SST-2's paper validation rows come from the official
    train file, so `paper_splits`' train already leaves them out), a document is dropped when
    one of its fields equals a validation/test text field of *any* available task, or shares a
    word `ngram`-gram with one (lower-cased, whitespace-normalised). This matters: MRPC train
    sentences recur in STS-B validation/test, RTE and WNLI train premises recur in their own
-   validation sets. Exact duplicate documents are kept once.
+   validation sets. Unlabelled text passages are also dropped when they contain a whole
+   evaluation text of >= `CONTAINED_MIN_WORDS` words (a quoted SST-2 sentence). Exact
+   duplicate documents are kept once.
 3. Order and held-out part: a `default_rng(data_seed)` permutation of the documents; the last
    `heldout_fraction` of them (at least one) are held out, and training documents that share
    a field or an n-gram with a held-out document are dropped too.

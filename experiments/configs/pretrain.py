@@ -2,6 +2,8 @@
 
 `--config experiments/configs/pretrain.py` is the recipe of the shipped `checkpoints/t5-mini-glue`
 (about an hour on the 2-core CPU of this project; see that folder's README.md).
+`--config experiments/configs/pretrain.py:mix` is issue 18's recipe (text corpora, its own
+8k vocabulary, a span-corruption/denoising mixture; docs/small_scale.md).
 `--config experiments/configs/pretrain.py:tiny` is a seconds-long smoke test (t5-tiny sizes, two
 small tasks). Every field can be overridden, e.g. `--config.num_train_steps=200`.
 """

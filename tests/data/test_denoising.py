@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compacter_jax.data import DataState
 from compacter_jax.data.pipeline import epoch_permutation
 from compacter_jax.data.denoising import (denoise, denoise_eval_batches, denoise_rows,
                                           is_denoise_batch, mixture_batches)
