@@ -48,8 +48,8 @@ from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, e
                                                  first_sentinel_id)
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
-from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_strategy,
-                                 make_train_step, seq2seq_apply_fn)
+from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_schedule,
+                                 make_strategy, make_train_step, seq2seq_apply_fn)
 from experiments import cli, reporting
 from experiments.train_tokenizer import SPIECE, parse_text_sources, train_sentencepiece
 
@@ -213,16 +213,41 @@ class Steps:
     token_losses: Any  # jitted (params, batch) -> [B, T] token losses
 
 
+def pretraining_optimizer(name: str, learning_rate: float, warmup_steps: int,
+                          total_steps: int, weight_decay: float, clip_norm: float
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`(tx, schedule)`, the schedule a linear warm-up then linear decay to 0.
+
+    name: "adamw": `compacter_jax.train.make_optimizer` (global-norm clipping, decoupled
+      weight decay). "adafactor": T5's own optimiser (`optax.adafactor`: factored second
+      moments, no momentum, updates clipped to RMS 1 per tensor and scaled by each
+      parameter's RMS, so one rate suits T5's very differently scaled initial weights, e.g.
+      embeddings std 1 and query kernels std (d_model * d_kv)^-0.5); T5 pretrained with
+      rate 0.01. Global-norm clipping before it when `clip_norm > 0`; no weight decay.
+    """
+    clip = clip_norm if clip_norm > 0 else None
+    if name == "adamw":
+        return make_optimizer(learning_rate, warmup_steps, total_steps,
+                              weight_decay=weight_decay, clip_norm=clip)
+    if name == "adafactor":
+        schedule = make_schedule(learning_rate, warmup_steps, total_steps)
+        tx = optax.adafactor(schedule, multiply_by_parameter_scale=True,
+                             clipping_threshold=1.0)
+        return (tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx),
+                schedule)
+    raise ValueError(f"unknown --config.optimizer={name!r}: use adamw or adafactor")
+
+
 @functools.lru_cache(maxsize=2)
 def compiled_steps(t5_config: T5Config, learning_rate: float, warmup_steps: int,
-                   total_steps: int, weight_decay: float, clip_norm: float) -> Steps:
-    """AdamW (warm-up, linear decay, clipping; `clip_norm <= 0`: none) and the jit train
-    step over all parameters (the frozen tree is empty). Cached per process like
-    `initial_params`, so a rerun in the same process compiles nothing."""
+                   total_steps: int, weight_decay: float, clip_norm: float,
+                   optimizer: str = "adamw") -> Steps:
+    """The optimizer (`pretraining_optimizer`) and the jit train step over all parameters
+    (the frozen tree is empty). Cached per process like `initial_params`, so a rerun in the
+    same process compiles nothing."""
     model = T5ForConditionalGeneration(t5_config)
-    tx, schedule = make_optimizer(learning_rate, warmup_steps, total_steps,
-                                  weight_decay=weight_decay,
-                                  clip_norm=clip_norm if clip_norm > 0 else None)
+    tx, schedule = pretraining_optimizer(optimizer, learning_rate, warmup_steps, total_steps,
+                                         weight_decay, clip_norm)
     train_step = make_train_step(seq2seq_apply_fn(model), tx,
                                  merge_fn=lambda trainable, frozen: trainable,
                                  schedule=schedule, per_example_dropout=False)
@@ -270,7 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     log.info("model: %s parameters (%s)", f"{n_params:,}", dict(config.model))
     steps = compiled_steps(t5_config, config.learning_rate,
                            min(config.warmup_steps, total_steps - 1), total_steps,
-                           config.weight_decay, config.clip_norm)
+                           config.weight_decay, config.clip_norm,
+                           config.get("optimizer", "adamw"))
     state = TrainState.create(params, steps.tx, jax.random.fold_in(init_rng, 1))
     del params
     strategy, compiled, sums_fn = steps.strategy, steps.train_step, steps.heldout_sums

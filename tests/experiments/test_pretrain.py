@@ -169,3 +169,25 @@ def test_model_vocabulary_must_hold_the_tokenizer():
     config.vocab_size = 8000
     with pytest.raises(ValueError, match="vocab_size"):
         pretrain.model_config(config, 8100)
+
+
+def test_adafactor_first_update_is_the_sign_scaled_by_the_parameter_rms():
+    # T5's optimiser, written out for the first update of small (unfactored) tensors: the
+    # second moment is g^2 (decay 1 - 1^-0.8 = 0), so g / sqrt(v) = sign(g) (RMS 1, no
+    # clipping), times the rate and each tensor's RMS.
+    import jax.numpy as jnp
+
+    tx, schedule = pretrain.pretraining_optimizer("adafactor", 1e-2, 0, 100, 0.0, 0.0)
+    rng = np.random.default_rng(0)
+    params = {"small": rng.normal(0, 0.01, (4, 3)), "large": rng.normal(0, 1.0, (5,))}
+    grads = {k: rng.normal(0, 1e-3, v.shape) for k, v in params.items()}
+    params32 = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    updates, _ = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()},
+                           tx.init(params32), params32)
+    assert float(schedule(0)) == pytest.approx(1e-2)
+    for k in params:
+        rms = np.sqrt(np.mean(params[k] ** 2))
+        np.testing.assert_allclose(np.asarray(updates[k]), -1e-2 * rms * np.sign(grads[k]),
+                                   rtol=1e-5)
+    with pytest.raises(ValueError, match="optimizer"):
+        pretrain.pretraining_optimizer("sgd", 1e-2, 0, 100, 0.0, 0.0)
