@@ -1,6 +1,16 @@
 r"""Pretrain a small T5 with span corruption on the text of the local training splits.
 
   python -m experiments.pretrain --config experiments/configs/pretrain.py --workdir runs/pretrain
+  python -m experiments.pretrain --config experiments/configs/pretrain.py:mix --workdir DIR
+
+`:mix` (issue 18) adds the unlabelled text corpora (`config.text_sources`), trains its own
+SentencePiece vocabulary on the corpus (`config.tokenizer="train"`, written to
+`<workdir>/tokenizer/` and shipped as `spiece.model` with every export; the model's
+vocabulary is the tokenizer's size), and makes every second batch a full-sequence denoising
+batch (`compacter_jax.data.denoising`; `config.denoise_fraction`). With
+`config.eval_diagnostics` each evaluation also logs the encoder-swap diagnostic
+(`heldout_diagnostics`), and `config.export_snapshots` exports each evaluated step to
+`<workdir>/snapshots/step_<N>` for fine-tuning checks while the run goes on.
 
 The reading path (flax examples/wmt style): corpus of the paper's train splits -> T5 from
 `config.model` -> AdamW with warm-up -> jit train step over all parameters -> resumable loop
@@ -17,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,14 +41,17 @@ import optax
 from absl import app, flags
 
 from compacter_jax.data import DataState, make_source
-from compacter_jax.data.corpus import PretrainingCorpus, pretraining_corpus
+from compacter_jax.data.corpus import (PretrainingCorpus, corpus_documents, pretraining_corpus,
+                                       text_documents)
+from compacter_jax.data.denoising import denoise_eval_batches, mixture_batches
 from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, eval_batches,
-                                                 pretraining_batches)
+                                                 first_sentinel_id)
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
-from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_strategy,
-                                 make_train_step, seq2seq_apply_fn)
+from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_schedule,
+                                 make_strategy, make_train_step, seq2seq_apply_fn)
 from experiments import cli, reporting
+from experiments.train_tokenizer import SPIECE, parse_text_sources, train_sentencepiece
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -48,31 +62,65 @@ SUMMARY_FILE = "summary.json"
 
 def span_corruption_spec(config: ml_collections.ConfigDict, tokenizer) -> SpanCorruption:
     """The span-corruption settings, with `<extra_id_0>` and EOS read from the tokenizer."""
-    first_sentinel = tokenizer.convert_tokens_to_ids("<extra_id_0>")
-    if first_sentinel is None or first_sentinel == tokenizer.unk_token_id:
-        raise ValueError("the tokenizer has no <extra_id_0> sentinel; span corruption needs "
-                         "the T5 vocabulary (--config.tokenizer)")
     return SpanCorruption(inputs_length=config.inputs_length,
                           noise_density=config.noise_density,
                           mean_noise_span_length=config.mean_noise_span_length,
-                          first_sentinel_id=int(first_sentinel),
+                          first_sentinel_id=first_sentinel_id(tokenizer),
                           eos_id=int(tokenizer.eos_token_id))
 
 
-def build_corpus(config: ml_collections.ConfigDict, tokenizer,
-                 spec: SpanCorruption) -> PretrainingCorpus:
+def build_documents(config: ml_collections.ConfigDict):
+    """The decontaminated documents: the tasks' training text plus `config.text_sources`."""
     tasks = [t.strip() for t in config.tasks.split(",") if t.strip()] or None
     source = make_source(config.source, data_dir=config.data_dir or None)
-    return pretraining_corpus(source, tasks, tokenizer=tokenizer,
-                              chunk_length=spec.tokens_length, data_seed=config.data_seed,
-                              heldout_fraction=config.heldout_fraction)
+    names = parse_text_sources(config.text_sources)
+    texts = None
+    if names:
+        from compacter_jax.paths import data_dir
+        texts = text_documents(config.data_dir or data_dir(), names)
+    return corpus_documents(source, tasks, data_seed=config.data_seed,
+                            heldout_fraction=config.heldout_fraction, texts=texts)
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: Path, documents):
+    """`config.tokenizer`: "" = the shared T5 vocabulary, a directory holding spiece.model, or
+    "train": a `config.tokenizer_vocab_size`-piece SentencePiece model trained on the corpus'
+    training documents, written once to `<workdir>/tokenizer/` (a resumed run reuses it)."""
+    if config.tokenizer != "train":
+        return load_tokenizer(config.tokenizer or None)
+    out = workdir / "tokenizer"
+    if not (out / SPIECE).is_file():
+        log.info("training a %d-piece SentencePiece model on %d documents",
+                 config.tokenizer_vocab_size, len(documents.train_texts))
+        train_sentencepiece(documents.train_texts, out,
+                            vocab_size=config.tokenizer_vocab_size)
+    return load_tokenizer(out)
+
+
+def build_corpus(config: ml_collections.ConfigDict, tokenizer,
+                 spec: SpanCorruption, documents=None) -> PretrainingCorpus:
+    documents = build_documents(config) if documents is None else documents
+    return pretraining_corpus(tokenizer=tokenizer, chunk_length=spec.tokens_length,
+                              documents=documents)
 
 
 # ---------------------------------------------------------------------------- model
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int = 32128) -> T5Config:
-    """The T5Config of `config.model` (runtime options: float32, `config.scan_layers`)."""
+def model_config(config: ml_collections.ConfigDict, tokenizer_size: int | None = None
+                 ) -> T5Config:
+    """The T5Config of `config.model` (runtime options: float32, `config.scan_layers`).
+
+    Its vocabulary is `config.vocab_size`, or, when that is 0, the tokenizer's size
+    (`len(tokenizer)`, sentinels included), which must then be given."""
+    vocab_size = int(config.get("vocab_size", 32128))
+    if vocab_size <= 0:
+        if tokenizer_size is None:
+            raise ValueError("config.vocab_size=0 (the tokenizer's size) needs tokenizer_size")
+        vocab_size = int(tokenizer_size)
+    if tokenizer_size is not None and tokenizer_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer_size} entries > the model's vocab_size "
+                         f"{vocab_size}: set --config.vocab_size=0 (the tokenizer's size)")
     return T5Config(vocab_size=vocab_size, scan_layers=config.scan_layers, **config.model)
 
 
@@ -165,16 +213,41 @@ class Steps:
     token_losses: Any  # jitted (params, batch) -> [B, T] token losses
 
 
+def pretraining_optimizer(name: str, learning_rate: float, warmup_steps: int,
+                          total_steps: int, weight_decay: float, clip_norm: float
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`(tx, schedule)`, the schedule a linear warm-up then linear decay to 0.
+
+    name: "adamw": `compacter_jax.train.make_optimizer` (global-norm clipping, decoupled
+      weight decay). "adafactor": T5's own optimiser (`optax.adafactor`: factored second
+      moments, no momentum, updates clipped to RMS 1 per tensor and scaled by each
+      parameter's RMS, so one rate suits T5's very differently scaled initial weights, e.g.
+      embeddings std 1 and query kernels std (d_model * d_kv)^-0.5); T5 pretrained with
+      rate 0.01. Global-norm clipping before it when `clip_norm > 0`; no weight decay.
+    """
+    clip = clip_norm if clip_norm > 0 else None
+    if name == "adamw":
+        return make_optimizer(learning_rate, warmup_steps, total_steps,
+                              weight_decay=weight_decay, clip_norm=clip)
+    if name == "adafactor":
+        schedule = make_schedule(learning_rate, warmup_steps, total_steps)
+        tx = optax.adafactor(schedule, multiply_by_parameter_scale=True,
+                             clipping_threshold=1.0)
+        return (tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx),
+                schedule)
+    raise ValueError(f"unknown --config.optimizer={name!r}: use adamw or adafactor")
+
+
 @functools.lru_cache(maxsize=2)
 def compiled_steps(t5_config: T5Config, learning_rate: float, warmup_steps: int,
-                   total_steps: int, weight_decay: float, clip_norm: float) -> Steps:
-    """AdamW (warm-up, linear decay, clipping; `clip_norm <= 0`: none) and the jit train
-    step over all parameters (the frozen tree is empty). Cached per process like
-    `initial_params`, so a rerun in the same process compiles nothing."""
+                   total_steps: int, weight_decay: float, clip_norm: float,
+                   optimizer: str = "adamw") -> Steps:
+    """The optimizer (`pretraining_optimizer`) and the jit train step over all parameters
+    (the frozen tree is empty). Cached per process like `initial_params`, so a rerun in the
+    same process compiles nothing."""
     model = T5ForConditionalGeneration(t5_config)
-    tx, schedule = make_optimizer(learning_rate, warmup_steps, total_steps,
-                                  weight_decay=weight_decay,
-                                  clip_norm=clip_norm if clip_norm > 0 else None)
+    tx, schedule = pretraining_optimizer(optimizer, learning_rate, warmup_steps, total_steps,
+                                         weight_decay, clip_norm)
     train_step = make_train_step(seq2seq_apply_fn(model), tx,
                                  merge_fn=lambda trainable, frozen: trainable,
                                  schedule=schedule, per_example_dropout=False)
@@ -197,9 +270,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # Data: chunks of the training text, corrupted afresh each epoch; a fixed corruption of
     # the held-out chunks for the loss check.
-    tokenizer = load_tokenizer(config.tokenizer or None)
+    documents = build_documents(config)
+    tokenizer = build_tokenizer(config, workdir, documents)
     spec = span_corruption_spec(config, tokenizer)
-    corpus = build_corpus(config, tokenizer, spec)
+    corpus = build_corpus(config, tokenizer, spec, documents)
     if corpus.train_chunks.shape[0] < config.batch_size:
         raise ValueError(f"--config.batch_size={config.batch_size} exceeds the "
                          f"{corpus.train_chunks.shape[0]} training chunks")
@@ -209,18 +283,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return eval_batches(corpus.heldout_chunks, config.eval_batch_size, spec,
                             seed=config.heldout_corruption_seed)
 
+    def heldout_denoise_batches():
+        return denoise_eval_batches(corpus.heldout_chunks, config.eval_batch_size, spec,
+                                    seed=config.heldout_corruption_seed)
+
     # Model and optimizer: full pretraining trains every parameter (nothing frozen).
-    t5_config = model_config(config)
-    if len(tokenizer) > t5_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} entries > vocab_size "
-                         f"{t5_config.vocab_size}")
+    t5_config = model_config(config, len(tokenizer))
     init_rng = jax.random.PRNGKey(config.seed)
     params = initial_params(t5_config, config.seed)
     n_params = count_params(params)
     log.info("model: %s parameters (%s)", f"{n_params:,}", dict(config.model))
     steps = compiled_steps(t5_config, config.learning_rate,
                            min(config.warmup_steps, total_steps - 1), total_steps,
-                           config.weight_decay, config.clip_norm)
+                           config.weight_decay, config.clip_norm,
+                           config.get("optimizer", "adamw"))
     state = TrainState.create(params, steps.tx, jax.random.fold_in(init_rng, 1))
     del params
     strategy, compiled, sums_fn = steps.strategy, steps.train_step, steps.heldout_sums
@@ -235,14 +311,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         log.info("resumed from step %d at %s", int(state.step), position)
     step = int(np.asarray(state.step))
     frozen = strategy.put_frozen({})
+
+    def export(directory: Path, host_params) -> None:
+        # HF layout + the tokenizer's spiece.model when it is not the shared T5 vocabulary.
+        save_pretrained(directory, t5_config.replace(dropout_rate=config.export_dropout_rate,
+                                                     scan_layers=False), host_params)
+        if config.tokenizer:
+            spm = (workdir / "tokenizer" if config.tokenizer == "train"
+                   else Path(config.tokenizer)) / SPIECE
+            shutil.copyfile(spm, directory / SPIECE)
     dev_state = strategy.replicate(state)
 
     writer = reporting.MetricsWriter(workdir)
     progress = reporting.Progress(total_steps, config.batch_size)
     stop_at = total_steps if config.stop_after <= 0 else min(total_steps,
                                                              step + config.stop_after)
-    batches = pretraining_batches(corpus.train_chunks, config.batch_size, spec,
-                                  seed=config.seed, state=position)
+    batches = mixture_batches(corpus.train_chunks, config.batch_size, spec, seed=config.seed,
+                              denoise_fraction=config.denoise_fraction, state=position)
     pending: list[tuple[int, Any]] = []
     window: list[dict] = []
     last_heldout: dict[str, float] | None = None
@@ -285,9 +370,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if do_eval:
                 start = time.perf_counter()
                 last_heldout = heldout_loss(sums_fn, dev_state.params, heldout_batches())
-                writer.write(step, {"heldout/loss": last_heldout["loss"]})
-                progress.note(f"step {step}: held-out loss {last_heldout['loss']:.4f} "
-                              f"({time.perf_counter() - start:.1f}s)")
+                record = {"heldout/loss": last_heldout["loss"]}
+                if config.eval_diagnostics:
+                    diag = heldout_diagnostics(steps.token_losses, dev_state.params,
+                                               heldout_batches(), spec)
+                    record.update({f"heldout/{k}": v for k, v in diag.items() if k != "loss"})
+                    record["heldout/encoder_gain"] = (diag["mismatched_inputs_loss"]
+                                                      - diag["loss"])
+                if config.denoise_fraction > 0:
+                    record["heldout/denoise_loss"] = heldout_loss(
+                        sums_fn, dev_state.params, heldout_denoise_batches())["loss"]
+                writer.write(step, record)
+                progress.note(f"step {step}: " + ", ".join(
+                    f"{k.split('/')[1]} {v:.4f}" for k, v in record.items())
+                    + f" ({time.perf_counter() - start:.1f}s)")
+                if config.export_snapshots and not last:
+                    export(workdir / "snapshots" / f"step_{step}",
+                           strategy.unreplicate(dev_state.params))
             if do_save:
                 seconds = elapsed + time.perf_counter() - started
                 ckpt.save(step, strategy.unreplicate(dev_state),
@@ -308,9 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if last_heldout is None:  # resumed exactly at the end: nothing evaluated in this process
         last_heldout = heldout_loss(sums_fn, host_params, heldout_batches())
     export_dir = Path(config.export_dir) if config.export_dir else workdir / "hf"
-    export_config = t5_config.replace(dropout_rate=config.export_dropout_rate,
-                                      scan_layers=False)
-    save_pretrained(export_dir, export_config, host_params)
+    export(export_dir, host_params)
     diagnostics = heldout_diagnostics(steps.token_losses, host_params, heldout_batches(), spec)
     history = writer.read()
     train_losses = [h["train/loss"] for h in history if "train/loss" in h]
@@ -325,6 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "eval_batch_size": config.eval_batch_size,
         "parameters": n_params, "export_dir": str(export_dir),
         "tokens_per_step": config.batch_size * (spec.inputs_length + spec.targets_length),
+        "vocab_size": t5_config.vocab_size, "tokenizer_size": len(tokenizer),
         "span_corruption": {"inputs_length": spec.inputs_length,
                             "targets_length": spec.targets_length,
                             "tokens_length": spec.tokens_length,

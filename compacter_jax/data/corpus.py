@@ -6,14 +6,18 @@ How it is built (`pretraining_corpus`), every step deterministic:
 
 1. Documents: one per example of `paper_splits(task, source, data_seed)["train"]` for every
    task that loads from `source` (or the tasks asked for): its text fields (`document_fields`)
-   joined by a space; no "sentence1:" prefixes, never a label.
+   joined by a space; no "sentence1:" prefixes, never a label. Optionally (`texts=`), the
+   unlabelled text corpora under `<data_dir>/text/` (`text_documents`: news, the Brown corpus,
+   movie and product reviews, speeches, web text), one field per ~200-word passage.
 2. Decontamination: the validation and test splits of the paper are never in the corpus.
    Besides taking train splits only (SST-2's paper validation rows come from the official
    train file, so `paper_splits`' train already leaves them out), a document is dropped when
    one of its fields equals a validation/test text field of *any* available task, or shares a
    word `ngram`-gram with one (lower-cased, whitespace-normalised). This matters: MRPC train
    sentences recur in STS-B validation/test, RTE and WNLI train premises recur in their own
-   validation sets. Exact duplicate documents are kept once.
+   validation sets. Unlabelled text passages are also dropped when they contain a whole
+   evaluation text of >= `CONTAINED_MIN_WORDS` words (a quoted SST-2 sentence). Exact
+   duplicate documents are kept once.
 3. Order and held-out part: a `default_rng(data_seed)` permutation of the documents; the last
    `heldout_fraction` of them (at least one) are held out, and training documents that share
    a field or an n-gram with a held-out document are dropped too.
@@ -30,6 +34,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import zipfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -44,6 +49,10 @@ log = logging.getLogger(__name__)
 
 CONTAMINATION_NGRAM = 13
 """Word n-gram length of the overlap test (GPT-3's decontamination used 13-grams)."""
+CONTAINED_MIN_WORDS = 8
+"""Unlabelled text documents (paragraphs of books, reviews) are also dropped when they contain
+a whole evaluation text of at least this many words (shorter than an n-gram, e.g. an SST-2
+sentence quoted inside a movie review)."""
 _TEXT_FIELDS = {
     # Free text only: COPA's `question` is the word "cause"/"effect"; WSC's span texts are
     # copies of words in `text`; ReCoRD's entities are a list taken from the passage.
@@ -53,6 +62,14 @@ _TEXT_FIELDS = {
     "multirc": ("paragraph", "question", "answer"),
 }
 _SPACE = re.compile(r"\s+")
+TEXT_SOURCES = ("brown", "movie_reviews", "abc", "webtext", "inaugural", "state_union",
+                "pros_cons", "product_reviews_1", "product_reviews_2")
+"""The unlabelled English corpora under `<data_dir>/text/<name>.zip` (NLTK's zips; the
+data's SOURCES.md says how each is laid out)."""
+TEXT_DOCUMENT_WORDS = 200
+"""Lines of a text file are packed into documents of at most about this many words, so that
+a held-out or contaminated passage removes a paragraph, not a whole book."""
+_TAG = re.compile(r"</?(Pros|Cons)>")
 
 
 def document_fields(task: Task | str) -> tuple[str, ...]:
@@ -81,7 +98,8 @@ def _ngrams(words: Sequence[str], n: int) -> Iterable[tuple[str, ...]]:
 
 class OverlapIndex:
     """Normalised texts and their word n-grams; `overlaps(fields)` is True when a field equals
-    an indexed text or shares an n-gram with one."""
+    an indexed text or shares an n-gram with one; `contains(fields)` also when a field holds a
+    whole shorter indexed text (of `CONTAINED_MIN_WORDS` words or more)."""
 
     def __init__(self, texts: Iterable[str], ngram: int = CONTAMINATION_NGRAM):
         if ngram < 1:
@@ -89,13 +107,18 @@ class OverlapIndex:
         self.ngram = ngram
         self.exact: set[str] = set()
         self.grams: set[tuple[str, ...]] = set()
+        # Texts shorter than an n-gram, by their first CONTAINED_MIN_WORDS words.
+        self.short: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
         for text in texts:
             self.add(text)
 
     def add(self, text: str) -> None:
         key = normalize(text)
         self.exact.add(key)
-        self.grams.update(_ngrams(key.split(" "), self.ngram))
+        words = key.split(" ")
+        self.grams.update(_ngrams(words, self.ngram))
+        if CONTAINED_MIN_WORDS <= len(words) < self.ngram:
+            self.short.setdefault(tuple(words[:CONTAINED_MIN_WORDS]), set()).add(tuple(words))
 
     def overlaps(self, fields: Iterable[str]) -> bool:
         for text in fields:
@@ -103,6 +126,20 @@ class OverlapIndex:
             if key in self.exact or any(g in self.grams
                                         for g in _ngrams(key.split(" "), self.ngram)):
                 return True
+        return False
+
+    def contains(self, fields: Iterable[str]) -> bool:
+        """`overlaps`, or a field holds a whole indexed text of CONTAINED_MIN_WORDS or more
+        words (for long documents, which may quote a short evaluation sentence)."""
+        fields = list(fields)
+        if self.overlaps(fields):
+            return True
+        for text in fields:
+            words = normalize(text).split(" ")
+            for i, head in enumerate(_ngrams(words, CONTAINED_MIN_WORDS)):
+                for whole in self.short.get(head, ()):
+                    if tuple(words[i:i + len(whole)]) == whole:
+                        return True
         return False
 
 
@@ -181,6 +218,79 @@ def chunks_fingerprint(chunks: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(chunks, "<i4").tobytes()).hexdigest()
 
 
+def _entry_lines(source: str, name: str, raw: bytes) -> list[str] | None:
+    """The text lines of one zip entry of text source `source` (None: not a text entry)."""
+    base = name.rsplit("/", 1)[-1]
+    if name.endswith("/") or base.upper().startswith(("README", "LICENSE", "CONTENTS")):
+        return None
+    if source == "brown" and (base == "cats.txt" or not re.fullmatch(r"c[a-r]\d\d", base)):
+        return None
+    if source == "pros_cons" and not base.startswith("Integrated"):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    lines = []
+    for line in text.splitlines():
+        if source == "brown":  # word/tag tokens: keep the word
+            line = " ".join(t.rsplit("/", 1)[0] for t in line.split())
+        elif source == "pros_cons":
+            line = _TAG.sub(" ", line)
+        elif source.startswith("product_reviews"):
+            if line.startswith(("*", "[t]")) or "##" not in line:
+                continue
+            # Text after the first "##" (a few original lines hold several annotated
+            # sentences; their inner annotations stay).
+            line = line.split("##", 1)[1]
+        lines.append(line.strip())
+    return lines
+
+
+def _pack_lines(lines: Sequence[str], max_words: int) -> list[str]:
+    """Consecutive non-empty lines joined into documents of <= max_words words (a longer
+    line is a document of its own); blank lines end a document."""
+    docs, current, words = [], [], 0
+    for line in [*lines, ""]:
+        n = len(line.split())
+        if current and (n == 0 or words + n > max_words):
+            docs.append(" ".join(current))
+            current, words = [], 0
+        if n:
+            current.append(line)
+            words += n
+    return docs
+
+
+def text_documents(data_dir, sources: Sequence[str] = TEXT_SOURCES, *,
+                   max_words: int = TEXT_DOCUMENT_WORDS) -> dict[str, list[str]]:
+    """{source: documents} of the unlabelled text corpora in `<data_dir>/text/<source>.zip`.
+
+    Every zip entry is read in name order; its lines (cleaned as the data's SOURCES.md says:
+    Brown's POS tags, the pros/cons tags and the product-review annotations removed) are packed
+    by `_pack_lines` into documents of at most `max_words` words. No label is ever read (the
+    movie reviews' pos/neg folder names are not used).
+    """
+    from pathlib import Path
+
+    out = {}
+    for source in sources:
+        if source not in TEXT_SOURCES:
+            raise ValueError(f"unknown text source {source!r}; known: {', '.join(TEXT_SOURCES)}")
+        path = Path(data_dir) / "text" / f"{source}.zip"
+        if not path.is_file():
+            raise DataError(f"text source {source}: {path} not found (set $COMPACTER_DATA_DIR "
+                            "to the data root holding text/, or drop it from text_sources)")
+        docs: list[str] = []
+        with zipfile.ZipFile(path) as zf:
+            for name in sorted(zf.namelist()):
+                lines = _entry_lines(source, name, zf.read(name))
+                if lines is not None:
+                    docs.extend(_pack_lines(lines, max_words))
+        out[source] = docs
+    return out
+
+
 def available_tasks(source: Source, tasks: Sequence[str] | None = None, *, data_seed: int = 42
                     ) -> dict[str, dict[str, list[Example]]]:
     """{task: paper splits} for `tasks` (errors raise), or for every registry task whose
@@ -246,7 +356,8 @@ def chunk_documents(texts: Sequence[str], tokenizer, chunk_length: int) -> np.nd
 
 def corpus_documents(source: Source | None = None, tasks: Sequence[str] | None = None, *,
                      data_seed: int = 42, heldout_fraction: float = 0.01,
-                     ngram: int = CONTAMINATION_NGRAM) -> CorpusDocuments:
+                     ngram: int = CONTAMINATION_NGRAM,
+                     texts: dict[str, Sequence[str]] | None = None) -> CorpusDocuments:
     """Steps 1-3 of the module docstring (no tokenizer needed). Args:
 
       source: where the tasks are read (default: the local files, `make_source("files")`).
@@ -254,6 +365,9 @@ def corpus_documents(source: Source | None = None, tasks: Sequence[str] | None =
       data_seed: seed of `paper_splits` and of the document order.
       heldout_fraction: share of documents held out (the last ones in corpus order).
       ngram: word n-gram length of the overlap test.
+      texts: extra unlabelled documents, {source name: texts} (e.g. `text_documents(...)`),
+        after the tasks' documents and filtered the same way (one field each; their stats
+        are keyed "text:<source>").
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
@@ -286,6 +400,23 @@ def corpus_documents(source: Source | None = None, tasks: Sequence[str] | None =
                 seen.add(key)
                 docs.append((task.name, fields))
         stats["per_task"][task.name] = counts
+    for name, texts_of in (texts or {}).items():
+        label = f"text:{name}"
+        counts = {"rows": len(texts_of), "contaminated": 0, "duplicates": 0,
+                  "heldout_overlap": 0, "documents": 0, "heldout": 0}
+        for text in texts_of:
+            if not text.strip():
+                continue
+            fields = [text.strip()]
+            key = (normalize(text),)
+            if evaluation.contains(fields):
+                counts["contaminated"] += 1
+            elif key in seen:
+                counts["duplicates"] += 1
+            else:
+                seen.add(key)
+                docs.append((label, fields))
+        stats["per_task"][label] = counts
     if len(docs) < 2:
         raise DataError(f"only {len(docs)} clean training documents in tasks "
                         f"{list(chosen)}; need at least 2 to hold one out")
@@ -314,16 +445,19 @@ def corpus_documents(source: Source | None = None, tasks: Sequence[str] | None =
 
 def pretraining_corpus(source: Source | None = None, tasks: Sequence[str] | None = None, *,
                        tokenizer=None, chunk_length: int = 141, data_seed: int = 42,
-                       heldout_fraction: float = 0.01, ngram: int = CONTAMINATION_NGRAM
-                       ) -> PretrainingCorpus:
+                       heldout_fraction: float = 0.01, ngram: int = CONTAMINATION_NGRAM,
+                       texts: dict[str, Sequence[str]] | None = None,
+                       documents: CorpusDocuments | None = None) -> PretrainingCorpus:
     """`corpus_documents(...)` tokenised and chunked (step 4 of the module docstring).
 
     tokenizer: a T5 tokenizer (default: `compacter_jax.tokenizer.load_tokenizer()`);
     chunk_length: raw tokens per chunk (`SpanCorruption.tokens_length`: 141 -> 128 inputs).
-    Other arguments as `corpus_documents`.
+    documents: already built `corpus_documents` (e.g. to train a tokenizer on them first);
+    other arguments as `corpus_documents`.
     """
-    docs = corpus_documents(source, tasks, data_seed=data_seed,
-                            heldout_fraction=heldout_fraction, ngram=ngram)
+    docs = documents if documents is not None else corpus_documents(
+        source, tasks, data_seed=data_seed, heldout_fraction=heldout_fraction, ngram=ngram,
+        texts=texts)
     if tokenizer is None:
         from compacter_jax.tokenizer import load_tokenizer
         tokenizer = load_tokenizer()

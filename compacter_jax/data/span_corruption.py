@@ -37,6 +37,25 @@ NUM_SENTINELS = 100
 EOS_ID = 1
 
 
+def first_sentinel_id(tokenizer) -> int:
+    """The id of `<extra_id_0>` in `tokenizer` (32099 in T5's vocabulary; `len(tokenizer) - 1`
+    in any vocabulary `transformers.T5Tokenizer` builds from a SentencePiece model), checking
+    that `<extra_id_k>` is that id minus k for every k < NUM_SENTINELS, as the functions here
+    assume.
+
+    Raises:
+      ValueError: the tokenizer has no such run of sentinels (not a T5-style vocabulary).
+    """
+    ids = [tokenizer.convert_tokens_to_ids(f"<extra_id_{k}>") for k in range(NUM_SENTINELS)]
+    first = ids[0]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if first is None or first == unk or ids != list(range(first, first - NUM_SENTINELS, -1)):
+        raise ValueError(f"the tokenizer lacks T5's {NUM_SENTINELS} sentinels <extra_id_0..99> "
+                         "counting down from one id; span corruption needs a T5 vocabulary "
+                         "(transformers.T5Tokenizer, extra_ids=100)")
+    return int(first)
+
+
 def random_spans_helper(inputs_length: int, noise_density: float = 0.15,
                         mean_noise_span_length: float = 3.0,
                         extra_tokens_per_span_inputs: int = 1,

@@ -2,6 +2,8 @@
 
 `--config experiments/configs/pretrain.py` is the recipe of the shipped `checkpoints/t5-mini-glue`
 (about an hour on the 2-core CPU of this project; see that folder's README.md).
+`--config experiments/configs/pretrain.py:mix` is issue 18's recipe (text corpora, its own
+8k vocabulary, a span-corruption/denoising mixture; docs/small_scale.md).
 `--config experiments/configs/pretrain.py:tiny` is a seconds-long smoke test (t5-tiny sizes, two
 small tasks). Every field can be overridden, e.g. `--config.num_train_steps=200`.
 """
@@ -19,7 +21,12 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     c.data_dir = ""  # "" = $COMPACTER_DATA_DIR
     c.data_seed = 42  # paper splits and document order (held-out part)
     c.heldout_fraction = 0.01
-    c.tokenizer = ""  # "" = the real T5 vocabulary under $COMPACTER_DATA_DIR/t5_vocab
+    c.text_sources = ""  # unlabelled text/<name>.zip corpora: "all" or a comma-separated list
+    c.tokenizer = ""  # "" = the real T5 vocabulary under $COMPACTER_DATA_DIR/t5_vocab; a dir
+    #                   with spiece.model; "train": trained on the corpus (<workdir>/tokenizer)
+    c.tokenizer_vocab_size = 8000  # SentencePiece pieces when tokenizer="train"
+    c.vocab_size = 32128  # the model's embedding rows; 0 = the tokenizer's size
+    c.denoise_fraction = 0.0  # share of batches with full-sequence denoising targets
     # Span corruption (T5): 15% noise in spans of mean length 3; 141 raw tokens -> 128 inputs
     # and 29 targets (random_spans_helper).
     c.inputs_length = 128
@@ -41,6 +48,7 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     # 1,400 steps of 16 chunks (22,400 chunks: ~2 passes over the 11k training chunks, new
     # noise each pass): 2.5 s a step measured on the shared 2-core CPU -> about an hour; the
     # shipped run took 92 minutes, the CPU being busier with other jobs then.
+    c.optimizer = "adamw"  # or "adafactor" (T5's; rate relative to each parameter's RMS)
     c.batch_size = 16
     c.learning_rate = 2e-3
     c.warmup_steps = 100
@@ -51,13 +59,38 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     # Logging, held-out loss, checkpoints.
     c.log_every = 50
     c.eval_every = 200
+    c.eval_diagnostics = False  # also the encoder-swap diagnostic at each evaluation
+    c.export_snapshots = False  # HF export of each evaluated step under <workdir>/snapshots
     c.eval_batch_size = 64
     c.save_every = 100  # a kill loses at most ~4 minutes
     c.keep_checkpoints = 2
     c.stop_after = -1  # > 0: stop this process after that many steps (as if killed); rerun resumes
     c.export_dir = ""  # "" = <workdir>/hf (config.json + model.safetensors)
 
-    if variant == "tiny":
+    if variant == "mix":
+        # Issue 18's recipe: the GLUE training text plus the unlabelled text corpora, a
+        # SentencePiece vocabulary trained on them (8,000 pieces + 100 sentinels, the model's
+        # vocabulary exactly), 64-token inputs, and every second batch a full-sequence
+        # denoising batch (compacter_jax.data.denoising) so the decoder reads the encoder.
+        c.text_sources = "all"
+        c.tokenizer = "train"
+        c.tokenizer_vocab_size = 8000
+        c.vocab_size = 0
+        c.denoise_fraction = 0.5
+        c.inputs_length = 64
+        c.heldout_fraction = 0.005
+        c.batch_size = 32
+        # AdamW at 2e-3 sat at the unigram level for 500 steps (loss and encoder swap flat):
+        # T5's Adafactor scales each update by the parameter's RMS.
+        c.optimizer = "adafactor"
+        c.learning_rate = 1e-2
+        c.warmup_steps = 100
+        c.num_train_steps = 6000
+        c.eval_every = 250
+        c.save_every = 50
+        c.eval_diagnostics = True
+        c.export_snapshots = True
+    elif variant == "tiny":
         c.tasks = "cb,copa"
         c.model = ml_collections.ConfigDict({
             "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 2,
@@ -76,5 +109,5 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
         c.eval_batch_size = 16
         c.save_every = 4
     elif variant != "mini":
-        raise ValueError(f"unknown config variant {variant!r}: use pretrain.py or pretrain.py:tiny")
+        raise ValueError(f"unknown config variant {variant!r}: use pretrain.py, pretrain.py:mix or pretrain.py:tiny")
     return c

@@ -50,6 +50,21 @@ def test_random_spans_helper_gives_t5s_published_lengths():
     assert (tokens + 1) - noise + round(noise / 3) + 1 > 128
 
 
+def test_first_sentinel_id_is_read_from_the_tokenizer(tokenizer):
+    from compacter_jax.data.span_corruption import first_sentinel_id
+
+    assert first_sentinel_id(tokenizer) == FIRST_SENTINEL_ID == len(tokenizer) - 1
+
+    class NoSentinels:  # e.g. a BERT-style vocabulary: every <extra_id_k> is unk
+        unk_token_id = 100
+
+        def convert_tokens_to_ids(self, token):
+            return 100
+
+    with pytest.raises(ValueError, match="sentinels"):
+        first_sentinel_id(NoSentinels())
+
+
 def test_sentinels_replace_spans_as_in_the_t5_paper():
     # "Thank you [for inviting] me to your party [last] week ." (Raffel et al., Fig. 2)
     tokens = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])

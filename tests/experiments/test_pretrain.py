@@ -140,3 +140,60 @@ def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t
     # does their mean (~8e-5 for d_ff 1024 and a loss of 5.2).
     bound = 4 * np.finfo(np.float32).eps * np.sqrt(record["config"]["model"]["d_ff"])
     assert loss["loss"] == pytest.approx(record["heldout_loss"], rel=bound)
+
+
+@pytest.mark.long  # ~15 s idle (a tokenizer, the corpus, two compiled shapes); the pieces
+# run by default: tests/data/test_denoising.py, tests/data/test_text_corpus.py,
+# tests/experiments/test_train_tokenizer.py and the model-vocabulary check below.
+def test_mix_recipe_trains_its_own_vocabulary_and_ships_it(shared_data, tmp_path):
+    # pretrain.py:mix in miniature: text corpora, a trained SentencePiece vocabulary sized
+    # into the model, every second batch denoising, diagnostics and snapshots.
+    config = tiny_config(text_sources="inaugural", tokenizer="train", tokenizer_vocab_size=1000,
+                         vocab_size=0, denoise_fraction=0.5, num_train_steps=4,
+                         eval_every=2, save_every=2, log_every=2, eval_diagnostics=True,
+                         export_snapshots=True)
+    summary = pretrain.train_and_evaluate(config, tmp_path)
+    assert summary["vocab_size"] == summary["tokenizer_size"] == 1000 + 100
+    assert summary["corpus"]["per_task"]["text:inaugural"]["documents"] > 1000
+    for directory in (tmp_path / "hf", tmp_path / "snapshots" / "step_2"):
+        assert (directory / "spiece.model").read_bytes() == (
+            tmp_path / "tokenizer" / "spiece.model").read_bytes()
+        assert json.loads((directory / "config.json").read_text())["vocab_size"] == 1100
+    logged = [e for e in events(tmp_path) if "heldout/loss" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    for e in logged:
+        assert np.isfinite(e["heldout/denoise_loss"]) and np.isfinite(e["heldout/encoder_gain"])
+        assert e["heldout/encoder_gain"] == pytest.approx(
+            e["heldout/mismatched_inputs_loss"] - e["heldout/loss"], abs=1e-4)
+
+
+def test_model_vocabulary_must_hold_the_tokenizer():
+    config = tiny_config()
+    assert pretrain.model_config(config, 32100).vocab_size == 32128
+    config.vocab_size = 0
+    assert pretrain.model_config(config, 8100).vocab_size == 8100
+    config.vocab_size = 8000
+    with pytest.raises(ValueError, match="vocab_size"):
+        pretrain.model_config(config, 8100)
+
+
+def test_adafactor_first_update_is_the_sign_scaled_by_the_parameter_rms():
+    # T5's optimiser, written out for the first update of small (unfactored) tensors: the
+    # second moment is g^2 (decay 1 - 1^-0.8 = 0), so g / sqrt(v) = sign(g) (RMS 1, no
+    # clipping), times the rate and each tensor's RMS.
+    import jax.numpy as jnp
+
+    tx, schedule = pretrain.pretraining_optimizer("adafactor", 1e-2, 0, 100, 0.0, 0.0)
+    rng = np.random.default_rng(0)
+    params = {"small": rng.normal(0, 0.01, (4, 3)), "large": rng.normal(0, 1.0, (5,))}
+    grads = {k: rng.normal(0, 1e-3, v.shape) for k, v in params.items()}
+    params32 = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    updates, _ = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()},
+                           tx.init(params32), params32)
+    assert float(schedule(0)) == pytest.approx(1e-2)
+    for k in params:
+        rms = np.sqrt(np.mean(params[k] ** 2))
+        np.testing.assert_allclose(np.asarray(updates[k]), -1e-2 * rms * np.sign(grads[k]),
+                                   rtol=1e-5)
+    with pytest.raises(ValueError, match="optimizer"):
+        pretrain.pretraining_optimizer("sgd", 1e-2, 0, 100, 0.0, 0.0)

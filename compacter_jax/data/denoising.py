@@ -1,0 +1,132 @@
+"""A mixture of T5 span corruption and BART-style full-sequence denoising, in numpy.
+
+Span corruption alone (T5) gives the decoder a target it can half-predict without reading the
+encoder (the sentinels, the span lengths, unigram guesses); a small model trained for a few
+thousand updates can stay there (`checkpoints/t5-mini-glue` README, the first run). The
+denoising task below gives the encoder a signal from the first update: the targets are the
+*whole* original chunk, so the decoder must copy the ~85% of tokens it can see in the
+encoder's inputs and fill in the masked spans:
+
+    tokens   a b [c d] e f g [h] i          ([..] = noise, as in span corruption)
+    inputs   a b <0> e f g <1> i EOS         (exactly span corruption's inputs)
+    targets  a b c d e f g h i EOS           (the chunk itself)
+
+This is BART's text infilling with T5's numbered sentinels (Lewis et al. 2020; Raffel et al.
+2020 Table 4 "BERT-style"/"deshuffling" family: full-sequence targets). `mixture_batches`
+alternates the two objectives batch by batch at a fixed rate (`denoise_fraction`): each
+batch is one objective, so both keep a fixed shape (span corruption [B, targets_length],
+denoising [B, tokens_length + 1]) and compile once each.
+
+Randomness: chunk r of epoch e is masked with `default_rng([seed, e, r])` for span corruption
+(as `span_corruption.corrupt_rows`) and `default_rng([seed, e, r, 1])` for denoising; which
+objective a batch uses is a function of its global index only, so a resumed run draws the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from compacter_jax.data.pipeline import Batch, DataState, epoch_permutation, shift_right
+from compacter_jax.data.span_corruption import (SpanCorruption, corrupt_rows,
+                                                noise_span_to_unique_sentinel,
+                                                random_spans_noise_mask)
+
+DENOISE_STREAM = 1
+"""Extra seed word of the denoising masks (independent of span corruption's)."""
+
+
+def denoise(tokens: np.ndarray, spec: SpanCorruption, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) int32 of one raw token sequence: inputs = span corruption's inputs
+    (noise spans replaced by sentinels, EOS appended), targets = the tokens + EOS."""
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ValueError(f"tokens must be a non-empty 1-D array, got shape {tokens.shape}")
+    mask = random_spans_noise_mask(tokens.size, spec.noise_density,
+                                   spec.mean_noise_span_length, rng)
+    eos = np.array([spec.eos_id], np.int32)
+    inputs = noise_span_to_unique_sentinel(tokens, mask, spec.first_sentinel_id)
+    return np.concatenate([inputs, eos]), np.concatenate([tokens, eos])
+
+
+def denoise_rows(chunks: np.ndarray, rows: np.ndarray, spec: SpanCorruption, *, seed: int,
+                 epoch: int) -> Batch:
+    """The DESIGN.md batch of `chunks[rows]` for the denoising task.
+
+    Args:
+      chunks: int32 [N, spec.tokens_length] raw token chunks.
+      rows: int [B] chunk indices; chunk r is masked with `default_rng([seed, epoch, r, 1])`.
+
+    Returns:
+      {input_ids, attention_mask: [B, spec.inputs_length]; labels, decoder_input_ids,
+      decoder_attention_mask: [B, spec.tokens_length + 1]}, int32, masks all ones.
+    """
+    chunks = np.asarray(chunks)
+    if chunks.ndim != 2 or chunks.shape[1] != spec.tokens_length:
+        raise ValueError(f"chunks must be [N, {spec.tokens_length}] (spec.tokens_length for "
+                         f"inputs_length={spec.inputs_length}), got {chunks.shape}")
+    rows = np.asarray(rows, dtype=np.int64)
+    inputs = np.empty((len(rows), spec.inputs_length), np.int32)
+    labels = np.empty((len(rows), spec.tokens_length + 1), np.int32)
+    for i, r in enumerate(rows):
+        rng = np.random.default_rng([int(seed), int(epoch), int(r), DENOISE_STREAM])
+        inputs[i], labels[i] = denoise(chunks[r], spec, rng)
+    return {"input_ids": inputs, "attention_mask": np.ones_like(inputs),
+            "labels": labels, "decoder_input_ids": shift_right(labels).astype(np.int32),
+            "decoder_attention_mask": np.ones_like(labels)}
+
+
+def is_denoise_batch(index: int, denoise_fraction: float) -> bool:
+    """Whether global batch `index` (0-based) is a denoising batch: batches are spread evenly,
+    floor((index + 1) * f) > floor(index * f), so any window of n batches holds
+    floor(n * f) or ceil(n * f) of them (f = 0.5: every second batch, starting with the
+    second; f = 1: all)."""
+    if not 0.0 <= denoise_fraction <= 1.0:
+        raise ValueError(f"denoise_fraction must be in [0, 1], got {denoise_fraction}")
+    return int(np.floor((index + 1) * denoise_fraction)) > int(np.floor(index * denoise_fraction))
+
+
+def mixture_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruption, *,
+                    seed: int, denoise_fraction: float, state: DataState | None = None
+                    ) -> Iterator[tuple[Batch, DataState]]:
+    """Endless shuffled batches, each span-corrupted (`corrupt_rows`) or denoising
+    (`denoise_rows`) as `is_denoise_batch` says, with the `DataState` to save after each.
+
+    The chunk order is `span_corruption.pretraining_batches`' (a new seeded permutation per
+    epoch, the final partial batch dropped); with `denoise_fraction=0` the batches equal that
+    function's exactly.
+    """
+    n = len(chunks)
+    if not 0 < batch_size <= n:
+        raise ValueError(f"batch_size {batch_size} must be in 1..{n} (the number of chunks)")
+    is_denoise_batch(0, denoise_fraction)  # validates the fraction before the first batch
+    per_epoch = n // batch_size
+    state = state or DataState()
+    epoch, index = state.epoch + state.index // per_epoch, state.index % per_epoch
+    while True:
+        order = epoch_permutation(n, seed, epoch)
+        for i in range(index, per_epoch):
+            rows = order[i * batch_size:(i + 1) * batch_size]
+            nxt = DataState(epoch + 1, 0) if i + 1 == per_epoch else DataState(epoch, i + 1)
+            make = (denoise_rows if is_denoise_batch(epoch * per_epoch + i, denoise_fraction)
+                    else corrupt_rows)
+            yield make(chunks, rows, spec, seed=seed, epoch=epoch), nxt
+        epoch, index = epoch + 1, 0
+
+
+def denoise_eval_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruption, *,
+                         seed: int) -> Iterator[Batch]:
+    """Every chunk once, in order, as a denoising batch (epoch 0 of `seed`); the final batch
+    is padded by repeating its last chunk, marked 0 in `example_mask` [B]."""
+    n = len(chunks)
+    if n == 0 or batch_size <= 0:
+        raise ValueError(f"need chunks and a positive batch size (got {n}, {batch_size})")
+    for start in range(0, n, batch_size):
+        real = np.arange(start, min(start + batch_size, n))
+        rows = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
+        batch = denoise_rows(chunks, rows, spec, seed=seed, epoch=0)
+        batch["example_mask"] = (np.arange(batch_size) < len(real)).astype(np.int32)
+        yield batch
