@@ -29,10 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
-from compacter_jax.data.pipeline import Batch, DataState, epoch_permutation, shift_right
-from compacter_jax.data.span_corruption import (SpanCorruption, corrupt_rows,
-                                                noise_span_to_unique_sentinel,
-                                                random_spans_noise_mask)
+from compacter_jax.data.pipeline import Batch, DataState, epoch_permutation
+from compacter_jax.data.span_corruption import SpanCorruption, chunk_rows_batch, corrupt_rows
 
 DENOISE_STREAM = 1
 """Extra seed word of the denoising masks (independent of span corruption's)."""
@@ -42,14 +40,9 @@ def denoise(tokens: np.ndarray, spec: SpanCorruption, rng: np.random.Generator
             ) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) int32 of one raw token sequence: inputs = span corruption's inputs
     (noise spans replaced by sentinels, EOS appended), targets = the tokens + EOS."""
+    inputs, _ = spec.corrupt(tokens, rng)   # the same mask draw as span corruption's
     tokens = np.asarray(tokens, dtype=np.int32)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise ValueError(f"tokens must be a non-empty 1-D array, got shape {tokens.shape}")
-    mask = random_spans_noise_mask(tokens.size, spec.noise_density,
-                                   spec.mean_noise_span_length, rng)
-    eos = np.array([spec.eos_id], np.int32)
-    inputs = noise_span_to_unique_sentinel(tokens, mask, spec.first_sentinel_id)
-    return np.concatenate([inputs, eos]), np.concatenate([tokens, eos])
+    return inputs, np.concatenate([tokens, np.array([spec.eos_id], np.int32)])
 
 
 def denoise_rows(chunks: np.ndarray, rows: np.ndarray, spec: SpanCorruption, *, seed: int,
@@ -64,19 +57,9 @@ def denoise_rows(chunks: np.ndarray, rows: np.ndarray, spec: SpanCorruption, *, 
       {input_ids, attention_mask: [B, spec.inputs_length]; labels, decoder_input_ids,
       decoder_attention_mask: [B, spec.tokens_length + 1]}, int32, masks all ones.
     """
-    chunks = np.asarray(chunks)
-    if chunks.ndim != 2 or chunks.shape[1] != spec.tokens_length:
-        raise ValueError(f"chunks must be [N, {spec.tokens_length}] (spec.tokens_length for "
-                         f"inputs_length={spec.inputs_length}), got {chunks.shape}")
-    rows = np.asarray(rows, dtype=np.int64)
-    inputs = np.empty((len(rows), spec.inputs_length), np.int32)
-    labels = np.empty((len(rows), spec.tokens_length + 1), np.int32)
-    for i, r in enumerate(rows):
-        rng = np.random.default_rng([int(seed), int(epoch), int(r), DENOISE_STREAM])
-        inputs[i], labels[i] = denoise(chunks[r], spec, rng)
-    return {"input_ids": inputs, "attention_mask": np.ones_like(inputs),
-            "labels": labels, "decoder_input_ids": shift_right(labels).astype(np.int32),
-            "decoder_attention_mask": np.ones_like(labels)}
+    return chunk_rows_batch(chunks, rows, spec, spec.tokens_length + 1,
+                            lambda tokens, rng: denoise(tokens, spec, rng),
+                            lambda r: (int(seed), int(epoch), int(r), DENOISE_STREAM))
 
 
 def is_denoise_batch(index: int, denoise_fraction: float) -> bool:

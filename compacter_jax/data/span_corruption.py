@@ -211,16 +211,24 @@ def corrupt_rows(chunks: np.ndarray, rows: np.ndarray, spec: SpanCorruption, *, 
       {input_ids, attention_mask: [B, inputs_length]; labels, decoder_input_ids,
       decoder_attention_mask: [B, targets_length]}, int32, masks all ones (no padding).
     """
+    return chunk_rows_batch(chunks, rows, spec, spec.targets_length, spec.corrupt,
+                            lambda r: (int(seed), int(epoch), int(r)))
+
+
+def chunk_rows_batch(chunks: np.ndarray, rows: np.ndarray, spec: SpanCorruption,
+                     targets_length: int, example_fn, rng_key) -> Batch:
+    """The DESIGN.md batch of `example_fn(chunks[r], default_rng(rng_key(r)))` for r in rows
+    (one pretraining objective: span corruption, denoising): inputs [B, spec.inputs_length],
+    labels [B, targets_length], int32, masks all ones (every row is full)."""
     chunks = np.asarray(chunks)
     if chunks.ndim != 2 or chunks.shape[1] != spec.tokens_length:
         raise ValueError(f"chunks must be [N, {spec.tokens_length}] (spec.tokens_length for "
                          f"inputs_length={spec.inputs_length}), got {chunks.shape}")
     rows = np.asarray(rows, dtype=np.int64)
     inputs = np.empty((len(rows), spec.inputs_length), np.int32)
-    labels = np.empty((len(rows), spec.targets_length), np.int32)
+    labels = np.empty((len(rows), targets_length), np.int32)
     for i, r in enumerate(rows):
-        rng = np.random.default_rng([int(seed), int(epoch), int(r)])
-        inputs[i], labels[i] = spec.corrupt(chunks[r], rng)
+        inputs[i], labels[i] = example_fn(chunks[r], np.random.default_rng(rng_key(r)))
     return {"input_ids": inputs, "attention_mask": np.ones_like(inputs),
             "labels": labels, "decoder_input_ids": shift_right(labels).astype(np.int32),
             "decoder_attention_mask": np.ones_like(labels)}
