@@ -45,6 +45,7 @@ import numpy as np
 from compacter_jax.models import T5Config, T5Hooks
 from compacter_jax.peft import layer_math
 from compacter_jax.peft.method import Method, as_tuple, is_peft_path
+from compacter_jax.peft.methods.prompt import validate_vocab_init
 
 Array = jax.Array
 INITS = ("source", "vocab", "uniform")
@@ -172,11 +173,7 @@ class AttemptMethod(Method):
         return is_peft_path(path) and path[-1] != "sources"
 
     def validate(self, t5: T5Config) -> None:
-        if self.vocab_ids is not None and any(not 0 <= i < t5.vocab_size for i in self.vocab_ids):
-            raise ValueError(f"{self.name}: vocab_ids must lie in [0, vocab_size={t5.vocab_size})")
-        if self.init == "vocab" and self.vocab_ids is None and self.length > t5.vocab_size:
-            raise ValueError(f"{self.name}: length={self.length} exceeds the vocabulary "
-                             f"({t5.vocab_size}) that 'vocab' init copies from")
+        validate_vocab_init(self, t5)
 
     def prepare(self, params: dict, t5: T5Config) -> dict:
         """Loads the frozen source prompts and initialises the target prompt."""

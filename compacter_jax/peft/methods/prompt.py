@@ -52,11 +52,7 @@ class PromptTuning(Method):
         return PromptHooks(self)
 
     def validate(self, t5: T5Config) -> None:
-        if self.vocab_ids is not None and any(not 0 <= i < t5.vocab_size for i in self.vocab_ids):
-            raise ValueError(f"{self.name}: vocab_ids must lie in [0, vocab_size={t5.vocab_size})")
-        if self.init == "vocab" and self.vocab_ids is None and self.length > t5.vocab_size:
-            raise ValueError(f"{self.name}: length={self.length} exceeds the vocabulary "
-                             f"({t5.vocab_size}) that 'vocab' init copies from")
+        validate_vocab_init(self, t5)
 
     def prepare(self, params: dict, t5: T5Config) -> dict:
         if self.init != "vocab":
@@ -89,3 +85,14 @@ def init_prompt_from_vocab(params: dict, token_ids: Any = None) -> dict:
     rows = params["shared"]["embedding"][ids].astype(prompt.dtype)
     encoder = {**params["encoder"], "prompt": {**params["encoder"]["prompt"], "embedding": rows}}
     return {**params, "encoder": encoder}
+
+
+def validate_vocab_init(method, t5: T5Config) -> None:
+    """A prompt copied from vocabulary rows (`init="vocab"`, prompt tuning and ATTEMPT's target
+    prompt) must name rows the model has: `vocab_ids` in range, `length` rows available."""
+    if method.vocab_ids is not None and any(not 0 <= i < t5.vocab_size
+                                            for i in method.vocab_ids):
+        raise ValueError(f"{method.name}: vocab_ids must lie in [0, vocab_size={t5.vocab_size})")
+    if method.init == "vocab" and method.vocab_ids is None and method.length > t5.vocab_size:
+        raise ValueError(f"{method.name}: length={method.length} exceeds the vocabulary "
+                         f"({t5.vocab_size}) that 'vocab' init copies from")
