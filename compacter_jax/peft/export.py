@@ -187,7 +187,8 @@ def backbone_fingerprint(params: Any, method: Method) -> str:
                          f"that {method.name} does not train; pass the parameters as loaded "
                          "(for Intrinsic-SAID: frozen['theta0'])")
     h = hashlib.sha256()
-    for key in sorted(k for k in flat if is_backbone_path(k) and not method.is_trainable(k)):
+    for key in sorted(k for k in flat if (is_backbone_path(k) and not method.is_trainable(k))
+                      or method.pins_frozen(k)):
         value = np.ascontiguousarray(np.asarray(jax.device_get(flat[key])))
         h.update(json.dumps(["/".join(key), list(value.shape), str(value.dtype)]).encode())
         h.update(value.view(np.uint8).reshape(-1).data)
@@ -249,7 +250,9 @@ def verify_backbone(path: str | Path, meta: Mapping[str, Any], method: Method, p
     if recorded is not None:
         got = backbone_fingerprint(params, method)
         if got != recorded:
-            layout = ""
+            layout, pinned = "", ""
+            if any(method.pins_frozen(k) for k in traverse_util.flatten_dict(dict(params))):
+                pinned = f" (or {method.name}'s frozen inputs loaded from elsewhere changed)"
             drawn_scanned = meta.get("scan_layers")
             if str(backbone).startswith("random:") and drawn_scanned not in (None, scan_layers):
                 layout = (f" A random backbone drawn with scan_layers={drawn_scanned} (as this "
@@ -258,7 +261,7 @@ def verify_backbone(path: str | Path, meta: Mapping[str, Any], method: Method, p
             raise AdapterFileError(
                 f"{path}: the adapter was trained on {trained_on} (backbone {recorded}), but "
                 f"the backbone loaded is {_describe_backbone(backbone, init_seed)} ({got}): "
-                f"its weights differ.{layout} Load it onto the backbone it was trained on "
+                f"its weights differ{pinned}.{layout} Load it onto the backbone it was trained on "
                 "(pass backbone=<that checkpoint>), or re-export it with save_adapter(..., "
                 "init_seed=<the seed it was drawn with>)")
     elif not (str(backbone).startswith("random:") and "init_seed" in meta):

@@ -111,6 +111,12 @@ class Method:
                 "compacter_jax.split(params, r'adapter|layer_norm') or freezing_optimizer("
                 "path_rule(predicate), tx); for a T5 pass the full tree, not a part of it")
 
+    def pins_frozen(self, path: tuple[str, ...]) -> bool:
+        """Whether `path` is a frozen leaf outside the backbone that the adapter depends on and
+        that is loaded from elsewhere (ATTEMPT's source prompts): an export's backbone
+        fingerprint covers such leaves too, so a changed source is refused on reload."""
+        return False
+
     def partition(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
         """(trainable, frozen) parts of the full parameter tree of the library's T5 (a tree
         without its T5 weights raises ValueError, see `check_params`)."""

@@ -172,6 +172,11 @@ class AttemptMethod(Method):
     def is_trainable(self, path: tuple[str, ...]) -> bool:
         return is_peft_path(path) and path[-1] != "sources"
 
+    def pins_frozen(self, path: tuple[str, ...]) -> bool:
+        # The source prompts are read from their exports at every load: an export records
+        # their fingerprint with the backbone's, so a re-trained source is refused on reload.
+        return is_peft_path(path) and path[-1] == "sources"
+
     def validate(self, t5: T5Config) -> None:
         validate_vocab_init(self, t5)
 

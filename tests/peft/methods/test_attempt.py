@@ -173,3 +173,23 @@ def test_t5_base_count_against_the_paper():
     # "2,300 times fewer parameters than full fine-tuning" (220M).
     per_task = 76_800 + (r.trainable - 76_800) / 8
     assert round(per_task, -3) == 96_000 and abs(220e6 / per_task / 2_300 - 1) < 0.01
+
+
+def test_an_export_refuses_source_prompts_that_changed(tmp_path):
+    """The sources are read from their exports at every load: the export's fingerprint covers
+    them, so a source re-trained after the ATTEMPT run is refused instead of silently mixed."""
+    from compacter_jax.peft import from_pretrained, load_adapter
+
+    d_model = get_preset("t5-tiny").d_model
+    paths = [_export(tmp_path / f"src{k}", d_model=d_model, seed=k)[0] for k in range(2)]
+    method = get_method("attempt", sources=tuple(paths), length=L)
+    _, params = from_pretrained("random:t5-tiny", method, jax.random.PRNGKey(3))
+    trainable, _ = method.partition(params)
+    save_adapter(tmp_path / "attempt", trainable, method, model="random:t5-tiny", init_seed=3,
+                 backbone_params=params)
+    _, reloaded = load_adapter(tmp_path / "attempt")          # unchanged sources: loads
+    np.testing.assert_array_equal(reloaded["encoder"]["prompt"]["sources"],
+                                  params["encoder"]["prompt"]["sources"])
+    _export(tmp_path / "src1", d_model=d_model, seed=5)        # source 1 re-trained
+    with pytest.raises(AdapterFileError, match="attempt's frozen inputs"):
+        load_adapter(tmp_path / "attempt")
