@@ -44,7 +44,7 @@ from compacter_jax.models.generation import _generate
 from compacter_jax.peft.method import Method
 
 TASK_IDS = "task_ids"
-BankApplyFn = Callable[[Any, Any, Mapping[str, jax.Array], bool, "dict | None"], jax.Array]
+BankApplyFn = Callable[..., jax.Array]  # (bank, frozen, batch, deterministic, rngs, row_offset=0)
 
 
 class BankError(ValueError):
@@ -140,9 +140,11 @@ def make_bank_apply(apply_fn: Callable, method: Method) -> BankApplyFn:
         `compacter_jax.train.seq2seq_apply_fn(model)`; it must not mix examples (T5 does not).
       method: the (bankable) method whose `combine(trainable, frozen)` builds the params.
     Returns:
-      `bank_apply(bank, frozen, batch, deterministic, rngs) -> logits` float32 [B, T, V];
-      `batch` holds `task_ids` [B] besides the model's keys. Each example is computed with
-      its task's adapter; `rngs` ({"dropout": key} or None) are folded with the row index.
+      `bank_apply(bank, frozen, batch, deterministic, rngs, row_offset=0) -> logits` float32
+      [B, T, V]; `batch` holds `task_ids` [B] besides the model's keys. Each example is
+      computed with its task's adapter; `rngs` ({"dropout": key} or None) are folded with the
+      row's index in the global batch (`row_offset` + local row: a device's shard under pmap
+      passes its offset, so pmap draws the masks of one device and of jit).
     """
     check_bankable(method)
 
@@ -150,12 +152,12 @@ def make_bank_apply(apply_fn: Callable, method: Method) -> BankApplyFn:
         single = jax.tree_util.tree_map(lambda x: x[None], example)
         return apply_fn(method.combine(trainable, frozen), single, deterministic, keys)[0]
 
-    def bank_apply(bank, frozen, batch, deterministic=True, rngs=None):
+    def bank_apply(bank, frozen, batch, deterministic=True, rngs=None, row_offset=0):
         if TASK_IDS not in batch:
             raise BankError("a banked batch needs 'task_ids' [B] (one adapter index per row)")
         task_ids = batch[TASK_IDS]
         examples = {k: v for k, v in batch.items() if k != TASK_IDS}
-        rows = jnp.arange(task_ids.shape[0], dtype=jnp.int32)
+        rows = row_offset + jnp.arange(task_ids.shape[0], dtype=jnp.int32)
         keys = None
         if rngs:
             keys = {name: jax.vmap(lambda r, key=key: jax.random.fold_in(key, r))(rows)

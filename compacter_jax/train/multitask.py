@@ -23,8 +23,9 @@ So with each task's batch equal to a single-task run's batch, dropout off and th
 order, slice k after N joint steps equals the single-task run after min(N, total_steps[k])
 steps (up to float summation order: <= 1e-5 in the tests).
 
-Dropout: every example draws its own mask (`bank_apply` folds the row index into the step's
-key), so dropout-on runs do not reproduce single-task runs mask for mask.
+Dropout: every example draws its own mask (`bank_apply` folds the row's index in the global
+batch into the step's key: one device, jit and pmap draw the same masks), so dropout-on runs
+do not reproduce single-task runs mask for mask.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def make_multitask_train_step(
     """Returns `train_step(state, frozen, batch, axis_name=None) -> (state, metrics)`.
 
     Args:
-      bank_apply: `(bank, frozen, batch, deterministic, rngs) -> logits [B, T, V]`, each row
+      bank_apply: `(bank, frozen, batch, deterministic, rngs, row_offset) -> logits [B, T, V]`, each row
         computed with the slice `batch["task_ids"][row]` of the bank.
       txs: one optimizer per task (e.g. `make_optimizer(lr, warmup, total_steps[k])[0]`).
       total_steps: updates of each task; task k is not updated from step total_steps[k] on.
@@ -115,11 +116,13 @@ def make_multitask_train_step(
             raise ValueError("a multi-task batch needs 'task_ids' [B] (the task of each row)")
         labels, mask, task_ids = batch["labels"], batch["decoder_attention_mask"], batch[TASK_IDS]
         key = jax.random.fold_in(state.rng, state.step)
-        if axis_name is not None:  # pmap: each device's rows get their own keys
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        # Dropout keys follow the row's index in the global batch (not the device), so pmap
+        # draws the masks of one device and of jit.
+        row_offset = (0 if axis_name is None
+                      else jax.lax.axis_index(axis_name) * task_ids.shape[0])
 
         def summed_loss(bank):
-            logits = bank_apply(bank, frozen, batch, False, {"dropout": key})
+            logits = bank_apply(bank, frozen, batch, False, {"dropout": key}, row_offset)
             sums, counts = _per_task_sums(logits, labels, mask, task_ids, num_tasks)
             # Slices are independent: d(sum of all)/d(slice k) = d(task k's sum)/d(slice k).
             return jnp.sum(sums), (sums, counts)
