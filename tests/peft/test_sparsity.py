@@ -74,7 +74,8 @@ def test_masks_survive_20_adamw_steps_exactly(name, overrides):
         assert np.all(w[np.asarray(m) == 0] == 0.0), p          # exactly zero
         kept = np.asarray(m) == 1
         assert np.any(w[kept] != np.asarray(before[p])[kept]), p  # the rest trains
-    assert method.trainable_count(trainable) == sparsity.trained_count(trainable, masks)
+    assert (method.trainable_count(method.combine(trainable, frozen))   # counts the full tree
+            == sparsity.trained_count(trainable, masks))
 
 
 def test_snip_scores_equal_w_times_gradient():
