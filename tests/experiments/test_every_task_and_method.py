@@ -166,17 +166,8 @@ def source_prompts(tmp_path_factory, backbone):
     return tuple(paths)
 
 
-# In the default run, one preset per code path: these share their family's code with a preset
-# that runs (compacter++ also trains in every test_every_task_trains_two_steps); all of them
-# run with COMPACTER_LONG_TESTS=1.
-SAME_CODE_AS_ANOTHER = {"compacter++": "compacter", "pfeiffer": "adapter",
-                        "adapterdrop": "adapter", "bitfit_projections": "bitfit",
-                        "prompt_tuning_vocab": "prompt_tuning",
-                        "large_sparse_adapter": "sparse_adapter"}
-
-
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.long) if m in SAME_CODE_AS_ANOTHER else m
+@pytest.mark.parametrize("method", [  # Large-Sparse: sparse_adapter's code, another size
+    pytest.param(m, marks=pytest.mark.long) if m == "large_sparse_adapter" else m
     for m in method_names()])
 def test_every_method_trains_two_steps(method, backbone, data_dir, tmp_path, request):
     # No evaluation: only the train step is compiled per method.
