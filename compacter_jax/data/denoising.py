@@ -29,8 +29,9 @@ from typing import Iterator
 
 import numpy as np
 
-from compacter_jax.data.pipeline import Batch, DataState, epoch_permutation
-from compacter_jax.data.span_corruption import SpanCorruption, chunk_rows_batch, corrupt_rows
+from compacter_jax.data.pipeline import Batch, DataState
+from compacter_jax.data.span_corruption import (SpanCorruption, chunk_rows_batch, corrupt_rows,
+                                                epoch_batches, in_order_batches)
 
 DENOISE_STREAM = 1
 """Extra seed word of the denoising masks (independent of span corruption's)."""
@@ -82,34 +83,18 @@ def mixture_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruption, *
     epoch, the final partial batch dropped); with `denoise_fraction=0` the batches equal that
     function's exactly.
     """
-    n = len(chunks)
-    if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size {batch_size} must be in 1..{n} (the number of chunks)")
     is_denoise_batch(0, denoise_fraction)  # validates the fraction before the first batch
-    per_epoch = n // batch_size
-    state = state or DataState()
-    epoch, index = state.epoch + state.index // per_epoch, state.index % per_epoch
-    while True:
-        order = epoch_permutation(n, seed, epoch)
-        for i in range(index, per_epoch):
-            rows = order[i * batch_size:(i + 1) * batch_size]
-            nxt = DataState(epoch + 1, 0) if i + 1 == per_epoch else DataState(epoch, i + 1)
-            make = (denoise_rows if is_denoise_batch(epoch * per_epoch + i, denoise_fraction)
-                    else corrupt_rows)
-            yield make(chunks, rows, spec, seed=seed, epoch=epoch), nxt
-        epoch, index = epoch + 1, 0
+
+    def rows_batch(index, rows, epoch):
+        make = denoise_rows if is_denoise_batch(index, denoise_fraction) else corrupt_rows
+        return make(chunks, rows, spec, seed=seed, epoch=epoch)
+
+    return epoch_batches(chunks, batch_size, seed=seed, state=state, rows_batch=rows_batch)
 
 
 def denoise_eval_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruption, *,
                          seed: int) -> Iterator[Batch]:
     """Every chunk once, in order, as a denoising batch (epoch 0 of `seed`); the final batch
     is padded by repeating its last chunk, marked 0 in `example_mask` [B]."""
-    n = len(chunks)
-    if n == 0 or batch_size <= 0:
-        raise ValueError(f"need chunks and a positive batch size (got {n}, {batch_size})")
-    for start in range(0, n, batch_size):
-        real = np.arange(start, min(start + batch_size, n))
-        rows = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
-        batch = denoise_rows(chunks, rows, spec, seed=seed, epoch=0)
-        batch["example_mask"] = (np.arange(batch_size) < len(real)).astype(np.int32)
-        yield batch
+    return in_order_batches(chunks, batch_size, lambda rows: denoise_rows(
+        chunks, rows, spec, seed=seed, epoch=0))

@@ -240,6 +240,15 @@ def pretraining_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruptio
     """Endless shuffled batches of freshly corrupted chunks, with the `DataState` to save
     after each (as `pipeline.train_batches`). Each epoch is a new seeded permutation of the
     chunks (the final partial batch is dropped) and draws new noise masks."""
+    return epoch_batches(chunks, batch_size, seed=seed, state=state, rows_batch=lambda _, rows,
+                         epoch: corrupt_rows(chunks, rows, spec, seed=seed, epoch=epoch))
+
+
+def epoch_batches(chunks: np.ndarray, batch_size: int, *, seed: int, state: DataState | None,
+                  rows_batch) -> Iterator[tuple[Batch, DataState]]:
+    """Endless batches `rows_batch(global_index, rows, epoch)` over a new seeded permutation of
+    the chunks each epoch (the final partial batch dropped), with the `DataState` to save after
+    each: the order every pretraining objective shares."""
     n = len(chunks)
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size {batch_size} must be in 1..{n} (the number of chunks)")
@@ -251,7 +260,7 @@ def pretraining_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruptio
         for i in range(index, per_epoch):
             rows = order[i * batch_size:(i + 1) * batch_size]
             nxt = DataState(epoch + 1, 0) if i + 1 == per_epoch else DataState(epoch, i + 1)
-            yield corrupt_rows(chunks, rows, spec, seed=seed, epoch=epoch), nxt
+            yield rows_batch(epoch * per_epoch + i, rows, epoch), nxt
         epoch, index = epoch + 1, 0
 
 
@@ -259,12 +268,19 @@ def eval_batches(chunks: np.ndarray, batch_size: int, spec: SpanCorruption, *, s
                  ) -> Iterator[Batch]:
     """Every chunk once, in order, with a fixed corruption (epoch 0 of `seed`); the final
     batch is padded by repeating its last chunk, marked 0 in `example_mask` [B]."""
+    return in_order_batches(chunks, batch_size, lambda rows: corrupt_rows(
+        chunks, rows, spec, seed=seed, epoch=0))
+
+
+def in_order_batches(chunks: np.ndarray, batch_size: int, rows_batch) -> Iterator[Batch]:
+    """`rows_batch(rows)` over every chunk once, in order; the final batch is padded by
+    repeating its last chunk, marked 0 in `example_mask` [B]."""
     n = len(chunks)
     if n == 0 or batch_size <= 0:
         raise ValueError(f"need chunks and a positive batch size (got {n}, {batch_size})")
     for start in range(0, n, batch_size):
         real = np.arange(start, min(start + batch_size, n))
         rows = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
-        batch = corrupt_rows(chunks, rows, spec, seed=seed, epoch=0)
+        batch = rows_batch(rows)
         batch["example_mask"] = (np.arange(batch_size) < len(real)).astype(np.int32)
         yield batch
