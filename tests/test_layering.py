@@ -16,7 +16,7 @@ ALLOWED = {
     "experiments": {"models", "peft", "data", "train", "serve"},
     "serve": {"models", "peft", "data"},   # compacter_jax/serve.py: mixed-task serving
 }
-HELPERS = {"paths", "host", "tokenizer", "hub"}   # root-level modules any layer may use
+HELPERS = {"paths", "host", "tokenizer", "hub", "atomic"}   # root-level modules any layer may use
 CLIS = {"params"}                          # root-level tools, above peft
 
 
