@@ -38,8 +38,8 @@ from ml_collections import config_flags
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
-from experiments.configs import paper
-from experiments.configs.paper import GLUE_TASKS, METHODS, SUPERGLUE_TASKS
+from experiments import paper
+from experiments.paper import GLUE_TASKS, METHODS, SUPERGLUE_TASKS
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "paper.py"
 SUMMARY_FILE = "summary.json"

@@ -36,7 +36,8 @@ import numpy as np
 from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.params import report
-from experiments.configs import paper
+from experiments import paper
+from experiments.configs import paper as paper_config
 
 SUMMARY_FILE = "summary.json"
 TABLES = {"table1": ("GLUE", paper.GLUE_TASKS), "table2": ("SuperGLUE", paper.SUPERGLUE_TASKS)}
@@ -289,7 +290,7 @@ def recipe_notes(runs: Iterable[RunResult]) -> list[str]:
     """Where runs depart from configs/paper.py's recipe (e.g. "max_steps=4 (3 runs)")."""
     counts: dict[str, int] = {}
     for r in runs:
-        reference = paper.get_config(f"{r.task},{r.method}")
+        reference = paper_config.get_config(f"{r.task},{r.method}")
         for field in RECIPE_FIELDS:
             if field in r.run_config and r.run_config[field] != reference[field]:
                 key = f"{field}={r.run_config[field]}"

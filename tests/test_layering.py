@@ -86,3 +86,35 @@ def test_the_public_api_is_listed():
     for name in ("from_pretrained", "get_method", "load_adapter", "save_adapter", "split",
                  "merge", "make_train_step", "make_eval_step", "PHMLinear", "Adapter"):
         assert name in cj.__all__
+
+
+# Configs are data (issue 19): a file under experiments/configs/ builds an ml_collections
+# ConfigDict and nothing else. It may import ml_collections, the PEFT method registry (for the
+# `peft` placeholders and to name a bad method early), a sibling config it extends, and
+# `__future__`; no other package, not even the standard library (a config that needs logic,
+# I/O or a library belongs in a module of its own, as experiments/paper.py).
+CONFIG_IMPORTS = {"__future__", "ml_collections", "compacter_jax.peft", "experiments.configs"}
+
+
+def _config_import_allowed(module: str) -> bool:
+    return any(module == ok or module.startswith(ok + ".") for ok in CONFIG_IMPORTS)
+
+
+def test_configs_import_only_ml_collections_and_the_registry():
+    bad = []
+    for path in sorted((ROOT / "experiments" / "configs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # a relative import: a sibling config
+                    continue
+                # `from compacter_jax import peft` imports compacter_jax.peft.
+                modules = [node.module if _config_import_allowed(node.module)
+                           else f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {m}"
+                    for m in modules if not _config_import_allowed(m)]
+    assert not bad, ("configs are data: import only " + ", ".join(sorted(CONFIG_IMPORTS))
+                     + "\n" + "\n".join(bad))

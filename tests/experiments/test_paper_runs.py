@@ -15,8 +15,8 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.train.optim import make_schedule
-from experiments import finetune, paper_runs
-from experiments.configs import paper
+from experiments import finetune, paper, paper_runs, validation
+from experiments.configs import paper as paper_config
 from experiments.paper_runs import split_extra, sweep
 
 ALL_TASKS = paper.GLUE_TASKS + paper.SUPERGLUE_TASKS
@@ -140,9 +140,12 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"unknown PEFT method 'compacter\+\+\+'"):
         sweep(["rte"], ["compacter+++"])
     with pytest.raises(ValueError, match="paper.py takes 'TASK,METHOD'"):
-        paper.get_config("rte")
+        paper_config.get_config("rte")
+    with pytest.raises(ValueError, match=r"unknown PEFT method 'compacterr'"):
+        paper_config.get_config("rte,compacterr")
+    # The config is data: the task is checked with the run's other fields, before any load.
     with pytest.raises(ValueError, match="unknown task 'rtee'"):
-        paper.get_config("rtee,compacter")
+        validation.validate_config(paper_config.get_config("rtee,compacter"))
 
 
 def _check_config(run, t5):

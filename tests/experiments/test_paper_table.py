@@ -17,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import finetune, paper_table
-from experiments.configs import paper
+from experiments import finetune, paper, paper_table
 from experiments.configs.glue import get_config
 from experiments.paper_table import Row, RunResult
 
