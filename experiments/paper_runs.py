@@ -33,14 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
-from experiments import paper
+from experiments import paper, tool_cli
 from experiments.paper import GLUE_TASKS, METHODS, SUPERGLUE_TASKS
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a rate the run's float32 optimizer can hold
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "paper.py"
 SUMMARY_FILE = "summary.json"
 # Config fields a sweep sets itself; a passed-through flag for one pins that axis.
@@ -151,11 +153,7 @@ def split_extra(extra: Sequence[str]) -> PassThrough:
         if name in PINNABLE:
             if not sep:
                 raise ValueError(f"--config.{name} needs a value")
-            try:
-                pinned[name] = PINNABLE[name](value)
-            except ValueError:
-                raise ValueError(f"--config.{name}={value!r}: expected "
-                                 f"{PINNABLE[name].__name__}") from None
+            pinned[name] = _pinned_value(name, value)
         elif name.startswith("peft."):
             field = name[len("peft."):]
             peft_flags[field] = tuple(used)
@@ -165,6 +163,26 @@ def split_extra(extra: Sequence[str]) -> PassThrough:
                 model = value
             common.extend(used)
     return PassThrough(tuple(common), peft_flags, peft_values, pinned, model)
+
+
+def _pinned_value(name: str, text: str) -> Any:
+    """The value of a flag that pins a swept axis; ValueError naming the flag when it is not
+    one a run can use (a rate <= 0 would fail every run; `train_samples=-1` is the whole
+    training set, as in the config)."""
+    kind = PINNABLE[name]
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"--config.{name}={text!r}: expected {kind.__name__}") from None
+    if name == "learning_rate" and not tool_cli.positive_finite(value, FLOAT32_MAX):
+        raise ValueError(f"--config.learning_rate={text}: expected a positive finite rate "
+                         "(e.g. 3e-4)")
+    if name == "train_samples" and value == -1:
+        return None  # the whole training set: the full-data run
+    if name == "train_samples" and value <= 0:
+        raise ValueError(f"--config.train_samples={text}: expected a positive number of "
+                         "training examples (or -1, the whole training set)")
+    return value
 
 
 def _literal(text: str) -> Any:
@@ -199,6 +217,7 @@ def sweep(tasks: Sequence[str], methods: Sequence[str], *,
     Returns:
       `Sweep`: the runs, task-major, then method, configuration, learning rate and size.
     """
+    _check_grid_values(learning_rates, train_sizes)
     t5 = paper.model_config(passthrough.model or paper.PAPER_MODEL)
     pinned = passthrough.pinned
     runs: list[Run] = []
@@ -207,7 +226,7 @@ def sweep(tasks: Sequence[str], methods: Sequence[str], *,
         peft.get_method(method_name)  # an unknown name raises, listing the valid ones
     for task in tasks:
         data_lib.get_task(task)  # an unknown task raises, naming the valid ones
-        sizes = _sizes(task, train_sizes, pinned.get("train_samples"), skipped)
+        sizes = _sizes(task, train_sizes, pinned, skipped)
         for method_name in methods:
             method = peft.get_method(method_name)
             fields = set(method.config_field_names())
@@ -233,9 +252,22 @@ def sweep(tasks: Sequence[str], methods: Sequence[str], *,
     return Sweep(runs, skipped)
 
 
-def _sizes(task: str, train_sizes, pinned_size, skipped: list[str]) -> list[int | None]:
-    if pinned_size is not None:
-        return [pinned_size]
+def _check_grid_values(learning_rates, train_sizes) -> None:
+    """ValueError for a rate or size no run can use (a rate <= 0 fails every run; a size <= 0
+    would train on the whole set under a low-resource name)."""
+    for lr in learning_rates or ():
+        if not tool_cli.positive_finite(lr, FLOAT32_MAX):
+            raise ValueError(f"learning rate {lr!r}: expected a positive finite rate "
+                             "(--learning-rates, e.g. 3e-4,1e-3)")
+    for n in train_sizes or ():
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"training-set size {n!r}: expected a positive number of "
+                             "examples (--train-sizes, e.g. 100,500)")
+
+
+def _sizes(task: str, train_sizes, pinned, skipped: list[str]) -> list[int | None]:
+    if "train_samples" in pinned:
+        return [pinned["train_samples"]]
     if not train_sizes:
         return [None]
     try:
@@ -304,9 +336,8 @@ def _csv(text: str | None, kind=str) -> list | None:
     return None if text is None else [kind(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_cli.parser("experiments.paper_runs", __doc__)
     parser.add_argument("--tasks", help="comma-separated (default: Tables 1 and 2; "
                         "--low-resource: GLUE)")
     parser.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)}; "
@@ -317,12 +348,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="the grid on subsampled training sets (implies --sweep)")
     parser.add_argument("--train-sizes", help="low-resource sizes (default: "
                         f"{','.join(map(str, paper.LOW_RESOURCE_SIZES))}; implies "
-                        "--low-resource)")
+                        "--low-resource)", type=tool_cli.csv_list(
+                            int, lambda n: n > 0, "positive integers (training examples)",
+                            "100,500"))
     parser.add_argument("--learning-rates", help="rates to try for every method (default: "
-                        "each method's own)")
+                        "each method's own)", type=tool_cli.csv_list(
+                            float, lambda v: tool_cli.positive_finite(v, FLOAT32_MAX),
+                            "positive finite learning rates", "3e-4,1e-3"))
     parser.add_argument("--run", action="store_true", help="run them one after another")
     parser.add_argument("--json", action="store_true", help="print the grid as JSON")
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def grid_json(grid: Sweep, root: str, common: Sequence[str]) -> list[dict[str, Any]]:
+    """The `--json` records of the grid's runs (with their data sizes and step counts)."""
+    out = []
+    for r in grid.runs:
+        n_train, steps = run_steps(r, root, common)
+        out.append({"task": r.task, "method": r.method, "name": r.name,
+                    "workdir": r.workdir(root), "learning_rate": r.learning_rate,
+                    "axes": dict(r.axes), "train_samples": r.train_samples,
+                    "train_examples": n_train, "steps": steps,
+                    "done": (Path(r.workdir(root)) / SUMMARY_FILE).exists(),
+                    "command": r.command(root, common)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
     low_resource = args.low_resource or args.train_sizes is not None
     tasks = _csv(args.tasks) or list(GLUE_TASKS if low_resource else GLUE_TASKS + SUPERGLUE_TASKS)
     methods = _csv(args.methods) or list(paper.LOW_RESOURCE_METHODS if low_resource
@@ -338,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         passthrough = split_extra(extra)
-        grid = sweep(tasks, methods,
-                     learning_rates=_csv(args.learning_rates, float),
-                     train_sizes=(_csv(args.train_sizes, int) or list(paper.LOW_RESOURCE_SIZES)
+        grid = sweep(tasks, methods, learning_rates=args.learning_rates,
+                     train_sizes=(args.train_sizes or list(paper.LOW_RESOURCE_SIZES)
                                   if low_resource else None),
                      passthrough=passthrough)
     except ValueError as e:
@@ -350,16 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# left out: {note}", file=sys.stderr)
     root, common = args.workdir_root, passthrough.common
     if args.json:
-        out = []
-        for r in grid.runs:
-            n_train, steps = run_steps(r, root, common)
-            out.append({"task": r.task, "method": r.method, "name": r.name,
-                        "workdir": r.workdir(root), "learning_rate": r.learning_rate,
-                        "axes": dict(r.axes), "train_samples": r.train_samples,
-                        "train_examples": n_train, "steps": steps,
-                        "done": (Path(r.workdir(root)) / SUMMARY_FILE).exists(),
-                        "command": r.command(root, common)})
-        print(json.dumps(out, indent=1))
+        print(json.dumps(grid_json(grid, root, common), indent=1))
         return 0
     if args.run:
         return run_all([(r.workdir(root), r.command(root, common)) for r in grid.runs])

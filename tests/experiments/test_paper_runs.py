@@ -258,3 +258,34 @@ def test_sparse_adapter_and_dsee_rows_join_the_grid():
                        "dsee": []}
     assert [r.learning_rate for r in grid.runs if r.method == "dsee"] == [5e-4]  # rate only
     assert all(m in paper.METHOD_TITLES for m in paper.EXTRA_METHODS)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--train-sizes=-5,0"], "argument --train-sizes: '-5' is not valid"),
+    (["--sweep", "--learning-rates=0,-1"], "argument --learning-rates: '0' is not valid"),
+    (["--sweep", "--learning-rates", "abc"], "argument --learning-rates: 'abc' is not valid"),
+    (["--sweep", "--learning-rates=nan"], "argument --learning-rates: 'nan' is not valid"),
+])
+def test_grid_values_no_run_can_use_exit_2_naming_the_flag(argv, named, capsys):
+    """A size <= 0 would train on the whole set under a low-resource name; a rate <= 0 fails
+    every run: both are refused before any command is printed."""
+    with pytest.raises(SystemExit) as exit_:
+        paper_runs.main(["--tasks", "rte", "--methods", "bitfit", *argv])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and named in err and out == ""
+
+
+def test_pinned_sizes_and_rates_are_checked_and_minus_one_is_the_full_set(capsys):
+    assert paper_runs.main(["--sweep", "--tasks", "rte", "--methods", "bitfit",
+                            "--config.learning_rate=-1"]) == 2
+    assert "--config.learning_rate=-1: expected a positive finite rate" in capsys.readouterr().err
+    assert paper_runs.main(["--sweep", "--tasks", "rte", "--methods", "bitfit",
+                            "--config.train_samples=0"]) == 2
+    assert "--config.train_samples=0: expected a positive number" in capsys.readouterr().err
+    (run,) = sweep(["rte"], ["bitfit"],
+                   passthrough=split_extra(["--config.train_samples=-1"])).runs
+    assert run.train_samples is None and run.name == "lr3e-4"
+    with pytest.raises(ValueError, match="training-set size -5: expected a positive number"):
+        sweep(["rte"], ["bitfit"], train_sizes=[-5])
+    with pytest.raises(ValueError, match=r"learning rate 0\.0: expected a positive finite"):
+        sweep(["rte"], ["bitfit"], learning_rates=[0.0])
