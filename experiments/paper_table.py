@@ -36,7 +36,7 @@ import numpy as np
 from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.params import report
-from experiments import paper
+from experiments import paper, tool_cli
 from experiments.configs import paper as paper_config
 
 SUMMARY_FILE = "summary.json"
@@ -84,21 +84,31 @@ class RunResult:
 def load_run(path: Path) -> RunResult:
     """A `RunResult` from one summary.json. Raises ValueError naming the file and the field."""
     try:
-        s = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        s = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable summary.json ({e})") from None
+    if not isinstance(s, dict):
+        raise ValueError(f"{path}: not a readable summary.json (a JSON {type(s).__name__}, "
+                         "not an object)")
     missing = [k for k in ("task", "method", "model", "trainable_params", "total_params")
                if k not in s]
     if missing:
         raise ValueError(f"{path}: missing {missing}; it was not written by "
                          "experiments.finetune (delete it or re-run that workdir)")
+    try:
+        return _run_result(Path(path), s)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable summary.json ({e})") from None
+
+
+def _run_result(path: Path, s: Mapping[str, Any]) -> RunResult:
     run_config = s.get("config", {})
     train_samples = run_config.get("train_samples", -1)
     validation = s.get("best_validation_score")
     if validation is None:
         validation = s.get("validation", {}).get("validation/score")
     return RunResult(
-        workdir=Path(path).parent, task=data_lib.get_task(s["task"]).name, method=s["method"],
+        workdir=path.parent, task=data_lib.get_task(s["task"]).name, method=s["method"],
         model=s["model"], config=_config_name(s), validation_score=validation,
         train_samples=train_samples if train_samples and train_samples > 0 else None,
         test={k: float(v) for k, v in s.get("test", {}).items()},
@@ -119,8 +129,20 @@ def _config_name(summary: Mapping[str, Any]) -> str:
 
 
 def find_runs(runs_dir: Path) -> list[RunResult]:
-    """Every run below `runs_dir` (sorted by path)."""
+    """Every run below `runs_dir` (sorted by path); ValueError at the first unreadable one."""
     return [load_run(p) for p in sorted(Path(runs_dir).rglob(SUMMARY_FILE))]
+
+
+def read_runs(runs_dir: Path) -> tuple[list[RunResult], list[str]]:
+    """(every readable run below `runs_dir`, one "PATH: why" per summary.json that is not):
+    a torn or foreign file leaves its run out (a blank, as a missing run) but not the rest."""
+    runs, unreadable = [], []
+    for path in sorted(Path(runs_dir).rglob(SUMMARY_FILE)):
+        try:
+            runs.append(load_run(path))
+        except ValueError as e:
+            unreadable.append(str(e))
+    return runs, unreadable
 
 
 def task_score(task: str, metrics: Mapping[str, float]) -> float | None:
@@ -301,7 +323,8 @@ def recipe_notes(runs: Iterable[RunResult]) -> list[str]:
 
 
 def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
-                   reference: Sequence[Row], runs: Sequence[RunResult]) -> str:
+                   reference: Sequence[Row], runs: Sequence[RunResult],
+                   unreadable: Sequence[str] = ()) -> str:
     models = sorted({r.model for r in runs})
     parts = [f"# {title}: test scores at the best validation configuration", "",
              markdown_table(rows, tasks) if rows else "No full-data runs on these tasks."]
@@ -323,6 +346,9 @@ def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
         parts.append("- Off the paper's recipe: " + "; ".join(notes) + ".")
     if reference:
         parts.append(f"- Paper numbers: {paper.PAPER_SOURCES}")
+    if unreadable:
+        parts.append("- Left out (unreadable summary.json; their runs show as missing): "
+                     + "; ".join(unreadable) + ".")
     return "\n".join(parts) + "\n"
 
 
@@ -381,8 +407,10 @@ def _selection_records(runs: Sequence[RunResult], best: Mapping[tuple, RunResult
              "workdir": str(r.workdir)} for r in runs]
 
 
-def write_all(runs: Sequence[RunResult], out: Path) -> dict[str, Path]:
-    """Writes the tables, selection.csv and the low-resource figure; returns name -> path."""
+def write_all(runs: Sequence[RunResult], out: Path,
+              unreadable: Sequence[str] = ()) -> dict[str, Path]:
+    """Writes the tables, selection.csv and the low-resource figure; returns name -> path.
+    `unreadable` ("PATH: why" of summaries left out) is noted under every table."""
     out.mkdir(parents=True, exist_ok=True)
     best = select_best(runs)
     written = {"selection.csv": write_csv(out / "selection.csv", _selection_records(runs, best))}
@@ -394,7 +422,7 @@ def write_all(runs: Sequence[RunResult], out: Path) -> dict[str, Path]:
         reference = paper_rows(paper.PAPER_METHODS) if name == "table1" else []
         title = f"Table {name[-1]} ({title})"
         (out / f"{name}.md").write_text(table_markdown(title, tasks, rows, reference,
-                                                       table_runs))
+                                                       table_runs, unreadable))
         written[f"{name}.md"] = out / f"{name}.md"
         written[f"{name}.csv"] = write_csv(out / f"{name}.csv",
                                            csv_records([*rows, *reference], tasks))
@@ -408,34 +436,46 @@ def write_all(runs: Sequence[RunResult], out: Path) -> dict[str, Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs_dir", type=Path, help="directory holding the runs")
-    parser.add_argument("--out", type=Path, required=True, help="where the tables go")
-    parser.add_argument("--model", help="only runs on this backbone (needed when several)")
-    args = parser.parse_args(argv)
-    try:
-        if not args.runs_dir.is_dir():
-            raise ValueError(f"{args.runs_dir} is not a directory")
-        runs = find_runs(args.runs_dir)
-        if args.model:
-            runs = [r for r in runs if r.model == args.model]
-        models = sorted({r.model for r in runs})
-        if not runs:
-            raise ValueError(f"no {SUMMARY_FILE} below {args.runs_dir}"
-                             + (f" with model {args.model!r}" if args.model else ""))
-        if len(models) > 1:
-            raise ValueError(f"runs on several backbones ({', '.join(models)}): pick one with "
-                             "--model (configurations are compared on one backbone)")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    written = write_all(runs, args.out)
+def chosen_runs(runs_dir: Path, out: Path,
+                model: str | None) -> tuple[list[RunResult], list[str]]:
+    """(the readable runs below `runs_dir`, on `model` when given; "PATH: why" of each
+    unreadable summary, also printed as a warning). Raises ValueError naming the directory
+    or flag when no table can be made."""
+    if not runs_dir.is_dir():
+        raise ValueError(f"{runs_dir} is not a directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory: name a directory for the "
+                         "tables")
+    runs, unreadable = read_runs(runs_dir)
+    for why in unreadable:
+        print(f"warning: left out (shown as missing): {why}", file=sys.stderr)
+    if model:
+        runs = [r for r in runs if r.model == model]
+    models = sorted({r.model for r in runs})
+    if not runs:
+        raise ValueError(f"no readable {SUMMARY_FILE} below {runs_dir}"
+                         + (f" with model {model!r}" if model else ""))
+    if len(models) > 1:
+        raise ValueError(f"runs on several backbones ({', '.join(models)}): pick one with "
+                         "--model (configurations are compared on one backbone)")
+    return runs, unreadable
+
+
+def run(args: argparse.Namespace) -> int:
+    runs, unreadable = chosen_runs(args.runs_dir, args.out, args.model)
+    written = write_all(runs, args.out, unreadable)
     print(written["table1.md"].read_text())
     for name, path in written.items():
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = tool_cli.parser("experiments.paper_table", __doc__)
+    parser.add_argument("runs_dir", type=Path, help="directory holding the runs")
+    parser.add_argument("--out", type=Path, required=True, help="where the tables go")
+    parser.add_argument("--model", help="only runs on this backbone (needed when several)")
+    return tool_cli.run(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -208,3 +208,34 @@ def test_task_score_needs_every_metric():
     assert paper_table.task_score("mrpc", {"accuracy": 80.0}) is None
     assert paper_table.task_score("mrpc", {"accuracy": 80.0, "f1": 90.0}) == 85.0
     assert math.isclose(paper_table.task_score("stsb", {"pearson": 1.0, "spearmanr": 2.0}), 1.5)
+
+
+def test_a_torn_summary_is_left_out_with_a_warning_not_the_whole_table(tmp_path, capsys):
+    """One torn summary.json (a run killed while writing, a foreign file) leaves its run out,
+    named, and shows it as missing; the other runs still make the table."""
+    def summary(task, score):
+        return {"task": task, "method": "bitfit", "model": "t5-base", "trainable_params": 1,
+                "total_params": 2, "best_validation_score": score, "learning_rate": 3e-4,
+                "test": {"accuracy": score}}
+
+    for task in ("rte", "sst2"):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "summary.json").write_text(json.dumps(summary(task, 70.0)))
+    (tmp_path / "sst2" / "summary.json").write_text('{"task": "sst2", "meth')  # torn
+    (tmp_path / "qnli").mkdir()
+    (tmp_path / "qnli" / "summary.json").write_bytes(b"\xff\xfe[1]")  # not UTF-8
+    (tmp_path / "wnli").mkdir()
+    (tmp_path / "wnli" / "summary.json").write_text("[1, 2]")  # not an object
+    out = tmp_path / "out"
+    assert paper_table.main([str(tmp_path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    for name in ("sst2", "qnli", "wnli"):
+        assert f"warning: left out (shown as missing): {tmp_path / name / 'summary.json'}" in err
+    md = (out / "table1.md").read_text()
+    cells = dict(zip(["method", "%", *paper.GLUE_TASKS, "avg", "task avg"],
+                     md_row(md, "BitFit")))
+    assert cells["rte"] == "70.00" and cells["sst2"] == "" and cells["avg"] == "70.00 (1/8)"
+    assert f"Left out (unreadable summary.json; their runs show as missing): {tmp_path}" in md
+    # --out naming a file is refused before anything is read or written.
+    assert paper_table.main([str(tmp_path), "--out", str(tmp_path / "rte" / "summary.json")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
