@@ -190,7 +190,8 @@ class Predictor:
       adapters: {task name: export directory}.
       tokenizer: a tokenizer dir or Hub id, or a loaded tokenizer (default: the backbone's
         own spiece.model; the shared T5 vocabulary for a `random:` backbone).
-      batch_size: rows per decoding batch (the last batch of a call is padded).
+      batch_size: rows per decoding batch (at most; a call's last, shorter batch is padded
+        to the next power of two of its examples, not to batch_size).
       dtype: compute dtype ("float32" | "bfloat16").
       scan_layers: scan the T5 blocks (None: when the method allows it).
       length_buckets: source widths of the batches (default: powers of two up to the longest
@@ -280,7 +281,8 @@ class Predictor:
     # -- prediction ----------------------------------------------------------------------
     def _batches(self, ids: list[np.ndarray], task_ids: np.ndarray):
         """(rows, task_ids, input_ids, attention_mask) of length-sorted batches, each trimmed
-        to the smallest length bucket that holds it; the last one repeats its final row."""
+        to the smallest length bucket that holds it; the last one repeats its final row up
+        to `padded_rows`."""
         lengths = np.array([len(x) for x in ids])
         if lengths.max() > self.length_buckets[-1]:
             raise ServeError(f"a source has {lengths.max()} tokens, more than the largest "
@@ -288,7 +290,8 @@ class Predictor:
         order = np.lexsort((np.arange(len(ids)), lengths))
         for start in range(0, len(order), self.batch_size):
             real = order[start:start + self.batch_size]
-            rows = np.concatenate([real, np.full(self.batch_size - len(real), real[-1])])
+            rows = np.concatenate([real, np.full(padded_rows(len(real), self.batch_size)
+                                                 - len(real), real[-1])])
             width = next(b for b in self.length_buckets if b >= lengths[real].max())
             input_ids = np.zeros((len(rows), width), np.int32)
             for r, i in enumerate(rows):
@@ -323,6 +326,12 @@ class Predictor:
         return [{**example, "prediction": text,
                  "parsed": _jsonable(data_lib.get_task(example["task"]).parse_prediction(text))}
                 for example, text in zip(examples, texts)]
+
+
+def padded_rows(n: int, batch_size: int) -> int:
+    """Rows of a batch holding `n` examples: the next power of two, at most `batch_size` (a
+    short batch is not padded to a huge `batch_size`; few shapes, so few compiles)."""
+    return min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
 def _formats(task: str, example: Mapping[str, Any]) -> bool:

@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from compacter_jax.data import get_task
-from compacter_jax.peft import AdapterFileError
 from compacter_jax.serve import Predictor, ServeError
+from experiments import tool_cli
 
 
 class InputError(ValueError):
@@ -51,8 +52,13 @@ def read_examples(path: Path) -> tuple[list[dict], list[int]]:
     if not path.is_file():
         raise InputError(f"input file {path} not found")
     examples, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} "
+                                 f"at column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -65,6 +71,27 @@ def read_examples(path: Path) -> tuple[list[dict], list[int]]:
             examples.append(example)
             lines.append(number)
     return examples, lines
+
+
+def check_output(path: Path) -> None:
+    """Refuses an --output that cannot be written (a directory, a device, a folder without
+    write access), before any work; the folders it needs are created when it is written."""
+    if path.is_dir():
+        raise InputError(f"--output {path} is a directory: name the JSONL file to write "
+                         f"(e.g. {path / 'predictions.jsonl'})")
+    if path.exists() and not path.is_file():
+        raise InputError(f"--output {path} exists and is not a regular file: name a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the first folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--output {path}: {folder} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"--output {path}: cannot write in {folder} ({e.strerror}); choose "
+                         "a writable folder") from None
 
 
 def write_examples(path: Path, rows: list[dict]) -> None:
@@ -99,6 +126,7 @@ def check_tasks(path: Path, examples: list[dict], lines: list[int], adapters: di
 
 def run(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapters)
+    check_output(Path(args.output))
     examples, lines = read_examples(Path(args.input))
     check_tasks(Path(args.input), examples, lines, adapters)
     predictor = Predictor(args.backbone or None, adapters, tokenizer=args.tokenizer or None,
@@ -116,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_cli.parser("experiments.predict", __doc__)
     p.add_argument("--backbone", default="", help="checkpoint dir, Hub id or "
                    "random:<preset> (default: the backbone the adapters record)")
     p.add_argument("--adapters", required=True, help="TASK=DIR[,TASK=DIR...] adapter exports")
@@ -134,11 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (InputError, ServeError, AdapterFileError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return tool_cli.run(run, args)  # InputError, ServeError, AdapterFileError: ValueErrors
 
 
 if __name__ == "__main__":

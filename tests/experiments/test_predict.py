@@ -205,3 +205,46 @@ def test_mismatched_adapters_are_refused(adapters, tmp_path, capsys):
     code, err = run_main(capsys, "--adapters", f"rte={adapters['rte']},mrpc={lora}", "--input",
                          str(source), "--output", str(tmp_path / "o.jsonl"))
     assert code == 2 and "different methods" in err, err
+
+
+def test_a_short_call_is_padded_to_its_examples_not_to_batch_size(adapters, examples,
+                                                                   tokenizer):
+    """batch_size is an upper bound: one example with batch_size=10**9 decodes one row (it
+    used to allocate 10**9 rows). (Rows decode independently: the tokens of a padded last
+    batch are checked by test_mixed_batches_give_the_single_adapter_tokens.)"""
+    predictor = Predictor(BACKBONE, {"rte": adapters["rte"]}, tokenizer=tokenizer,
+                          batch_size=10**9)
+    rte = [ex for ex in examples if ex["task"] == "rte"]
+    (rows, _, input_ids, mask), = predictor._batches(*predictor.encode(rte[:1]))
+    assert input_ids.shape[0] == mask.shape[0] == 1 and list(rows) == [0]
+    from compacter_jax.serve import padded_rows
+    assert [padded_rows(n, 32) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
+    assert [padded_rows(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
+
+
+def test_output_and_input_are_checked_before_any_work(adapters, examples, tmp_path, capsys,
+                                                      monkeypatch):
+    """An unusable --output is refused before the backbone loads (it used to fail after all
+    the work, leaving OUTPUT.tmp-PID); a non-UTF-8 input names its file and line."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the input was checked")
+
+    monkeypatch.setattr(predict, "Predictor", no_work)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(examples[0]) + "\n")
+    spec = f"rte={adapters['rte']}"
+    outputs = [(tmp_path, f"--output {tmp_path} is a directory")]
+    if Path("/proc/version").is_file():
+        outputs.append(("/proc/version", "--output /proc/version: cannot write in /proc"))
+    for out, named in outputs:
+        code, err = run_main(capsys, "--adapters", spec, "--input", str(source), "--output",
+                             str(out))
+        assert code == 2 and named in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no temporary left
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(examples[0]).encode() + b"\n"
+                       + '{"task": "rte", "sentence1": "caf\u00e9"}\n'.encode("latin-1"))
+    code, err = run_main(capsys, "--adapters", spec, "--input", str(latin1), "--output",
+                         str(tmp_path / "out.jsonl"))
+    assert code == 2 and f"{latin1}:2: not UTF-8 text (byte 0xe9 at column 34)" in err, err
