@@ -31,7 +31,8 @@ from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.models import T5Config, is_backbone_path
 from compacter_jax.models import param_shapes as model_param_shapes
 from compacter_jax.models.vocab import check_vocab_size
-from compacter_jax.peft import Method, build_model, count, get_method, method_names
+from compacter_jax.peft import Method, build_model, cli_fields, count, get_method, method_names
+from compacter_jax.peft.method import as_tuple, fits_type, type_name
 
 
 # The paper's T5-base budget (Table 1): method -> (trainable parameters, % trained as
@@ -93,16 +94,24 @@ def report(t5_config: T5Config, method: Method) -> ParamReport:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """["n=8", "positions=('feed_forward',)"] -> {"n": 8, ...} (Python literals, else str)."""
+    """["n=8", "positions=('feed_forward',)"] -> {"n": 8, ...} (Python literals, else str).
+
+    Raises ValueError naming the item for one that is not FIELD=VALUE, and naming the field
+    and its type for a value of the wrong type (a field of any registered method)."""
     out: dict[str, Any] = {}
+    types = cli_fields()
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         try:
-            out[key.strip()] = ast.literal_eval(value)
+            out[key] = as_tuple(ast.literal_eval(value))
         except (ValueError, SyntaxError):
-            out[key.strip()] = value
+            out[key] = value
+        if key in types and not fits_type(out[key], types[key]):
+            raise ValueError(f"--set {item}: field {key!r} takes {type_name(types[key])}, "
+                             f"not {out[key]!r}")
     return out
 
 

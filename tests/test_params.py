@@ -86,6 +86,12 @@ def test_cli_errors(capsys):
     assert "valid names" in capsys.readouterr().err
 
 
+def test_a_set_value_of_the_wrong_type_exits_2_naming_the_field(capsys):
+    for method in ("all", "compacter"):
+        assert params_cli.main(["--method", method, "--set", "n=abc"]) == 2
+        assert "--set n=abc: field 'n' takes int, not 'abc'" in capsys.readouterr().err
+
+
 
 def test_bitfit_with_the_vocabulary_cut_to_the_tokenizer_is_the_papers(capsys):
     """The original resizes T5's embedding to its tokenizer's 32,100 entries before training

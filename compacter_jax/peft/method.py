@@ -21,9 +21,13 @@ Families live one per module under `compacter_jax.peft.methods`; presets are ins
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import numpy as np
 
 from compacter_jax.models import (NO_HOOKS, T5Config, T5Hooks, is_backbone_path,
                                   missing_backbone_paths)
@@ -38,6 +42,34 @@ BASE_FIELDS = ("name", "learning_rate")
 def as_tuple(value: Any) -> Any:
     """Lists (from JSON or the command line) become tuples, so methods stay hashable."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def fits_type(value: Any, annotation: Any) -> bool:
+    """Whether `value` is of a method field's annotated type (int, float, bool, str, tuples
+    of them, `X | None`); a float field takes an int, an int field no bool or float."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return (isinstance(value, tuple) and len(items) == len(value)
+                and all(fits_type(v, a) for v, a in zip(value, items)))
+    if annotation is bool:
+        return isinstance(value, (bool, np.bool_))
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if annotation is str:
+        return isinstance(value, str)
+    return True  # Literal, Any, ...: the method's own checks decide
+
+
+def type_name(annotation: Any) -> str:
+    """int -> "int", tuple[str, ...] -> "tuple[str, ...]", float | None -> "float | None"."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 def is_peft_path(path: ParamPath) -> bool:
@@ -132,13 +164,20 @@ class Method:
 
     # -- configuration ---------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Method":
-        """A copy with fields replaced (checks rerun); unknown fields raise ValueError."""
+        """A copy with fields replaced (checks rerun); an unknown field or a value not of the
+        field's type (`fits_type`) raises ValueError naming it."""
         unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
             raise ValueError(
                 f"unknown field(s) {unknown} for method {self.name!r} ({type(self).__name__}); "
                 f"valid fields: {', '.join(self.config_field_names())}")
-        return dataclasses.replace(self, **{k: as_tuple(v) for k, v in changes.items()})
+        changes = {k: as_tuple(v) for k, v in changes.items()}
+        hints = typing.get_type_hints(type(self))
+        for k, v in changes.items():
+            if not fits_type(v, hints[k]):
+                raise ValueError(f"field {k}={v!r} of method {self.name!r} "
+                                 f"({type(self).__name__}): expected {type_name(hints[k])}")
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

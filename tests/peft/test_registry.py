@@ -69,6 +69,19 @@ def test_unknown_field_is_named():
         get_method("lora", n=4)
 
 
+def test_a_value_of_the_wrong_type_is_named():
+    """A field given a value its type does not hold fails at the override, naming the field
+    and the type (it used to be a TypeError deep in the method's checks)."""
+    for field, value, want in (("n", "abc", "int"), ("n", 4.0, "int"), ("n", True, "int"),
+                               ("rule_init_std", "x", r"float \| None"),
+                               ("positions", ("feed_forward", 1), r"tuple\[str, ...\]")):
+        with pytest.raises(ValueError, match=rf"field {field}=.* of method 'compacter' "
+                                             rf"\(AdapterMethod\): expected {want}$"):
+            get_method("compacter", **{field: value})
+    assert get_method("compacter", rule_init_std=1, positions=["feed_forward"]).positions == (
+        "feed_forward",)  # an int for a float, a list for a tuple
+
+
 def test_cli_fields_are_the_union_of_the_families():
     fields = registry.cli_fields()
     assert {"reduction_factor", "n", "rank", "positions", "alpha", "targets", "length",
