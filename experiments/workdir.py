@@ -73,6 +73,18 @@ def _probe_writable(directory: Path) -> None:
                            "permissions or choose another --workdir") from None
 
 
+def _check_inside(workdir: Path, path: Path, what: str) -> None:
+    """An output reached through a symbolic link must stay in the workdir: the lock guards
+    the workdir only, and a run's outputs are found there."""
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if not target.is_relative_to(workdir.resolve()):
+        raise WorkdirError(f"{path} is a symbolic link to {target}, outside the workdir, and "
+                           f"the run writes {what} there; replace the link with a real "
+                           "directory or file (a run's outputs stay in its workdir)")
+
+
 def check_writable(workdir: str | os.PathLike) -> Path:
     """Creates `workdir` if needed and checks that every output can be written there: the
     directory itself, and each output path either absent or of the right kind (a directory
@@ -81,7 +93,8 @@ def check_writable(workdir: str | os.PathLike) -> Path:
     Returns:
       the workdir as an absolute Path.
     Raises:
-      WorkdirError naming the offending path, what the run writes there, and the fix.
+      WorkdirError naming the offending path, what the run writes there, and the fix (also
+      for an output that is a symbolic link leading out of the workdir).
     """
     workdir = Path(workdir).expanduser().absolute()
     if workdir.exists() and not workdir.is_dir():
@@ -93,6 +106,8 @@ def check_writable(workdir: str | os.PathLike) -> Path:
         raise WorkdirError(f"cannot create --workdir {workdir} ({e.strerror}); choose a "
                            "writable location") from None
     _probe_writable(workdir)
+    for name, what in {**OUTPUT_DIRS, **OUTPUT_FILES}.items():
+        _check_inside(workdir, workdir / name, what)
     for name, what in OUTPUT_DIRS.items():
         path = workdir / name
         if path.exists() and not path.is_dir():

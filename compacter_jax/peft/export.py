@@ -53,6 +53,55 @@ class AdapterFileError(ValueError):
     """An export directory that is missing, incomplete, corrupt or does not fit the backbone."""
 
 
+SEED_RANGE = (0, 2**32 - 1)  # jax.random.PRNGKey keeps 32 bits: a larger seed would alias
+
+
+def check_init_seed(seed: Any, where: str) -> int:
+    """`seed` as the int a `random:` backbone is drawn with; ValueError naming `where` for
+    anything else (a string, a bool, a seed PRNGKey would silently truncate)."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not lo <= seed <= hi:
+        raise ValueError(f"{where}: init_seed {seed!r} is not an integer in {lo}..{hi} (the "
+                         "seed of the PRNGKey the random backbone was drawn with)")
+    return seed
+
+
+def _check_record(meta: Mapping[str, Any], config: Path) -> None:
+    """The backbone fields of an export's JSON that loading relies on, checked up front."""
+    if "init_seed" in meta:
+        try:
+            check_init_seed(meta["init_seed"], str(config))
+        except ValueError as e:
+            raise AdapterFileError(f"{e}; re-export the adapter") from None
+    vocab = meta.get("vocab_size")
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int)
+                              or vocab < 1):
+        raise AdapterFileError(f"{config}: vocab_size {vocab!r} is not a positive integer; "
+                               "re-export the adapter")
+
+
+def _stored_dtypes(weights: Path) -> dict[str, str]:
+    """Tensor name -> dtype as stored in the safetensors header ("F32", "BF16", "I64", ...):
+    the file's own, not that of the arrays loaded (JAX narrows int64 to int32)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="numpy") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def _check_floating(stored: Mapping[str, str], weights: Path) -> None:
+    """Trained parameters are floating point: a file storing an integer or boolean tensor is
+    refused (loading would cast it to the model's dtype without a word)."""
+    names = {f"{c}{bits}": f"{kind}{bits}" for c, kind in (("I", "int"), ("U", "uint"))
+             for bits in (8, 16, 32, 64)} | {"BOOL": "bool"}
+    bad = [f"{k} ({names.get(dtype, dtype)})" for k, dtype in sorted(stored.items())
+           if not (dtype.startswith("F") or dtype == "BF16")]
+    if bad:
+        raise AdapterFileError(f"{weights}: tensors {bad[:3]} are not floating point; an "
+                               "export holds trained (floating-point) parameters only: "
+                               "re-export the adapter")
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -82,6 +131,11 @@ def export_trainable(path: str | os.PathLike, params: Any, metadata: Mapping[str
     bad = [k for k in flat if any("/" in str(part) for part in k)]
     if bad:
         raise ValueError(f"parameter names must not contain '/': {bad[:3]}")
+    integral = ["/".join(map(str, k)) for k, v in flat.items()
+                if not jnp.issubdtype(v.dtype, jnp.floating)]
+    if integral:
+        raise ValueError(f"refusing to export non-floating-point tensors {integral[:3]}: an "
+                         "export holds trained parameters (load_trainable refuses others)")
     nonfinite = ["/".join(k) for k, v in flat.items()
                  if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
     if nonfinite:
@@ -127,6 +181,7 @@ def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
         raise AdapterFileError(f"{config}: not valid JSON ({e}); re-export the adapter") from None
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{config}: expected a JSON object, got {type(meta).__name__}")
+    _check_record(meta, config)
     sums, expected = meta.get("sha256"), meta.get("tensors")
     for key, value in (("sha256", sums), ("tensors", expected)):
         if value is not None and not isinstance(value, dict):
@@ -140,9 +195,11 @@ def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
             raise AdapterFileError(f"{weights} is corrupt (sha256 differs from the manifest); "
                                    "re-export or re-copy the adapter")
     try:
+        stored = _stored_dtypes(weights)
         loaded = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"cannot read {weights} (truncated or corrupt?): {e}") from None
+    _check_floating(stored, weights)
     flat = {tuple(k.split("/")): np.asarray(v) for k, v in loaded.items()}
     if expected is not None:
         missing = sorted(set(expected) - set(loaded))
@@ -217,6 +274,8 @@ def save_adapter(path: str | Path, trainable: Any, method: Method, *,
     `init_seed` for a `random:` model (the seed of the PRNGKey it was drawn with). A `random:`
     model with neither is refused (ValueError): it would reload onto seed 0 whatever it was.
     """
+    if "init_seed" in metadata:
+        check_init_seed(metadata["init_seed"], f"save_adapter({str(path)!r})")
     if backbone_params is not None:
         metadata[FINGERPRINT] = backbone_fingerprint(backbone_params, method)
     model = str(metadata.get("model") or "")

@@ -132,3 +132,24 @@ def test_check_writable_and_stale_temporaries(tmp_path):
                        ".summary.99.tmp.json"}
     assert sorted(p.name for p in workdir.iterdir()) == ["adapter", "checkpoints",
                                                          "metrics.jsonl", "predictions"]
+
+
+def test_an_output_linked_out_of_the_workdir_is_refused(tmp_path):
+    """A `predictions/` (or any output) that is a symbolic link leading out of the workdir
+    would write outside it, beyond the lock's reach: refused up front, naming it."""
+    workdir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    workdir.mkdir()
+    elsewhere.mkdir()
+    (workdir / "predictions").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(wd.WorkdirError, match=rf"{workdir / 'predictions'} is a symbolic link "
+                                              rf"to {elsewhere}, outside the workdir, and the "
+                                              r"run writes per-example predictions there"):
+        wd.check_writable(workdir)
+    (workdir / "predictions").unlink()
+    (workdir / "summary.json").symlink_to(elsewhere / "absent.json")  # dangling
+    with pytest.raises(wd.WorkdirError, match=r"summary.json is a symbolic link to .*absent"):
+        wd.check_writable(workdir)
+    (workdir / "summary.json").unlink()
+    (workdir / "kept").mkdir()  # a link that stays inside the workdir is fine
+    (workdir / "predictions").symlink_to(workdir / "kept", target_is_directory=True)
+    assert wd.check_writable(workdir) == workdir

@@ -3,6 +3,7 @@ bit and an edited method field, NaN is refused both ways, and exports written by
 compacter-jax 0.1 (tests/peft/data/legacy_v0.1, made by the 0.1 code) still load."""
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -248,3 +249,36 @@ def test_an_export_without_the_record_loads_with_a_warning(seven, tmp_path):
         peft.load_adapter(tmp_path / "old")
     with pytest.warns(UserWarning, match=r"records the backbone by name only \(t5-base\)"):
         peft.save_adapter(tmp_path / "named", trainable, method, model="t5-base")
+
+
+def test_backbone_fields_and_tensor_dtypes_are_checked_naming_the_file(tmp_path):
+    """Issue 19: an export whose init_seed is not a PRNGKey seed (a string, 2**70, which
+    PRNGKey would refuse or silently truncate) or whose tensors are integers (without a
+    manifest they used to load cast to float32) is refused naming the file."""
+    from safetensors.numpy import save_file
+
+    for seed in ("abc", 2**70, 2**32, -1, True):
+        path = peft.export_trainable(tmp_path / f"seed_{seed}", TREE,
+                                     {"method": {"family": "Method"}, "init_seed": seed})
+        with pytest.raises(peft.AdapterFileError,
+                           match=rf"seed_{seed}/trainable_config.json: init_seed "
+                                 rf"{re.escape(repr(seed))} is not an integer in 0..4294967295"):
+            peft.load_trainable(path)
+    with pytest.raises(ValueError, match=r"save_adapter\('.*/x'\): init_seed 'abc' is not"):
+        peft.save_adapter(tmp_path / "x", TREE, peft.get_method("bitfit"),
+                          model="random:t5-tiny", init_seed="abc")
+    assert peft.load_trainable(peft.export_trainable(
+        tmp_path / "seed_ok", TREE, {"init_seed": 2**32 - 1}))[1]["init_seed"] == 2**32 - 1
+
+    no_manifest = tmp_path / "int64"
+    no_manifest.mkdir()
+    save_file({"adapter/kernel": np.arange(6, dtype=np.int64).reshape(2, 3)},
+              str(no_manifest / WEIGHTS))
+    (no_manifest / CONFIG).write_text(json.dumps({"method": {}}))
+    with pytest.raises(peft.AdapterFileError, match=r"int64/trainable.safetensors: tensors "
+                                                    r"\['adapter/kernel \(int64\)'\] are not "
+                                                    r"floating point"):
+        peft.load_trainable(no_manifest)
+    with pytest.raises(ValueError, match=r"non-floating-point tensors \['adapter/kernel'\]"):
+        peft.export_trainable(tmp_path / "ints", {"adapter": {"kernel": np.ones(2, np.int32)}},
+                              {})
