@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", required=True, help="TASK=DIR[,TASK=DIR...] adapter exports")
     p.add_argument("--input", required=True, help="JSONL of examples with a 'task' field")
     p.add_argument("--output", required=True, help="JSONL to write (input order)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=tool_cli.positive_int, default=32,
+                   help="examples per decoding batch (at most)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--tokenizer", default="", help="tokenizer dir or Hub id (default: the "
                    "backbone's own spiece.model; the shared T5 vocabulary under "

@@ -32,7 +32,7 @@ import jax
 
 from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_params,
                                   save_pretrained)
-from experiments import paper_table
+from experiments import paper_table, tool_cli
 from experiments.paper_runs import run_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,33 +99,42 @@ def report(args) -> dict[str, Path]:
     """The tables and the figure of every group with finished runs."""
     root, out, written = Path(args.workdir_root), Path(args.out), {}
     for group in args.groups:
-        if (root / group).is_dir() and (runs := paper_table.find_runs(root / group)):
-            files = paper_table.write_all(runs, out / group)
+        if not (root / group).is_dir():
+            continue
+        runs, unreadable = paper_table.read_runs(root / group)
+        for why in unreadable:
+            print(f"warning: left out (shown as missing): {why}", file=sys.stderr)
+        if runs:
+            files = paper_table.write_all(runs, out / group, unreadable)
             written.update({f"{group}/{k}": v for k, v in files.items()})
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+GROUPS = ("main", "low_resource", "control")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = tool_cli.parser("experiments.small_scale", __doc__)
     p.add_argument("--backbone", default=str(BACKBONE), help="pretrained HF-format T5 directory")
     p.add_argument("--workdir-root", default="runs/small_scale")
     p.add_argument("--groups", default="main,low_resource,control",
-                   type=lambda s: [g for g in s.split(",") if g])
-    p.add_argument("--steps", type=int, default=200, help="steps per run (the cap)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval-batch", type=int, default=100)
+                   type=tool_cli.csv_list(str, GROUPS.__contains__,
+                                          f"groups of {', '.join(GROUPS)}", "main,control"))
+    p.add_argument("--steps", type=tool_cli.positive_int, default=200,
+                   help="steps per run (the cap)")
+    p.add_argument("--batch", type=tool_cli.positive_int, default=32)
+    p.add_argument("--eval-batch", type=tool_cli.positive_int, default=100)
     p.add_argument("--run", action="store_true", help="run the commands (finished ones skip)")
     p.add_argument("--report", action="store_true", help="write the tables and the figure")
     p.add_argument("--out", default=str(ROOT / "docs" / "small_scale"))
-    args = p.parse_args(argv)
-    bad = sorted(set(args.groups) - {"main", "low_resource", "control"})
-    if bad or not Path(args.backbone, "config.json").is_file():
-        print(f"error: unknown groups {bad}" if bad else
-              f"error: --backbone {args.backbone} has no config.json (pretrain it first: "
-              "python -m experiments.pretrain, see checkpoints/t5-mini-glue/README.md)",
-              file=sys.stderr)
-        return 2
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.backbone, "config.json").is_file():
+        raise FileNotFoundError(f"--backbone {args.backbone} has no config.json (pretrain it "
+                                "first: python -m experiments.pretrain, see "
+                                "checkpoints/t5-mini-glue/README.md)")
     if "control" in args.groups:
         random_backbone(Path(args.backbone), Path(args.workdir_root))
     cmds = plan(args)
@@ -137,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in report(args).items():
             print(f"wrote {path}", file=sys.stderr)
     return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_cli.run(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

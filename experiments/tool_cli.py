@@ -65,6 +65,17 @@ def csv_list(kind: Callable[[str], Any], ok: Callable[[Any], bool], want: str,
     return convert
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type`: a positive integer, else an error argparse names the flag in."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def positive_finite(value: float, limit: float = float("inf")) -> bool:
     """0 < value <= limit and finite."""
     return math.isfinite(value) and 0 < value <= limit

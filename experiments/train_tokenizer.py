@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from experiments import tool_cli
+
 SPIECE = "spiece.model"
 
 
@@ -84,19 +86,30 @@ def parse_text_sources(spec: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in spec.split(",") if s.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = tool_cli.parser("experiments.train_tokenizer", __doc__)
     parser.add_argument("--out", required=True, help="directory for spiece.model")
-    parser.add_argument("--vocab_size", type=int, default=8000)
+    parser.add_argument("--vocab_size", type=tool_cli.positive_int, default=8000,
+                        help="SentencePiece pieces, the 3 special ones included (>= 100)")
     parser.add_argument("--text_sources", default="all")
     parser.add_argument("--tasks", default="")
     parser.add_argument("--data_seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.vocab_size < 100:  # before the corpus is read
+        raise ValueError(f"--vocab_size {args.vocab_size}: SentencePiece needs at least 100 "
+                         "pieces (T5's own: 32000)")
     texts = corpus_training_texts(tasks=args.tasks, text_sources=args.text_sources,
                                   data_seed=args.data_seed)
     path = train_sentencepiece(texts, args.out, vocab_size=args.vocab_size)
     print(f"{path}: {args.vocab_size} pieces from {len(texts):,} documents")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_cli.run(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
