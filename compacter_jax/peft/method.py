@@ -46,13 +46,16 @@ def as_tuple(value: Any) -> Any:
 
 def fits_type(value: Any, annotation: Any) -> bool:
     """Whether `value` is of a method field's annotated type (int, float, bool, str, tuples
-    of them, `X | None`); a float field takes an int, an int field no bool or float."""
+    of them, `X | None`); a float field takes an int, an int field no bool or float, a tuple
+    of str a str (a comma-separated list the method splits)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(fits_type(value, a) for a in args)
     if annotation is type(None):
         return value is None
     if origin is tuple:
+        if isinstance(value, str) and args == (str, Ellipsis):
+            return True  # a comma-separated list, split by the method (ATTEMPT's sources)
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         return (isinstance(value, tuple) and len(items) == len(value)
                 and all(fits_type(v, a) for v, a in zip(value, items)))
