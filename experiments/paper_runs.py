@@ -382,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
                                          else METHODS + paper.EXTRA_METHODS)
 
     if not (args.sweep or low_resource):  # one command per (task, method), as before
+        try:  # names and flags checked before any command is printed or run
+            split_extra(extra)
+            for task in tasks:
+                data_lib.get_task(task)  # raises naming the valid tasks
+            for method in methods:
+                peft.get_method(method)  # raises naming the registered methods
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         cmds = commands(tasks, methods, args.workdir_root, extra)
         for cmd in cmds:
             print(shlex.join(cmd))

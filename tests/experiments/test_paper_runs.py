@@ -275,6 +275,16 @@ def test_grid_values_no_run_can_use_exit_2_naming_the_flag(argv, named, capsys):
     assert exit_.value.code == 2 and named in err and out == ""
 
 
+def test_one_command_per_task_and_method_checks_names_and_flags_first(capsys):
+    for argv, named in ((["--tasks", "rtee"], "unknown task 'rtee'"),
+                        (["--methods", "bitfitt"], "unknown PEFT method 'bitfitt'"),
+                        (["--tsks", "rte"], "unknown argument '--tsks'"),
+                        (["--config.learning_rate=0"], "--config.learning_rate=0: expected")):
+        assert paper_runs.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert named in err and out == "", argv
+
+
 def test_pinned_sizes_and_rates_are_checked_and_minus_one_is_the_full_set(capsys):
     assert paper_runs.main(["--sweep", "--tasks", "rte", "--methods", "bitfit",
                             "--config.learning_rate=-1"]) == 2
