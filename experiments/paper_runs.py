@@ -34,8 +34,6 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
@@ -286,7 +284,11 @@ def _sizes(task: str, train_sizes, pinned, skipped: list[str]) -> list[int | Non
 
 def parse_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
     """The config `experiments.glue` runs with for these flags (`Run.flags`), parsed by
-    ml_collections as the CLI does (a fresh flag registry, so it can be called repeatedly)."""
+    ml_collections as the CLI does (a fresh flag registry, so it can be called repeatedly).
+    absl parses here the training CLI's flags, not this tool's (argparse, `tool_cli`)."""
+    from absl import flags
+    from ml_collections import config_flags
+
     argv = ["experiments.glue", *argv]
     registry = flags.FlagValues()
     # sys_argv: the override flags (--config.x) are registered from the argv given here.
