@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from compacter_jax.atomic import atomic_write
 from compacter_jax.data import get_task
 from compacter_jax.peft import AdapterFileError
 from compacter_jax.serve import Predictor, ServeError
@@ -69,11 +69,7 @@ def read_examples(path: Path) -> tuple[list[dict], list[int]]:
 
 def write_examples(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check_tasks(path: Path, examples: list[dict], lines: list[int], adapters: dict) -> None:

@@ -209,3 +209,18 @@ def test_task_score_needs_every_metric():
     assert paper_table.task_score("mrpc", {"accuracy": 80.0}) is None
     assert paper_table.task_score("mrpc", {"accuracy": 80.0, "f1": 90.0}) == 85.0
     assert math.isclose(paper_table.task_score("stsb", {"pearson": 1.0, "spearmanr": 2.0}), 1.5)
+
+
+def test_a_failed_table_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    out = tmp_path / "selection.csv"
+    paper_table.write_csv(out, [{"method": "bitfit", "test_score": 1.5}])
+    before = out.read_text()
+    assert read_csv(out) == [{"method": "bitfit", "test_score": "1.5"}]
+
+    def disk_fails(*_):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("os.fsync", disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        paper_table.write_csv(out, [{"method": "lora", "test_score": 2.5}])
+    assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["selection.csv"]
