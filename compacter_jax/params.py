@@ -30,6 +30,7 @@ import flax.traverse_util as traverse_util
 from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.models import T5Config, is_backbone_path
 from compacter_jax.models import param_shapes as model_param_shapes
+from compacter_jax.models.config import parse_model_spec
 from compacter_jax.models.vocab import check_vocab_size
 from compacter_jax.peft import Method, build_model, cli_fields, count, get_method, method_names
 from compacter_jax.peft.method import as_tuple, fits_type, type_name
@@ -66,11 +67,13 @@ class ParamReport:
 
 def resolve_model(spec: str) -> T5Config:
     """A T5Config from a preset name, `random:<preset>`, or a directory with config.json."""
-    name = spec[len("random:"):] if spec.startswith("random:") else spec
-    if name in T5_PRESETS:
-        return T5_PRESETS[name]
-    cfg_file = Path(spec).expanduser() / "config.json"
-    if cfg_file.is_file():
+    kind, where = parse_model_spec(spec)   # `random:` + an unknown preset: names the known
+    if kind == "random":
+        return T5_PRESETS[where]
+    if spec in T5_PRESETS:                 # a preset's sizes: nothing is downloaded
+        return T5_PRESETS[spec]
+    cfg_file = Path(where) / "config.json"
+    if kind in ("path", "shipped") and cfg_file.is_file():
         return T5Config.from_hf_dict(json.loads(cfg_file.read_text()))
     raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(sorted(T5_PRESETS))}, "
                      "optionally prefixed 'random:') nor a directory holding config.json")

@@ -47,6 +47,25 @@ def shipped_checkpoint(name: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def locate(name: str | os.PathLike) -> tuple[str, Path | str]:
+    """Where a model or tokenizer given by name lives (the `random:` prefix is parsed above
+    this, by `compacter_jax.models.config.parse_model_spec`).
+
+    Returns:
+      ("path", Path) for a path that exists or is written as one ("./x", "/x", "~/x"; it may
+      still be a file or missing: the loader says so), else ("shipped", Path) for a backbone
+      shipped with the package (`shipped_checkpoint`), else ("hub", name): a Hub repo id or
+      short name (e.g. "t5-base").
+    """
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")):
+        return "path", path
+    if (shipped := shipped_checkpoint(text)) is not None:
+        return "shipped", shipped
+    return "hub", text
+
+
 def inside(directory: Path, name: str, what: str) -> Path:
     """`directory/name`, refusing a name or a symlink that leads out of `directory`.
 

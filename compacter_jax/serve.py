@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.traverse_util as traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
+from compacter_jax.data.metrics import jsonable
 from compacter_jax.data.packing import default_length_buckets
 from compacter_jax.models import T5ForConditionalGeneration, hf_io, stack_blocks
+from compacter_jax.models.config import is_random
 from compacter_jax.peft import bank as bank_lib
+from compacter_jax.peft.export import fit_export
 from compacter_jax.tokenizer import tokenizer_for_model
 
 log = logging.getLogger(__name__)
@@ -130,29 +130,21 @@ def check_compatible(specs: Sequence[AdapterSpec]) -> None:
                 f"adapters of different vocabularies: {first.task} was trained on "
                 f"{first.vocab_size or 'the full'} entries, {spec.task} on "
                 f"{spec.vocab_size or 'the full'}; serve adapters of one vocabulary")
-        if str(spec.model).startswith("random:") and spec.init_seed != first.init_seed:
+        if is_random(spec.model) and spec.init_seed != first.init_seed:
             raise ServeError(
                 f"adapters of different backbones: {first.task} and {spec.task} were trained "
                 f"on {spec.model} drawn with init_seed {first.init_seed} and {spec.init_seed}")
 
 
-def _fit(spec: AdapterSpec, trained: dict, template: dict, scanned: bool) -> dict:
-    """The export's tree in the layout and dtypes of the model's trainable tree."""
-    if scanned:
-        trained = stack_blocks(trained)
-    want = traverse_util.flatten_dict(template)
-    got = traverse_util.flatten_dict(trained)
-    missing = sorted("/".join(k) for k in set(want) - set(got))
-    extra = sorted("/".join(k) for k in set(got) - set(want))
-    if missing or extra:
-        raise ServeError(f"{spec.path}: the {spec.task} adapter does not fit the backbone "
-                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    for key, value in got.items():
-        if tuple(np.shape(value)) != tuple(want[key].shape):
-            raise ServeError(f"{spec.path}: {'/'.join(key)} has shape {np.shape(value)}, the "
-                             f"backbone expects {tuple(want[key].shape)}")
-        want[key] = jnp.asarray(value, want[key].dtype)
-    return traverse_util.unflatten_dict(want)
+def _fit(spec: AdapterSpec, trained: dict, template: dict, scanned: bool, backbone: str
+         ) -> dict:
+    """The export's tree in the layout and dtypes of the model's trainable tree, fitted as
+    `peft.load_adapter` fits it."""
+    try:
+        return fit_export(trained, template, path=spec.path, backbone=backbone,
+                          method=spec.method, scan_layers=scanned)
+    except peft.AdapterFileError as e:
+        raise ServeError(f"the {spec.task} adapter: {e}") from None
 
 
 def _load_backbone(backbone: str, method: peft.Method, init_seed: int, dtype: str,
@@ -162,23 +154,13 @@ def _load_backbone(backbone: str, method: peft.Method, init_seed: int, dtype: st
     `peft.load_adapter` draws it (a scanned draw gives other weights), and stacked when
     scanning: the served model is then the one `load_adapter` rebuilds."""
     rng = jax.random.PRNGKey(init_seed)
-    if not (scan and backbone.startswith("random:")):
+    if not (scan and is_random(backbone)):
         return peft.from_pretrained(backbone, method, rng, dtype=dtype, scan_layers=scan,
                                     vocab_size=vocab_size)
     model, params = peft.from_pretrained(backbone, method, rng, dtype=dtype,
                                          vocab_size=vocab_size)
     scanned = T5ForConditionalGeneration(model.config.replace(scan_layers=True), model.hooks)
     return scanned, stack_blocks(params)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 class Predictor:
@@ -226,7 +208,8 @@ class Predictor:
                                             scan, specs[0].vocab_size)
         template, self.frozen = self.method.partition(params)
         del params
-        self.bank = bank_lib.stack_adapters([_fit(s, t, template, scan) for s, t in read])
+        self.bank = bank_lib.stack_adapters([_fit(s, t, template, scan, backbone)
+                                                  for s, t in read])
         self.specs = {s.task: s for s in specs}
         self.task_index = {s.task: k for k, s in enumerate(specs)}
         self.tokenizer = tokenizer if hasattr(tokenizer, "batch_decode") else tokenizer_for_model(
@@ -324,7 +307,7 @@ class Predictor:
             padded[i, :len(ids)] = ids
         texts = data_lib.decode_predictions(self.tokenizer, padded) if tokens else []
         return [{**example, "prediction": text,
-                 "parsed": _jsonable(data_lib.get_task(example["task"]).parse_prediction(text))}
+                 "parsed": jsonable(data_lib.get_task(example["task"]).parse_prediction(text))}
                 for example, text in zip(examples, texts)]
 
 

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from compacter_jax import hub
-from compacter_jax.paths import DATA_DIR_ENV, inside, shipped_checkpoint, t5_vocab_dir
+from compacter_jax.paths import DATA_DIR_ENV, inside, locate, t5_vocab_dir
 
 log = logging.getLogger(__name__)
 # The files a T5 tokenizer may come in (spiece.model: SentencePiece; tokenizer.json: fast).
@@ -45,13 +45,12 @@ def load_tokenizer(dir_or_hub_id: str | Path | None = None, *, vocab_size: int |
       FileNotFoundError saying what is missing and how to fix it; ValueError for a tokenizer
       that does not fit `vocab_size`; `compacter_jax.hub`'s errors for a Hub repo.
     """
-    source = t5_vocab_dir() if dir_or_hub_id is None else dir_or_hub_id
-    path = Path(source).expanduser()
-    if not path.exists() and (shipped := shipped_checkpoint(str(source))) is not None:
-        path = shipped  # "t5-mini-glue": a backbone shipped with the package
-    if not (path.is_dir() or dir_or_hub_id is None or path.exists()
-            or str(source).startswith((".", "/", "~"))):
-        repo_id = hub.repo_id_of(str(source))  # a Hub id: fetch its tokenizer files
+    if dir_or_hub_id is None:
+        kind, path = "path", t5_vocab_dir()
+    else:  # a folder, a backbone shipped with the package ("t5-mini-glue") or a Hub id
+        kind, path = locate(dir_or_hub_id)
+    if kind == "hub":
+        repo_id = hub.repo_id_of(path)  # fetch its tokenizer files
         path = hub.snapshot(repo_id, revision=revision, local_files_only=local_files_only,
                             allow_patterns=TOKENIZER_FILES)
         if not has_tokenizer(path):

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from compacter_jax import data as data_lib
+from compacter_jax.atomic import atomic_write
+from compacter_jax.data.metrics import jsonable
 from compacter_jax.models import greedy_generate, rank_classify
 
 EVAL_MODES = ("generate", "rank", "both")
@@ -111,26 +113,12 @@ class Evaluator:
         encoded = self.encoded[split or name]
         self.predictions_dir.mkdir(parents=True, exist_ok=True)
         path = self.predictions_dir / f"{name}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i, text in enumerate(texts):
-                f.write(json.dumps({
-                    "index": encoded.rows[i] if encoded.rows else i,
-                    "source": encoded.sources[i] if encoded.sources else None,
-                    "target": encoded.targets[i] if encoded.targets else None,
-                    "prediction": text,
-                    "parsed": _jsonable(self.task.parse_prediction(text)),
-                    "reference": _jsonable(encoded.references[i]),
-                }, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-        return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
+        rows = [json.dumps({
+            "index": encoded.rows[i] if encoded.rows else i,
+            "source": encoded.sources[i] if encoded.sources else None,
+            "target": encoded.targets[i] if encoded.targets else None,
+            "prediction": text,
+            "parsed": jsonable(self.task.parse_prediction(text)),
+            "reference": jsonable(encoded.references[i]),
+        }, ensure_ascii=False) + "\n" for i, text in enumerate(texts)]
+        return atomic_write(path, "".join(rows))

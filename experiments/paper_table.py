@@ -24,6 +24,7 @@ import argparse
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import sys
@@ -35,6 +36,8 @@ import numpy as np
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
+from compacter_jax.atomic import atomic_write
+from compacter_jax.models.config import is_random
 from compacter_jax.params import report
 from experiments import paper, tool_cli
 from experiments.configs import paper as paper_config
@@ -301,11 +304,11 @@ def csv_records(rows: Sequence[Row], tasks: Sequence[str]) -> list[dict[str, Any
 
 def write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
     fields = list(dict.fromkeys(k for r in records for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(records)
+    return atomic_write(path, buffer.getvalue())
 
 
 def recipe_notes(runs: Iterable[RunResult]) -> list[str]:
@@ -340,7 +343,7 @@ def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
               "- % trained: trainable / backbone parameters; a range when the chosen "
               "configurations differ between tasks.",
               f"- Model: {', '.join(models) or 'none'}."]
-    if any(m.startswith("random:") for m in models):
+    if any(is_random(m) for m in models):
         parts.append("- **Random backbone: these scores mean nothing.**")
     if notes := recipe_notes(runs):
         parts.append("- Off the paper's recipe: " + "; ".join(notes) + ".")
@@ -392,8 +395,9 @@ def plot_low_resource(points: Sequence[RunResult], path: Path) -> Path:
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    path = Path(path)  # the temporary's name has no .png: give matplotlib the format
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110,
+                                                      format=path.suffix[1:] or "png"))
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -421,9 +425,9 @@ def write_all(runs: Sequence[RunResult], out: Path,
         rows = measured_rows(best, tasks)
         reference = paper_rows(paper.PAPER_METHODS) if name == "table1" else []
         title = f"Table {name[-1]} ({title})"
-        (out / f"{name}.md").write_text(table_markdown(title, tasks, rows, reference,
-                                                       table_runs, unreadable))
-        written[f"{name}.md"] = out / f"{name}.md"
+        written[f"{name}.md"] = atomic_write(
+            out / f"{name}.md", table_markdown(title, tasks, rows, reference, table_runs,
+                                               unreadable))
         written[f"{name}.csv"] = write_csv(out / f"{name}.csv",
                                            csv_records([*rows, *reference], tasks))
     if points := low_resource_points(best):

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 
+from compacter_jax.atomic import atomic_write
 from compacter_jax.data import get_task
 from compacter_jax.serve import Predictor, ServeError
 from experiments import tool_cli
@@ -96,11 +96,7 @@ def check_output(path: Path) -> None:
 
 def write_examples(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check_tasks(path: Path, examples: list[dict], lines: list[int], adapters: dict) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from compacter_jax.atomic import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 log = logging.getLogger(__name__)
@@ -102,9 +104,7 @@ class MetricsWriter:
         records = self._records()
         kept = [r for r in self._dedupe(records) if r["step"] <= step
                 and not any(k.startswith("test/") for k in r)]
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
     def close(self) -> None:
@@ -141,23 +141,10 @@ class Progress:
         self.bar.close()
 
 
-def _replace_atomically(path: Path, write) -> Path:
-    """`write(tmp)` then rename onto `path`: a kill never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_summary(workdir: Path, summary: dict[str, Any]) -> str:
     """Writes DIR/summary.json (atomically) and returns (and prints) a closing table."""
     text = json.dumps(summary, indent=2, sort_keys=True)
-    _replace_atomically(Path(workdir) / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+    atomic_write(Path(workdir) / SUMMARY_FILE, text)
     rows = [("task", summary["task"]), ("method", summary["method"]),
             ("model", summary["model"]),
             ("trainable params", f"{summary['trainable_params']:,} of "
@@ -198,4 +185,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> P
         ax_eval.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    return _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    path = Path(path)  # the temporary's name has no .png: give matplotlib the format
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110,
+                                                      format=path.suffix[1:] or "png"))

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from compacter_jax.atomic import atomic_write
 from experiments import tool_cli
 
 SPIECE = "spiece.model"
@@ -50,11 +49,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, *, vocab_size
         num_threads=num_threads, minloglevel=2)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".spiece-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, out_dir / SPIECE)
-    return out_dir / SPIECE
+    return atomic_write(out_dir / SPIECE, buffer.getvalue())
 
 
 def corpus_training_texts(*, data_dir: str | None = None, tasks: str = "",

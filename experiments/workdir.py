@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from compacter_jax import atomic
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
@@ -127,14 +129,17 @@ def check_writable(workdir: str | os.PathLike) -> Path:
 
 
 def remove_stale_temporaries(workdir: str | os.PathLike) -> list[Path]:
-    """Deletes what a killed run leaves half-written (`adapter.tmp-PID`, `adapter.old-PID`,
-    `*.tmp` files); call with the workdir lock held. Returns the removed paths."""
+    """Deletes what a killed run leaves half-written: the temporaries of `compacter_jax.atomic`
+    anywhere in the workdir, and the names earlier versions used (`adapter.tmp-PID`,
+    `adapter.old-PID`, `.NAME.PID.tmp`, `predictions/*.tmp`); call with the workdir lock
+    held. Returns the removed paths."""
     workdir = Path(workdir)
-    found = [*workdir.glob("adapter.tmp-*"), *workdir.glob("adapter.old-*"),
-             *workdir.glob(".*.tmp"), *workdir.glob(".*.tmp.*"), *workdir.glob("*.tmp"),
-             *workdir.glob("predictions/*.tmp")]
-    for path in found:
+    patterns = ("adapter.tmp-*", "adapter.old-*", ".*.tmp", ".*.tmp.*", "*.tmp",
+                "predictions/*.tmp")
+    legacy = sorted({p for pattern in patterns for p in workdir.glob(pattern)})
+    for path in legacy:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    found = legacy + atomic.remove_temporaries(workdir, recursive=True)
     if found:
         log.info("removed %d temporary file(s) left by an interrupted run: %s", len(found),
                  ", ".join(p.name for p in found[:5]))
@@ -351,9 +356,7 @@ def check_resume_config(workdir: str | os.PathLike, config: Mapping[str, Any], *
         history.append({"time": time.time(),
                         "changes": {k: list(v) for k, v in changes.items()}})
     record = {"config": dict(config), "history": history}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic.atomic_write(path, json.dumps(record, indent=2, sort_keys=True, default=str))
     return changes
 
 

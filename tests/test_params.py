@@ -128,3 +128,9 @@ def test_lst_on_t5_base_is_the_papers_budget():
     # Every block kept (the paper's ablation without dropping): 5,097,234, 2.29 %.
     all_blocks = params_cli.report(T5_BASE, get_method("lst", drop_every=0))
     assert all_blocks.trainable == side + 3 * (enc_block + dec_block + 2 * ladder + 2)
+
+
+def test_a_random_model_with_an_unknown_preset_names_the_known(capsys):
+    assert params_cli.main(["--model", "random:t5-huge", "--method", "compacter"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 't5-huge'" in err and "'t5-base'" in err and "'t5-tiny'" in err

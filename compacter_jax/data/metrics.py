@@ -262,3 +262,18 @@ def compute_metrics(task: Task | str, predictions: Sequence[Any], references: Se
     out["score"] = float(np.mean([out[m] for m in task.metric_names]))
     out["num_invalid"] = float(num_invalid)
     return out
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as JSON holds it (what prediction files and served answers write): tuples and
+    lists as lists, dicts with their values converted, numpy scalars as Python numbers, and
+    NaN / inf as the strings "nan" / "inf" / "-inf" (JSON has no such numbers)."""
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
 import socket
 import tarfile
 import urllib.parse
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from compacter_jax.atomic import atomic_directory
 from compacter_jax.data.files import DataError
 from compacter_jax.data.tasks import Example, Task, get_task
 
@@ -130,19 +130,17 @@ class _ProbedPythonExtraction:
         target = path.with_name(path.name + ".extracted")
         if target.is_dir():
             return target
-        partial = path.with_name(path.name + ".extracting")
-        shutil.rmtree(partial, ignore_errors=True)
-        # zipfile keeps members inside the folder ("../" and absolute names are stripped);
-        # tarfile's "data" filter refuses members that point outside it.
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                archive.extractall(partial)
-        elif tarfile.is_tarfile(path):
-            with tarfile.open(path) as archive:
-                archive.extractall(partial, filter="data")
-        else:
+        if not (zipfile.is_zipfile(path) or tarfile.is_tarfile(path)):
             return path  # not an archive (e.g. a plain .tsv download): as is
-        partial.rename(target)  # atomic: a half-extracted folder is never used
+        with atomic_directory(target) as partial:  # a half-extracted folder is never used
+            # zipfile keeps members inside the folder ("../" and absolute names are stripped);
+            # tarfile's "data" filter refuses members that point outside it.
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    archive.extractall(partial)
+            else:
+                with tarfile.open(path) as archive:
+                    archive.extractall(partial, filter="data")
         return target
 
 

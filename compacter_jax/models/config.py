@@ -12,11 +12,12 @@ Tying and output scaling are two separate flags, because transformers >= 5 force
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax.numpy as jnp
 
 from compacter_jax.hub import HUB_IDS  # noqa: F401  (re-exported: the Hub ids of short names)
+from compacter_jax.paths import locate
 
 FeedForwardProj = Literal["relu", "gated-gelu"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -282,6 +283,39 @@ PRESETS: dict[str, T5Config] = {
     "flan-t5-small": _v11(512, 1024, 8, 6),
     "flan-t5-base": _v11(768, 2048, 12, 12),
 }
+
+
+RANDOM_PREFIX = "random:"
+
+
+class ModelSpec(NamedTuple):
+    """What a model name means: `kind` "random" (`where` = the preset name), "path" or
+    "shipped" (`where` = the folder, a Path) or "hub" (`where` = the Hub id or short name)."""
+
+    kind: str
+    where: Any
+
+
+def is_random(name: str) -> bool:
+    """Whether `name` is a `random:<preset>` backbone (randomly initialised weights)."""
+    return str(name).startswith(RANDOM_PREFIX)
+
+
+def parse_model_spec(name: str) -> ModelSpec:
+    """The one parser of model names (`--config.model`, `--backbone`, `--model`, exports'
+    `model`): `random:<preset>`, a local folder, a backbone shipped with the package
+    (`t5-mini-glue`) or a Hub id. Touches no network (a Hub id is not checked here).
+
+    Raises:
+      ValueError for `random:` with an unknown preset, naming the valid ones.
+    """
+    if is_random(name):
+        preset = name[len(RANDOM_PREFIX):]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} in {name!r}; known: {sorted(PRESETS)} "
+                             f"(e.g. {RANDOM_PREFIX}t5-tiny)")
+        return ModelSpec("random", preset)
+    return ModelSpec(*locate(name))
 
 
 def get_preset(name: str, **runtime: Any) -> T5Config:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from compacter_jax import hub
-from compacter_jax.models.config import PRESETS, T5Config, backbone_param_count
+from compacter_jax.atomic import atomic_write
+from compacter_jax.host import nonfinite_leaves, param_count
+from compacter_jax.models.config import (PRESETS, T5Config, backbone_param_count,
+                                         parse_model_spec)
 from compacter_jax.models.hooks import NO_HOOKS, T5Hooks
 from compacter_jax.models.t5 import T5ForConditionalGeneration
-from compacter_jax.paths import inside, shipped_checkpoint
+from compacter_jax.paths import inside
 
 Path_ = tuple[str, ...]
 _BLOCK = re.compile(r"block_(\d+)$")
@@ -237,22 +239,20 @@ def model_dir(name_or_path: str, *, revision: str | None = None,
       FileNotFoundError for a missing local path; `compacter_jax.hub`'s errors for a Hub repo
       (HubUnreachableError = ModelNotCachedError, HubNotFoundError, HubAccessError).
     """
-    if name_or_path.startswith("random:"):
+    if parse_model_spec(name_or_path).kind == "random":
         return None
     return _resolve_dir(name_or_path, revision, local_files_only)
 
 
 def _resolve_dir(name_or_path: str, revision: str | None, local_files_only: bool,
                  files: tuple[str, ...] = hub.MODEL_FILES) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
+    kind, where = parse_model_spec(name_or_path)
+    if kind == "path" and not where.is_dir():
         raise FileNotFoundError(f"{name_or_path} is not a directory with config.json "
-                                f"({'a file' if path.exists() else 'no such directory'})")
-    if (shipped := shipped_checkpoint(name_or_path)) is not None:  # e.g. "t5-mini-glue"
-        return shipped
-    return hub.snapshot(hub.repo_id_of(name_or_path), revision=revision,
+                                f"({'a file' if where.exists() else 'no such directory'})")
+    if kind in ("path", "shipped"):                                 # shipped: "t5-mini-glue"
+        return where
+    return hub.snapshot(hub.repo_id_of(where), revision=revision,
                         local_files_only=local_files_only, allow_patterns=files)
 
 
@@ -283,11 +283,8 @@ def load_config(name_or_path: str, *, revision: str | None = None,
     Raises FileNotFoundError (ModelNotCachedError: a Hub id neither cached nor reachable) or
     ValueError naming the file and field, as `from_pretrained` would.
     """
-    if name_or_path.startswith("random:"):
-        preset = name_or_path[len("random:"):]
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
-                             f"known: {sorted(PRESETS)}")
+    kind, preset = parse_model_spec(name_or_path)
+    if kind == "random":
         return PRESETS[preset]
     directory = _resolve_dir(name_or_path, revision, local_files_only,
                              hub.MODEL_FILES if check_weights else ("config.json",))
@@ -319,7 +316,7 @@ def _run_once(fn, *args):
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):
         return fn(*args)  # already inside a trace (jit, eval_shape): just trace through
     out = jax.eval_shape(fn, *args)
-    size = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(out))
+    size = param_count(out)
     options = {"xla_backend_optimization_level": 0} if size < 20_000_000 else None
     return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
 
@@ -371,11 +368,8 @@ def from_pretrained(name_or_path: str, *, hooks: T5Hooks = NO_HOOKS, dtype: str 
 
     rng = jax.random.PRNGKey(0) if rng is None else rng
     runtime = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
-    if name_or_path.startswith("random:"):
-        preset = name_or_path[len("random:"):]
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r} in {name_or_path!r}; "
-                             f"known: {sorted(PRESETS)}")
+    kind, preset = parse_model_spec(name_or_path)
+    if kind == "random":
         model = T5ForConditionalGeneration(PRESETS[preset].replace(**runtime), hooks)
         if vocab_size is None:
             return model, init_params(model, rng)
@@ -479,7 +473,7 @@ def _check_shape(key: str, arr: np.ndarray, expected: tuple[int, ...], transpose
 
 def _check_finite(key: str, arr: np.ndarray, ckpt: "_Checkpoint") -> None:
     """Corrupt weights (NaN/inf) would surface as a NaN loss blamed on the learning rate."""
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+    if nonfinite_leaves({key: arr}):
         bad = int(arr.size - np.isfinite(arr).sum())
         raise ValueError(f"checkpoint weight {key!r} in {ckpt.keys[key][0]} holds {bad} "
                          "NaN/inf values: the file is corrupt; re-download or re-save it")
@@ -504,21 +498,6 @@ def _get(ckpt: _Checkpoint, key: str) -> np.ndarray:
     return ckpt.get(key)
 
 
-def _atomic_write(target: Path, write) -> None:
-    """`write(tmp_path)` then rename onto `target`, with the mode a plain open() gives
-    (0o666 minus the umask; not 0600, which mkstemp and safetensors' writer use)."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = tmp.stat().st_mode & 0o777  # what the umask made of 0o666
-    try:
-        write(str(tmp))
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(path: str | os.PathLike, config: T5Config, params: Any) -> Path:
     """Writes config.json + model.safetensors (backbone only) loadable by HF transformers.
 
@@ -531,8 +510,9 @@ def save_pretrained(path: str | os.PathLike, config: T5Config, params: Any) -> P
                                                 else ("lm_head.weight",)) if k not in state]
     if missing:
         raise ValueError(f"params lack backbone weights {missing}; pass the full param tree")
-    _atomic_write(out / "model.safetensors",
-                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    # safetensors writes 0600; atomic_write gives the file the mode a plain open() gives.
+    atomic_write(out / "model.safetensors",
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     text = json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "config.json", text)
     return out

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from compacter_jax.host import to_host
+from compacter_jax.atomic import atomic_directory, atomic_write
+from compacter_jax.host import nonfinite_leaves, to_host
 from compacter_jax.models import (is_backbone_path, missing_backbone_paths, stack_blocks,
                                   unstack_blocks)
+from compacter_jax.models.config import is_random
 from compacter_jax.peft import model as peft_model
 from compacter_jax.peft import sparsity
 from compacter_jax.peft.legacy import method_from_dict
@@ -119,13 +120,15 @@ def _method_digest(record: Mapping[str, Any]) -> str:
 def export_trainable(path: str | os.PathLike, params: Any, metadata: Mapping[str, Any]) -> Path:
     """Writes a (host or device) parameter tree and JSON `metadata` to `path/`.
 
-    Replaces an existing export atomically (written to a temporary sibling, then renamed).
+    Replaces an existing export atomically (`atomic_directory`: the old one stays until the
+    new one is complete).
     Only process 0 writes. Non-finite values are refused (ValueError).
     """
     from safetensors.flax import save_file  # handles bfloat16, unlike the numpy backend
 
     path = Path(path)
-    flat = traverse_util.flatten_dict(to_host(params))
+    host = to_host(params)
+    flat = traverse_util.flatten_dict(host)
     if jax.process_index() != 0:
         return path
     bad = [k for k in flat if any("/" in str(part) for part in k)]
@@ -136,30 +139,18 @@ def export_trainable(path: str | os.PathLike, params: Any, metadata: Mapping[str
     if integral:
         raise ValueError(f"refusing to export non-floating-point tensors {integral[:3]}: an "
                          "export holds trained parameters (load_trainable refuses others)")
-    nonfinite = ["/".join(k) for k, v in flat.items()
-                 if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+    nonfinite = nonfinite_leaves(host)
     if nonfinite:
         raise ValueError(f"refusing to export non-finite parameters: {nonfinite[:3]}")
     tensors = {"/".join(map(str, k)): jnp.asarray(v) for k, v in flat.items()}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, tmp / WEIGHTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The previous export stays in place until the new folder is complete.
+    with atomic_directory(path) as tmp:
+        atomic_write(tmp / WEIGHTS, lambda f: save_file(tensors, str(f)))  # mode as open() gives
         record = {**dict(metadata),
                   "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(tensors.items())}}
         record["sha256"] = {WEIGHTS: _digest(tmp / WEIGHTS), CONFIG: _method_digest(record)}
-        (tmp / CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True))
-        # safetensors writes 0600; give the weights the mode a plain open() gave the JSON.
-        os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode & 0o777)
-        old = path.with_name(path.name + f".old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)       # keep the previous export until the new one is in place
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write(tmp / CONFIG, json.dumps(record, indent=2, sort_keys=True))
     return path
 
 
@@ -217,8 +208,7 @@ def load_trainable(path: str | os.PathLike) -> tuple[dict, dict]:
             if [list(want[0]), str(want[1])] != got:
                 raise AdapterFileError(f"{weights}: tensor {key!r} is {got[1]}{got[0]}, the "
                                        f"manifest says {want[1]}{list(want[0])}")
-    nonfinite = ["/".join(k) for k, v in flat.items()
-                 if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+    nonfinite = nonfinite_leaves(loaded)
     if nonfinite:
         raise AdapterFileError(f"{weights}: non-finite values in {nonfinite[:3]}")
     return traverse_util.unflatten_dict(flat), meta
@@ -280,12 +270,12 @@ def save_adapter(path: str | Path, trainable: Any, method: Method, *,
         metadata[FINGERPRINT] = backbone_fingerprint(backbone_params, method)
     model = str(metadata.get("model") or "")
     if FINGERPRINT not in metadata:
-        if model.startswith("random:") and "init_seed" not in metadata:
+        if is_random(model) and "init_seed" not in metadata:
             raise ValueError(
                 f"save_adapter: cannot record how to rebuild the backbone {model}: pass "
                 "init_seed=<the seed of the PRNGKey it was drawn with> or backbone_params="
                 "params (a fingerprint load_adapter checks)")
-        if not model.startswith("random:"):
+        if not is_random(model):
             warnings.warn(f"save_adapter: {path} records the backbone by name only "
                           f"({model or 'none'}); pass backbone_params=params so that "
                           "load_adapter can verify it gets the same weights", stacklevel=2)
@@ -294,7 +284,7 @@ def save_adapter(path: str | Path, trainable: Any, method: Method, *,
 
 
 def _describe_backbone(name: str, seed: int | None) -> str:
-    return f"{name} drawn with init_seed {seed}" if name.startswith("random:") else name
+    return f"{name} drawn with init_seed {seed}" if is_random(name) else name
 
 
 def verify_backbone(path: str | Path, meta: Mapping[str, Any], method: Method, params: Any,
@@ -313,7 +303,7 @@ def verify_backbone(path: str | Path, meta: Mapping[str, Any], method: Method, p
             if any(method.pins_frozen(k) for k in traverse_util.flatten_dict(dict(params))):
                 pinned = f" (or {method.name}'s frozen inputs loaded from elsewhere changed)"
             drawn_scanned = meta.get("scan_layers")
-            if str(backbone).startswith("random:") and drawn_scanned not in (None, scan_layers):
+            if is_random(backbone) and drawn_scanned not in (None, scan_layers):
                 layout = (f" A random backbone drawn with scan_layers={drawn_scanned} (as this "
                           f"one was) differs from one drawn with scan_layers={scan_layers}: "
                           f"pass scan_layers={drawn_scanned}.")
@@ -323,7 +313,7 @@ def verify_backbone(path: str | Path, meta: Mapping[str, Any], method: Method, p
                 f"its weights differ{pinned}.{layout} Load it onto the backbone it was trained on "
                 "(pass backbone=<that checkpoint>), or re-export it with save_adapter(..., "
                 "init_seed=<the seed it was drawn with>)")
-    elif not (str(backbone).startswith("random:") and "init_seed" in meta):
+    elif not (is_random(backbone) and "init_seed" in meta):
         warnings.warn(
             f"{path}: the export does not record its backbone's fingerprint (written before "
             f"exports recorded it): loaded onto {_describe_backbone(backbone, init_seed)} "
@@ -374,9 +364,27 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
     verify_backbone(path, meta, method, params, backbone, int(meta.get("init_seed", 0)),
                     scan_layers)
     trainable, frozen = method.partition(params)
-    if scan_layers:
-        trained = stack_blocks(trained)
-    want = traverse_util.flatten_dict(trainable)
+    fitted = fit_export(trained, trainable, path=path, backbone=backbone, method=method,
+                        scan_layers=scan_layers)
+    return model, method.combine(fitted, frozen)
+
+
+def fit_export(trained: Any, template: Any, *, path: str | Path, backbone: str,
+               method: Method, scan_layers: bool = False) -> dict:
+    """An export's tree put in the model's layout: `trained` (as `load_trainable` returns it,
+    blocks unstacked) checked against `template` (the model's trainable tree, arrays or
+    ShapeDtypeStructs: the first part of `method.partition`), cast to its dtypes and stacked
+    when `scan_layers`.
+
+    Returns:
+      the trainable tree to combine with the frozen one (`method.combine`).
+    Raises:
+      AdapterFileError naming `path`, `backbone` and `method` for a missing or unexpected
+      tensor, or naming the parameter (per block) for a shape mismatch.
+    """
+    # Compared block by block, as exported: a partial export cannot be stacked.
+    layout = jax.eval_shape(unstack_blocks, template) if scan_layers else template
+    want = traverse_util.flatten_dict(layout)
     got = traverse_util.flatten_dict(trained)
     missing = sorted("/".join(k) for k in set(want) - set(got))
     extra = sorted("/".join(k) for k in set(got) - set(want))
@@ -385,8 +393,9 @@ def load_adapter(path: str | Path, backbone: str | None = None, *, dtype: str = 
             f"{path}: the export does not fit {backbone} with method {method.name} "
             f"(scan_layers={scan_layers}): missing {missing[:5]}, unexpected {extra[:5]}")
     for key, value in got.items():
-        if tuple(want[key].shape) != tuple(value.shape):
-            raise AdapterFileError(f"{path}: parameter {'/'.join(key)} has shape {value.shape}, "
-                                   f"the model expects {want[key].shape}")
+        if tuple(want[key].shape) != tuple(np.shape(value)):
+            raise AdapterFileError(f"{path}: parameter {'/'.join(key)} has shape "
+                                   f"{np.shape(value)}, the model expects {want[key].shape}")
         want[key] = jnp.asarray(value, dtype=want[key].dtype)
-    return model, method.combine(traverse_util.unflatten_dict(want), frozen)
+    fitted = traverse_util.unflatten_dict(want)
+    return stack_blocks(fitted) if scan_layers else fitted

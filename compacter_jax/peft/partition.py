@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.traverse_util as traverse_util
-import jax
-import numpy as np
 import optax
+
+from compacter_jax.host import param_count
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -141,8 +141,8 @@ def label_params(params: Params, method: Any) -> dict:
 
 
 def count(params: Params) -> int:
-    """Number of scalars in a tree of arrays or ShapeDtypeStructs."""
-    return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)))
+    """Number of scalars in a tree of arrays or ShapeDtypeStructs (`host.param_count`)."""
+    return param_count(params)
 
 
 def trainable_count(params: Params, labels_or_method: Any) -> int:
@@ -152,7 +152,7 @@ def trainable_count(params: Params, labels_or_method: Any) -> int:
         labels = label_params(params, labels_or_method)
     flat = traverse_util.flatten_dict(dict(params))
     flat_labels = traverse_util.flatten_dict(dict(labels))
-    return int(sum(int(np.prod(v.shape)) for p, v in flat.items() if flat_labels[p] == TRAINABLE))
+    return param_count([v for p, v in flat.items() if flat_labels[p] == TRAINABLE])
 
 
 def freezing_optimizer(labels: Any, tx: optax.GradientTransformation

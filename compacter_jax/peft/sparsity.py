@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from compacter_jax.host import param_count
 from compacter_jax.models import unstack_blocks
 from compacter_jax.peft.method import ParamPath, is_peft_path
 
@@ -66,7 +67,7 @@ def num_pruned(num_prunable: int, sparsity: float) -> int:
 def kept_count(params: Any, is_trainable: Callable[[ParamPath], bool], sparsity: float) -> int:
     """Trainable non-zeros after pruning (the count a SparseAdapter reports); works on
     ShapeDtypeStructs."""
-    sizes = {p: int(np.prod(v.shape)) for p, v in _flat(params).items() if is_trainable(p)}
+    sizes = {p: param_count(v) for p, v in _flat(params).items() if is_trainable(p)}
     prunable = sum(n for p, n in sizes.items() if is_prunable(p))
     return sum(sizes.values()) - num_pruned(prunable, sparsity)
 

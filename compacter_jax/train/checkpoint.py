@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import serialization, traverse_util
+from flax import serialization
 
-from compacter_jax.host import to_host
+from compacter_jax.host import nonfinite_leaves, to_host
 from compacter_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -57,15 +56,6 @@ class NonFiniteStateError(FloatingPointError):
             f"{', ...' if len(leaves) > 3 else ''}); nothing was written for that step. The "
             "update overflowed: lower the learning rate (it must stay well inside float32) or "
             "check the data")
-
-
-def nonfinite_leaves(tree: Any) -> list[str]:
-    """'/'-joined paths of the floating leaves of a host tree that hold NaN or inf."""
-    flat = traverse_util.flatten_dict(tree) if isinstance(tree, Mapping) else {
-        (str(i),): v for i, v in enumerate(jax.tree_util.tree_leaves(tree))}
-    return ["/".join(map(str, k)) for k, v in flat.items()
-            if np.issubdtype(np.asarray(v).dtype, np.floating)
-            and not np.isfinite(np.asarray(v)).all()]
 
 
 def _quiet_closed_loop_noise() -> None:

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -183,3 +184,30 @@ def test_the_probe_goes_through_the_proxy_the_environment_sets(monkeypatch):
     with pytest.raises(DownloadUnavailableError, match=f"127.0.0.1:{port} unreachable"):
         tfds_source.probe("https://dl.fbaipublicfiles.com/glue/data/SST-2.zip")
     tfds_source.probe("/a/local/file.zip")              # not a network URL: nothing to probe
+
+
+def test_extraction_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failed extraction leaves neither a half folder that a re-run would trust nor a
+    temporary; the re-run extracts the whole archive."""
+    from compacter_jax import atomic
+
+    with zipfile.ZipFile(tmp_path / "RTE.zip", "w") as archive:
+        archive.writestr("RTE/train.tsv", "index\tsentence1\n")
+        archive.writestr("RTE/dev.tsv", "index\tsentence1\n")
+    extract = tfds_source._ProbedPythonExtraction._extract_one
+
+    def killed(self, path, *_, **__):
+        (Path(path) / "RTE").mkdir()
+        raise KeyboardInterrupt                                 # after a first member
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path / "RTE.zip")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RTE.zip"]
+    target = extract(tmp_path / "RTE.zip")
+    assert target == tmp_path / "RTE.zip.extracted"
+    assert sorted(p.name for p in (target / "RTE").iterdir()) == ["dev.tsv", "train.tsv"]
+    assert not [p for p in tmp_path.iterdir() if atomic.is_temporary(p)]
+    (tmp_path / "plain.tsv").write_text("a\tb\n")
+    assert extract(tmp_path / "plain.tsv") == tmp_path / "plain.tsv"  # not an archive: as is

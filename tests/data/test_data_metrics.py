@@ -180,3 +180,19 @@ def test_input_checks():
     assert parsed["matthews_correlation"] == pytest.approx(100 / np.sqrt(5))
     assert list(compute_metrics("cb", ["0"], [0])) == ["f1_multiclass", "accuracy", "score",
                                                         "num_invalid"]
+
+
+def test_jsonable_is_strict_json():
+    """What prediction files and served answers write: valid JSON (no NaN), tuples as lists."""
+    import json
+
+    import numpy as np
+
+    from compacter_jax.data.metrics import jsonable
+
+    value = {"a": (1, np.int64(2), (np.float32(0.5), float("nan"))), "b": np.float64("inf"),
+             "c": [float("-inf"), "x", None, True]}
+    out = jsonable(value)
+    assert out == {"a": [1, 2, [0.5, "nan"]], "b": "inf", "c": ["-inf", "x", None, True]}
+    assert type(out["a"][1]) is int and json.loads(json.dumps(out, allow_nan=False)) == out
+    assert jsonable(3.5) == 3.5 and jsonable("entailment") == "entailment"

@@ -239,3 +239,18 @@ def test_a_torn_summary_is_left_out_with_a_warning_not_the_whole_table(tmp_path,
     # --out naming a file is refused before anything is read or written.
     assert paper_table.main([str(tmp_path), "--out", str(tmp_path / "rte" / "summary.json")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_failed_table_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    out = tmp_path / "selection.csv"
+    paper_table.write_csv(out, [{"method": "bitfit", "test_score": 1.5}])
+    before = out.read_text()
+    assert read_csv(out) == [{"method": "bitfit", "test_score": "1.5"}]
+
+    def disk_fails(*_):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("os.fsync", disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        paper_table.write_csv(out, [{"method": "lora", "test_score": 2.5}])
+    assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["selection.csv"]

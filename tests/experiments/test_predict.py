@@ -248,3 +248,37 @@ def test_output_and_input_are_checked_before_any_work(adapters, examples, tmp_pa
     code, err = run_main(capsys, "--adapters", spec, "--input", str(latin1), "--output",
                          str(tmp_path / "out.jsonl"))
     assert code == 2 and f"{latin1}:2: not UTF-8 text (byte 0xe9 at column 34)" in err, err
+
+
+def test_a_failed_output_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+
+    def disk_fails(*_):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("os.fsync", disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        predict.write_examples(out, [{"task": "rte", "prediction": "entailment"}])
+    monkeypatch.undo()
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.jsonl"]
+    predict.write_examples(out, [{"task": "rte", "prediction": "entailment"}])
+    assert json.loads(out.read_text()) == {"task": "rte", "prediction": "entailment"}
+
+
+def test_an_adapter_that_does_not_fit_is_refused_as_load_adapter_refuses_it(adapters, tmp_path):
+    """The Predictor fits exports with `peft.load_adapter`'s code (`fit_export`): its message
+    (tests/peft/test_export.py), as a ServeError naming the task."""
+    from flax import traverse_util
+
+    trained, meta = peft.load_trainable(adapters["mrpc"])
+    flat = traverse_util.flatten_dict(trained)
+    flat.pop(next(k for k in flat if k[-1] == "phm_left"))
+    method = peft.method_of_export(meta)
+    partial = peft.save_adapter(tmp_path / "partial", traverse_util.unflatten_dict(flat), method,
+                                **{k: v for k, v in meta.items()
+                                   if k not in ("method", "tensors", "sha256")})
+    with pytest.raises(ServeError, match=r"the mrpc adapter: .*partial: the export does not fit "
+                                         r"random:t5-tiny .*missing \['.*phm_left'\]"):
+        Predictor(BACKBONE, {"mrpc": partial})

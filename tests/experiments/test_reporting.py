@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments import reporting
 
 
@@ -57,3 +59,32 @@ def test_summary_and_plot_replace_atomically(tmp_path):
                           tmp_path / "learning_curves.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["learning_curves.png", "summary.json"]
     assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _disk_fails(*_, **__):
+    raise OSError("disk full (injected)")
+
+
+def test_a_failed_write_keeps_every_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A kill mid-write (injected in the flush to disk) leaves summary.json, metrics.jsonl
+    and the plot as they were, and no temporary beside them."""
+    writer = reporting.MetricsWriter(tmp_path)
+    for step in (1, 2):
+        writer.write(step, {"train/loss": 1.0 / step})
+    writer.close()  # (TensorBoard's writer flushes to disk too)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "summary.json").write_text("old")
+    (tmp_path / "learning_curves.png").write_bytes(b"old")
+    monkeypatch.setattr("os.fsync", _disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        writer.resume_at(1)
+    with pytest.raises(OSError, match="injected"):
+        reporting.write_summary(tmp_path, {"task": "rte"})
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", _disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        reporting.plot_curves([{"step": 1, "train/loss": 1.0}], tmp_path / "learning_curves.png")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "summary.json").read_text() == "old"
+    assert (tmp_path / "learning_curves.png").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learning_curves.png", "metrics.jsonl",
+                                                         "summary.json", "tensorboard"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from compacter_jax.data.span_corruption import NUM_SENTINELS, first_sentinel_id
 from compacter_jax.tokenizer import load_tokenizer
@@ -40,3 +41,16 @@ def test_parse_text_sources():
     assert parse_text_sources("") == ()
     assert "movie_reviews" in parse_text_sources("all")
     assert parse_text_sources(" brown, abc ") == ("brown", "abc")
+
+
+def test_a_failed_write_keeps_the_old_model(tmp_path, monkeypatch):
+    (tmp_path / "spiece.model").write_bytes(b"old")
+
+    def disk_fails(*_):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("os.fsync", disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        train_sentencepiece(corpus(200), tmp_path, vocab_size=100)
+    assert [p.name for p in tmp_path.iterdir()] == ["spiece.model"]
+    assert (tmp_path / "spiece.model").read_bytes() == b"old"

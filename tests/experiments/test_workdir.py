@@ -153,3 +153,45 @@ def test_an_output_linked_out_of_the_workdir_is_refused(tmp_path):
     (workdir / "kept").mkdir()  # a link that stays inside the workdir is fine
     (workdir / "predictions").symlink_to(workdir / "kept", target_is_directory=True)
     assert wd.check_writable(workdir) == workdir
+
+
+def test_temporaries_of_any_writer_are_removed_and_a_failed_config_write_keeps_the_old(
+        tmp_path, monkeypatch):
+    """remove_stale_temporaries knows `compacter_jax.atomic`'s names, not each writer's: a
+    killed export, summary or prediction file anywhere in the workdir goes, nothing else."""
+    from compacter_jax import atomic
+
+    (tmp_path / "adapters" / "rte").mkdir(parents=True)
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "adapter").mkdir()
+    # What SIGKILL leaves mid-write (a Python exception would have cleaned up itself).
+    stray = [tmp_path / ".adapter.123.0123abcd.tmp", tmp_path / ".adapter.123.0123abcd.old",
+             tmp_path / "adapters" / ".rte.45.89abcdef.tmp",
+             tmp_path / "adapters" / "rte" / ".trainable.safetensors.45.00ff00ff.tmp",
+             tmp_path / "predictions" / ".validation.jsonl.6.deadbeef.tmp",
+             tmp_path / ".summary.json.7.cafebabe.tmp"]
+    for path in stray:
+        if "adapter." in path.name or ".rte." in path.name:
+            path.mkdir()
+            (path / "trainable_config.json").write_text("{")
+        else:
+            path.write_text("half")
+    (tmp_path / "adapter" / "trainable_config.json").write_text("{}")
+    (tmp_path / ".hidden").write_text("keep")             # not a temporary of ours
+    stray_names = {p.name for p in stray}
+    assert {p.name for p in wd.remove_stale_temporaries(tmp_path)} == stray_names
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        ".hidden", "adapter", "adapter/trainable_config.json", "adapters", "adapters/rte",
+        "predictions"]
+
+    assert wd.check_resume_config(tmp_path, {"task": "rte"}) == {}
+    before = (tmp_path / wd.RUN_CONFIG).read_text()
+
+    def disk_fails(*_):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("os.fsync", disk_fails)
+    with pytest.raises(OSError, match="injected"):
+        wd.check_resume_config(tmp_path, {"task": "mrpc"})
+    assert (tmp_path / wd.RUN_CONFIG).read_text() == before
+    assert not [p for p in tmp_path.rglob("*") if atomic.is_temporary(p)]

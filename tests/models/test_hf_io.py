@@ -184,6 +184,24 @@ def test_saved_files_get_the_umask_mode_not_0600(checkpoint, tmp_path):
         "config.json": 0o644, "model.safetensors": 0o644}
 
 
+def test_a_failed_save_keeps_the_old_files_and_no_temporary(checkpoint, tmp_path, monkeypatch):
+    out = _copy(checkpoint[0], tmp_path / "saved")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("compacter_jax.models.hf_io.save_file", killed)   # the weights
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(out, CFG, checkpoint[1])
+    monkeypatch.undo()
+    monkeypatch.setattr("os.fsync", killed)                               # config.json
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(out, CFG, checkpoint[1])
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("content, message", [
     ("[1, 2]", r"config.json: config.json must hold a JSON object of T5 settings, got a JSON "
                r"array"),

@@ -87,3 +87,27 @@ def test_bad_runtime_values():
         T5Config(dtype="float64")
     with pytest.raises(ValueError, match="num_heads"):
         T5Config(num_heads=0)
+
+
+def test_one_parser_of_model_names(tmp_path, monkeypatch):
+    """`random:<preset>`, a folder, a shipped backbone, a Hub id: parsed in one place."""
+    from pathlib import Path
+
+    from compacter_jax.models.config import ModelSpec, is_random, parse_model_spec
+
+    monkeypatch.setenv("COMPACTER_CHECKPOINTS_DIR", str(tmp_path / "shipped"))
+    (tmp_path / "shipped" / "mini").mkdir(parents=True)
+    (tmp_path / "shipped" / "mini" / "config.json").write_text("{}")
+    (tmp_path / "local").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert parse_model_spec("random:t5-tiny") == ModelSpec("random", "t5-tiny")
+    assert parse_model_spec("local") == ("path", Path("local"))          # exists: a folder
+    assert parse_model_spec("./missing") == ("path", Path("missing"))    # written as a path
+    assert parse_model_spec("~/x").where == Path.home() / "x"
+    assert parse_model_spec("mini") == ("shipped", tmp_path / "shipped" / "mini")
+    assert parse_model_spec("t5-base") == ("hub", "t5-base")
+    assert parse_model_spec("google/flan-t5-base") == ("hub", "google/flan-t5-base")
+    with pytest.raises(ValueError, match=r"unknown preset 't5-huge' in 'random:t5-huge'; "
+                                         r"known: \[.*'t5-base'.*'t5-tiny'.*\]"):
+        parse_model_spec("random:t5-huge")
+    assert is_random("random:anything") and not is_random("t5-base")

@@ -47,6 +47,29 @@ def test_export_and_load_trainable(tmp_path):
         peft.load_trainable(tmp_path)
 
 
+def test_a_failed_export_keeps_the_previous_one_and_no_temporary(tmp_path, monkeypatch):
+    """Killed while writing the weights or the JSON (injected): the previous export loads
+    unchanged and nothing else is left beside it."""
+    out = peft.export_trainable(tmp_path / "adapter", TREE, {"method": {"family": "Method"}})
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    newer = jax.tree_util.tree_map(lambda x: x + 1, TREE)
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.flax.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        peft.export_trainable(out, newer, {"method": {"family": "Method"}})
+    monkeypatch.undo()
+    monkeypatch.setattr("os.fsync", killed)                # the JSON, after the weights
+    with pytest.raises(KeyboardInterrupt):
+        peft.export_trainable(out, newer, {"method": {"family": "Method"}})
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert_trees_equal(peft.load_trainable(out)[0], TREE)
+
+
 def test_manifest_refuses_corrupt_or_edited_exports(tmp_path):
     def fresh(name):
         return peft.export_trainable(tmp_path / name, TREE, {"method": {"family": "Method"}})
@@ -94,6 +117,9 @@ def test_nan_is_refused_on_export_and_on_load(tmp_path):
     with pytest.raises(ValueError, match="non-finite.*adapter/kernel"):
         peft.export_trainable(tmp_path / "nan", bad, {})
     assert not (tmp_path / "nan").exists()
+    bf16 = {"adapter": {"kernel": jnp.array([1.0, np.inf], jnp.bfloat16)}}  # not np.floating
+    with pytest.raises(ValueError, match="non-finite.*adapter/kernel"):
+        peft.export_trainable(tmp_path / "nan", bf16, {})
     from safetensors.numpy import save_file
 
     path = tmp_path / "nan_on_disk"
@@ -134,6 +160,33 @@ def test_load_adapter_refuses_an_export_that_does_not_fit(tmp_path):
                       model="random:t5-tiny", init_seed=3)
     with pytest.raises(peft.AdapterFileError, match=r"does not fit .*missing \['.*phm_left'\]"):
         peft.load_adapter(tmp_path / "partial")
+
+
+def test_a_partial_export_is_refused_in_the_scanned_layout_too():
+    """`fit_export` (load_adapter's and the Predictor's) checks block by block before it
+    stacks: a partial export is an AdapterFileError naming the tensor, not a pytree error."""
+    from compacter_jax.peft.export import fit_export
+
+    block = {"adapter": {"kernel": np.ones((2, 3), np.float32), "bias": np.ones(3, np.float32)}}
+    trained = {"encoder": {"block_0": block, "block_1": {"adapter": {"kernel": np.ones((2, 3))}}}}
+    template = stack_blocks({"encoder": {"block_0": block, "block_1": block}})
+    method = peft.get_method("compacter++")
+    with pytest.raises(peft.AdapterFileError, match=r"out: the export does not fit t5-x with "
+                       r"method compacter\+\+ \(scan_layers=True\): missing "
+                       r"\['encoder/block_1/adapter/bias'\], unexpected \[\]"):
+        fit_export(trained, template, path="out", backbone="t5-x", method=method,
+                   scan_layers=True)
+    trained["encoder"]["block_1"]["adapter"]["bias"] = np.zeros(3, np.float64)
+    fitted = fit_export(trained, template, path="out", backbone="t5-x", method=method,
+                        scan_layers=True)
+    bias = fitted["encoder"]["blocks"]["adapter"]["bias"]
+    assert bias.shape == (2, 3) and bias.dtype == np.float32   # stacked, cast to the model's
+    np.testing.assert_array_equal(bias, [[1, 1, 1], [0, 0, 0]])
+    with pytest.raises(peft.AdapterFileError, match=r"encoder/block_1/adapter/bias has shape "
+                                                    r"\(4,\), the model expects \(3,\)"):
+        trained["encoder"]["block_1"]["adapter"]["bias"] = np.zeros(4)
+        fit_export(trained, template, path="out", backbone="t5-x", method=method,
+                   scan_layers=True)
 
 
 def test_manifest_shapes_and_loader_errors_name_the_path(tmp_path):
