@@ -4,8 +4,9 @@ The T5 modules call a `T5Hooks` object at seven places. The default implementati
 nothing, so `T5ForConditionalGeneration(config)` is the plain backbone. PEFT methods
 (`compacter_jax.peft`) subclass it.
 
-Call sites, all inside linen `@nn.compact` methods (so modules returned by a hook are
-created as children of the calling module and named by the `name` argument):
+Call sites, all inside linen `@nn.compact` methods or the root model's `setup` (so modules
+returned by a hook are created as children of the calling module and named by the `name`
+argument):
 
 1. `root_module(name="peft_root")` — once, in the root model. Returns a module (or None)
    that is called with no arguments and returns a pytree `shared` (e.g. Compacter's one

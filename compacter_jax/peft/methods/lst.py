@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compacter_jax.models import Site, T5Config, T5Hooks
-from compacter_jax.models.t5 import T5Stack
+from compacter_jax.models.t5_stack import Encoded, Packing, T5Stack
 from compacter_jax.peft.method import Method, as_tuple
 
 SIDE_INITS = ("pruned", "random")
@@ -135,10 +135,11 @@ class SideStack(nn.Module):
         taps = [jax.lax.stop_gradient(t) for t in taps]
         s = dense(side_cfg.d_model, "first_downsample")(taps[0])
         hooks = LadderHooks(m.gate_temperature, m.gate_init, m.sampling_bias, cfg.dtype)
-        stack = T5Stack(side_cfg, hooks, is_decoder=self.is_decoder, decode=decode,
-                        deterministic=deterministic, name="stack")
-        h, _ = stack(s, mask, enc, enc_mask, None, segment_ids=segment_ids, positions=positions,
-                     enc_segment_ids=enc_segment_ids, ladder=[taps[i + 1] for i in layers])
+        encoded = Encoded(enc, enc_mask, enc_segment_ids) if self.is_decoder else None
+        stack = T5Stack(side_cfg, hooks, is_decoder=self.is_decoder, name="stack")
+        h, _ = stack(s, mask, encoded, packing=Packing(segment_ids, positions),
+                     ladder=[taps[i + 1] for i in layers], deterministic=deterministic,
+                     decode=decode)
         return dense(cfg.d_model, "upsample")(h) if self.is_decoder else h
 
 
