@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from compacter_jax.atomic import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 log = logging.getLogger(__name__)
@@ -102,9 +104,7 @@ class MetricsWriter:
         records = self._records()
         kept = [r for r in self._dedupe(records) if r["step"] <= step
                 and not any(k.startswith("test/") for k in r)]
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
     def close(self) -> None:
@@ -154,10 +154,14 @@ def _replace_atomically(path: Path, write) -> Path:
     return path
 
 
-def write_summary(workdir: Path, summary: dict[str, Any]) -> str:
-    """Writes DIR/summary.json (atomically) and returns (and prints) a closing table."""
+def write_summary(workdir: Path, summary: dict[str, Any], table: bool = True) -> str:
+    """Writes DIR/summary.json (atomically) and returns (and prints) a closing table of a
+    fine-tuning summary (`table=False`: none, "" returned). Runs call it through
+    `experiments.run.write_summary` (process 0 only)."""
     text = json.dumps(summary, indent=2, sort_keys=True)
-    _replace_atomically(Path(workdir) / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+    atomic_write(Path(workdir) / SUMMARY_FILE, text)
+    if not table:
+        return ""
     rows = [("task", summary["task"]), ("method", summary["method"]),
             ("model", summary["model"]),
             ("trainable params", f"{summary['trainable_params']:,} of "
