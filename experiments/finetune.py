@@ -31,8 +31,9 @@ from compacter_jax.train import step as step_lib
 from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
                                  make_strategy, make_train_step, mean_metrics, seq2seq_apply_fn)
 from experiments import dp as dp_run
-from experiments import multihost, reporting, validation
+from experiments import multihost, reporting
 from experiments import run as run_lib
+from experiments import spec as spec_lib
 from experiments import workdir as workdir_lib
 from experiments.configs.glue import DEFAULT_MODEL
 from experiments.evaluation import Evaluator
@@ -56,8 +57,8 @@ def resolve_source(config) -> data_lib.Source:
 
 def target_length(config, task, tokenizer) -> int:
     """`max_target_length`, or (-1) the task's: the longest label, 128 for free-text targets."""
-    return config.max_target_length if config.max_target_length > 0 else (
-        task.max_target_length(tokenizer))
+    return spec_lib.unset_below_one(config.max_target_length) or task.max_target_length(
+        tokenizer)
 
 
 def load_data(config, task, tokenizer, add_prefix: bool) -> dict[str, data_lib.EncodedData]:
@@ -65,10 +66,10 @@ def load_data(config, task, tokenizer, add_prefix: bool) -> dict[str, data_lib.E
     the task name first for methods that are not adapters, evaluation sets cut to
     `max_eval_samples` the original's way)."""
     source = resolve_source(config)
-    limit = config.max_eval_samples if config.max_eval_samples > 0 else None
+    limit = spec_lib.unset_below_one(config.max_eval_samples)
     splits = data_lib.load_paper_splits(
         task, source, data_seed=config.data_seed,
-        train_samples=config.train_samples if config.train_samples > 0 else None,
+        train_samples=spec_lib.unset_below_one(config.train_samples),
         max_validation_samples=limit, max_test_samples=limit)
     encoded = {}
     for name, split in splits.items():
@@ -90,7 +91,7 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
     when the method supports it."""
     if config.packing is False or (config.packing is None and not method.packable):
         return None
-    if validation.dp_enabled(config):  # per-example clipping needs one example per row
+    if spec_lib.dp_enabled(config):  # per-example clipping needs one example per row
         return None
     if not method.packable:
         raise ValueError(f"--config.packing=True: {method.name} does not support packed inputs "
@@ -217,12 +218,8 @@ def check_tokenizer_fits(tokenizer, model) -> None:
 
 
 def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
-    """(total steps, epochs) from epochs / max_steps."""
-    epochs = config.epochs if config.epochs > 0 else (20 if task_is_small else 3)
-    total = epochs * steps_per_epoch
-    if config.max_steps > 0:
-        total = min(total, config.max_steps) if config.epochs > 0 else config.max_steps
-    return total, epochs
+    """(total steps, epochs) from epochs / max_steps (`spec.FineTuneSpec.schedule`)."""
+    return spec_lib.finetune_spec(config).schedule(task_is_small, steps_per_epoch)
 
 
 # ------------------------------------------------------------------------- the run
@@ -260,11 +257,11 @@ class FineTuning:
     evaluator: Evaluator
 
 
-def build_model(config, method: peft.Method, task: data_lib.Task) -> dict[str, Any]:
+def build_model(config, spec: spec_lib.FineTuneSpec, task: data_lib.Task) -> dict[str, Any]:
     """The data, the backbone with the method, and its trainable/frozen parts (pruned at
     init for SparseAdapter). The backbone, if random, is a function of the seed alone, so an
     exported adapter can be put back onto the same random weights (`init_seed`)."""
-    add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
+    method, add_prefix = spec.method, spec.add_task_prefix
     resolved = resolve_model(config)  # downloads a Hub model; the fallback's banner
     tokenizer = load_tokenizer_for(config, *resolved)
     encoded = load_data(config, task, tokenizer, add_prefix)
@@ -291,28 +288,24 @@ def build_model(config, method: peft.Method, task: data_lib.Task) -> dict[str, A
                 backbone_sha256=backbone_sha256, init_rng=init_rng, add_prefix=add_prefix)
 
 
-def build(config, workdir: Path, method: peft.Method) -> FineTuning:
+def build(config, spec: spec_lib.FineTuneSpec, workdir: Path) -> FineTuning:
     """`build_model`, then the schedule, optimizer, compiled train step and evaluator."""
-    parts = build_model(config, method, data_lib.get_task(config.task))
+    method = spec.method
+    parts = build_model(config, spec, data_lib.get_task(config.task))
     task, encoded, model = parts["task"], parts["encoded"], parts["model"]
-    devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
+    devices = jax.devices()[:spec.devices] if spec.devices else None
     strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
     per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
-    total_steps, _ = schedule_length(config, task.is_small, per_epoch)
+    total_steps, _ = spec.schedule(task.is_small, per_epoch)
     plan = packing_plan(config, method, encoded["train"], math.ceil(total_steps / per_epoch),
                         strategy.num_devices)
-    eval_every = per_epoch if config.eval_every < 0 else config.eval_every  # 0: never
-    save_every = config.save_every if config.save_every > 0 else (eval_every or per_epoch)
     dp_plan = (dp_run.make_plan(config, len(encoded["train"]), total_steps,
-                                strategy.num_devices)
-               if validation.dp_enabled(config) else None)
-    learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
+                                strategy.num_devices) if spec.dp else None)
     # Under DP each example's gradient is clipped (dp.clip_norm); no second, global clip.
-    tx, schedule = make_optimizer(learning_rate, config.warmup_steps,
+    tx, schedule = make_optimizer(spec.learning_rate, config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
-                                  clip_norm=config.clip_norm if config.clip_norm > 0
-                                  and dp_plan is None else None,
-                                  optimizer=config.get("optimizer", "adamw"))
+                                  clip_norm=spec.clip_norm,
+                                  optimizer=config.optimizer)
     if parts["masks"] is not None:  # pruned weights never move, whatever the optimizer does
         tx = optax.chain(tx, sparsity_lib.keep_pruned(parts["masks"]))
     train_step = strategy.compile_train_step(
@@ -327,8 +320,9 @@ def build(config, workdir: Path, method: peft.Method) -> FineTuning:
         config.eval_batch_size, target_length(config, task, parts["tokenizer"]),
         mode=config.eval_mode, predictions_dir=workdir / "predictions")
     return FineTuning(**parts, strategy=strategy, total_steps=total_steps, per_epoch=per_epoch,
-                      eval_every=eval_every, save_every=save_every, plan=plan, dp_plan=dp_plan,
-                      tx=tx, learning_rate=learning_rate, train_step=train_step,
+                      eval_every=spec.eval_period(per_epoch),
+                      save_every=spec.save_period(per_epoch), plan=plan, dp_plan=dp_plan,
+                      tx=tx, learning_rate=spec.learning_rate, train_step=train_step,
                       evaluator=evaluator)
 
 
@@ -344,6 +338,17 @@ def eval_params(run: FineTuning, dev_params, dev_frozen):
 # ------------------------------------------------------------------------------ main
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no JAX backend (before `jax.distributed` is joined): every field
+    known and present (`spec.check_fields`), every value usable (`validation`).
+
+    Raises:
+      ConfigError naming the field and the fix.
+    """
+    spec_lib.check_fields(config, spec_lib.glue_defaults())
+    spec_lib.validate_config(config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) one fine-tuning job in `workdir`; returns the summary dict.
 
@@ -351,18 +356,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     model's config.json is read, the workdir is checked writable, locked, and a resume must
     match the config it resumes (`WorkdirError`); all name the field or path and the fix.
     """
-    validation.validate_config(config, available_devices=len(jax.devices()),
-                               processes=jax.process_count())
-    method = peft.get_method(config.method, **peft_overrides(config))
-    validation.check_model_config(config, method)
+    spec_lib.check_fields(config, spec_lib.glue_defaults())
+    spec_lib.validate_config(config, available_devices=len(jax.devices()),
+                             processes=jax.process_count())
+    spec = spec_lib.finetune_spec(config)
+    spec_lib.check_model_config(config, spec.method)
     workdir = Path(workdir).expanduser().absolute()
     with run_lib.claim_workdir(config, workdir):
-        return _fine_tune(config, workdir, method)
+        return _fine_tune(config, spec, workdir)
 
 
-def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Method) -> dict:
+def _fine_tune(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpec,
+               workdir: Path) -> dict:
     """The run itself, top-down, in a claimed workdir."""
-    run = build(config, workdir, method)
+    run = build(config, spec, workdir)
     strategy, total_steps, dp_plan = run.strategy, run.total_steps, run.dp_plan
 
     # Resume where the last checkpoint stopped (state and data position), or start.

@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,13 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.data import joint as joint_lib
 from compacter_jax.peft import bank as bank_lib
-from compacter_jax.train import (Checkpointer, MetricsBuffer, due, init_distributed,
+from compacter_jax.train import (Checkpointer, MetricsBuffer, due,
                                  make_optimizer, make_strategy, mean_metrics, seq2seq_apply_fn)
 from compacter_jax.train.multitask import (init_multitask_state, make_multitask_train_step,
                                            slice_tree)
-from experiments import cli, finetune, multihost, reporting, validation
+from experiments import cli, finetune, multihost, reporting
 from experiments import run as run_lib
+from experiments import spec as spec_lib
 from experiments.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,16 @@ class TaskRun:
     max_target_length: int
 
 
-def prepare_tasks(config, names: list[str], tokenizer, add_prefix: bool) -> list[TaskRun]:
+def prepare_tasks(config, spec: spec_lib.FineTuneSpec, names: list[str], tokenizer
+                  ) -> list[TaskRun]:
     """Each task's data and schedule, exactly as `experiments.finetune` prepares them."""
     runs = []
     for index, name in enumerate(names):
         task = data_lib.get_task(name)
-        encoded = finetune.load_data(config, task, tokenizer, add_prefix)
+        encoded = finetune.load_data(config, task, tokenizer, spec.add_task_prefix)
         per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
-        total, _ = finetune.schedule_length(config, task.is_small, per_epoch)
-        eval_every = per_epoch if config.eval_every < 0 else config.eval_every
+        total, _ = spec.schedule(task.is_small, per_epoch)
+        eval_every = spec.eval_period(per_epoch)
         runs.append(TaskRun(index, name, task, encoded, per_epoch, total, eval_every,
                             finetune.target_length(config, task, tokenizer)))
         log.info("%s: %d training rows, %d steps (%d per epoch)", name, len(encoded["train"]),
@@ -202,17 +203,15 @@ class JointRun:
         return max(r.total_steps for r in self.runs)
 
 
-def build(config, workdir: Path, names: list[str]) -> JointRun:
+def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) -> JointRun:
     """Tasks and their data, one backbone and adapter init (as each single-task run with this
     seed draws them), K optimizers (own schedule length each), the joint step, the packing
     plan and the evaluators."""
-    method = peft.get_method(config.method, **finetune.peft_overrides(config))
+    method, learning_rate, add_prefix = spec.method, spec.learning_rate, spec.add_task_prefix
     bank_lib.check_bankable(method)
-    learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
-    add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
     resolved = finetune.resolve_model(config)
     tokenizer = finetune.load_tokenizer_for(config, *resolved)
-    runs = prepare_tasks(config, names, tokenizer, add_prefix)
+    runs = prepare_tasks(config, spec, names, tokenizer)
     init_rng = jax.random.PRNGKey(config.seed)
     vocab_size = finetune.tokenizer_vocab_size(config, tokenizer)
     model, params, model_name = finetune.load_model(config, method, init_rng, resolved=resolved,
@@ -223,12 +222,11 @@ def build(config, workdir: Path, names: list[str]) -> JointRun:
     counts = (peft.count(trainable), peft.count(frozen))
     log.info("model %s, method %s: %d adapters of %s params on %s frozen ones", model_name,
              method.name, len(runs), f"{counts[0]:,}", f"{counts[1]:,}")
-    devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
+    devices = jax.devices()[:spec.devices] if spec.devices else None
     strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
     optimizers = [make_optimizer(learning_rate, config.warmup_steps, r.total_steps,
-                                 weight_decay=config.weight_decay,
-                                 clip_norm=config.clip_norm if config.clip_norm > 0 else None,
-                                 optimizer=config.get("optimizer", "adamw"))
+                                 weight_decay=config.weight_decay, clip_norm=spec.clip_norm,
+                                 optimizer=config.optimizer)
                   for r in runs]
     bank_apply = bank_lib.make_bank_apply(seq2seq_apply_fn(model), method)
     train_step = strategy.compile_train_step(make_multitask_train_step(
@@ -240,8 +238,7 @@ def build(config, workdir: Path, names: list[str]) -> JointRun:
                                     mode=config.eval_mode,
                                     predictions_dir=workdir / "predictions" / r.name)
                   for r in runs}
-    save_every = (config.save_every if config.save_every > 0
-                  else min(r.eval_every or r.per_epoch for r in runs))
+    save_every = spec.save_every or min(r.eval_every or r.per_epoch for r in runs)
     return JointRun(method, runs, model, model_name, trainable, frozen,
                     bank_lib.stack_adapters([trainable] * len(runs)), counts, vocab_size,
                     init_rng, strategy, joint_packing_plan(config, method, runs,
@@ -260,17 +257,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     run does not know, e.g. `task`, is refused), the workdir is checked writable and locked,
     and a resume must match the config it resumes.
     """
+    check_config(config)
     names = task_names(config)
-    validation.validate_config(config, available_devices=len(jax.devices()),
-                               processes=jax.process_count())
+    spec_lib.validate_config(config, available_devices=len(jax.devices()),
+                             processes=jax.process_count())
     workdir = Path(workdir).expanduser().absolute()
+    spec = spec_lib.finetune_spec(config)
     with run_lib.claim_workdir(config, workdir):
-        return _train_jointly(config, workdir, names)
+        return _train_jointly(config, spec, workdir, names)
 
 
-def _train_jointly(config: ml_collections.ConfigDict, workdir: Path, names: list[str]) -> dict:
+def _train_jointly(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpec,
+                   workdir: Path, names: list[str]) -> dict:
     """The run itself, top-down, in a claimed workdir."""
-    job = build(config, workdir, names)
+    job = build(config, spec, workdir, names)
     strategy, runs, method, last_step = job.strategy, job.runs, job.method, job.last_step
     # Resume: the joint state and every task's data position, or start.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
@@ -391,20 +391,19 @@ def _finish(config, workdir: Path, job: JointRun, restored: dict, dev_state, dev
 # ------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str]) -> int:
-    from absl import flags
-
-    cli.setup_logging(argv)
-    if cli.printed_config():
-        return 0
-    init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
-    return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no JAX backend: every field known and present (`--config.task` is
+    refused: the job's tasks are `tasks`), the task list, every value usable."""
+    spec_lib.check_fields(config, spec_lib.multitask_defaults())
+    task_names(config)
+    spec_lib.validate_config(config)
+    if spec_lib.dp_enabled(config):
+        raise spec_lib.ConfigError("--config.dp.*: multi-task runs do not train with "
+                                   "differential privacy; leave --config.dp unset, or train "
+                                   "each task with experiments.glue")
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    cli.define_flags("experiments/configs/multitask.py",
-                     "Directory for adapters, checkpoints, metrics and predictions.",
-                     "Multi-task config file (ml_collections).")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(train_and_evaluate, "experiments/configs/multitask.py", check=check_config,
+             workdir_help="Directory for adapters, checkpoints, metrics and predictions.",
+             config_help="Multi-task config file (ml_collections).")

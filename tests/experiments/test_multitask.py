@@ -165,7 +165,7 @@ def test_bad_task_lists_are_refused(backbone, tmp_path):
 
 
 def test_a_workdir_in_use_or_a_bad_field_is_refused_before_loading(backbone, tmp_path):
-    from experiments.validation import ConfigError
+    from experiments.spec import ConfigError
     from experiments.workdir import WorkdirError, WorkdirLock
 
     with pytest.raises(ConfigError, match="batch_size"):
