@@ -17,7 +17,7 @@ import tiny_runs
 
 from compacter_jax import peft
 from compacter_jax.models import from_pretrained, save_pretrained
-from experiments import finetune, multitask
+from experiments import finetune, multitask, reporting
 from experiments.configs import glue as glue_config
 from experiments.configs import multitask as multitask_config
 
@@ -237,7 +237,15 @@ def test_quick_joint_run_resumes_to_the_glue_run(shared_data, backbone, tmp_path
     assert (workdir / "checkpoints" / "steps" / "2").is_dir()
     assert not (workdir / "adapters").exists()
     monkeypatch.undo()
+    writes = []  # issue 19: the metrics cut back and the summary, each written atomically
+    atomic_write = reporting.atomic_write
+    monkeypatch.setattr(reporting, "atomic_write",
+                        lambda path, text: writes.append(path.name) or atomic_write(path, text))
     joint = multitask.train_and_evaluate(quick_config(backbone), workdir)
+    monkeypatch.undo()
+    assert writes == ["metrics.jsonl", "summary.json"]
+    assert json.loads((workdir / "summary.json").read_text())["tasks"].keys() == set(
+        QUICK_TASKS)
     single = finetune.train_and_evaluate(
         configure(glue_config.get_config(), backbone, task="mrpc", **QUICK), tmp_path / "mrpc")
     assert joint["packed"] and single["best_step"] == joint["tasks"]["mrpc"]["best_step"]
