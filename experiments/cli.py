@@ -166,7 +166,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # an unknown flag or a value of the wrong type
-        sys.exit(error(f"{e} (--helpfull lists the flags)"))
+        hint = ("--print_config lists every field with its type" if "--config." in str(e)
+                else "--helpfull lists the flags")
+        sys.exit(error(f"{e} ({hint})"))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         sys.exit(error(f"bad --config override: {e}"))
 
