@@ -239,12 +239,13 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
                                     predictions_dir=workdir / "predictions" / r.name)
                   for r in runs}
     save_every = spec.save_every or min(r.eval_every or r.per_epoch for r in runs)
-    return JointRun(method, runs, model, model_name, trainable, frozen,
-                    bank_lib.stack_adapters([trainable] * len(runs)), counts, vocab_size,
-                    init_rng, strategy, joint_packing_plan(config, method, runs,
-                                                           strategy.num_devices),
-                    [tx for tx, _ in optimizers], learning_rate, add_prefix, train_step,
-                    evaluators, save_every)
+    return JointRun(
+        method=method, runs=runs, model=model, model_name=model_name, trainable=trainable,
+        frozen=frozen, bank=bank_lib.stack_adapters([trainable] * len(runs)), counts=counts,
+        vocab_size=vocab_size, init_rng=init_rng, strategy=strategy,
+        plan=joint_packing_plan(config, method, runs, strategy.num_devices),
+        txs=[tx for tx, _ in optimizers], learning_rate=learning_rate, add_prefix=add_prefix,
+        train_step=train_step, evaluators=evaluators, save_every=save_every)
 
 
 # ------------------------------------------------------------------------------ main
