@@ -8,19 +8,17 @@ workdir)` reads top-down, as flax examples/wmt/train.py:
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 from compacter_jax import data as data_lib
@@ -30,11 +28,12 @@ from compacter_jax.models.hf_io import ModelNotCachedError
 from compacter_jax.tokenizer import tokenizer_for_model
 from compacter_jax.peft import sparsity as sparsity_lib
 from compacter_jax.train import step as step_lib
-from compacter_jax.train import (Checkpointer, MetricsBuffer, NonFiniteLossError, TrainState,
-                                 due, make_optimizer, make_strategy, make_train_step,
-                                 mean_metrics, seq2seq_apply_fn)
+from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
+                                 make_strategy, make_train_step, mean_metrics, seq2seq_apply_fn)
 from experiments import dp as dp_run
-from experiments import multihost, reporting, validation
+from experiments import multihost, reporting
+from experiments import run as run_lib
+from experiments import spec as spec_lib
 from experiments import workdir as workdir_lib
 from experiments.configs.glue import DEFAULT_MODEL
 from experiments.evaluation import Evaluator
@@ -58,8 +57,8 @@ def resolve_source(config) -> data_lib.Source:
 
 def target_length(config, task, tokenizer) -> int:
     """`max_target_length`, or (-1) the task's: the longest label, 128 for free-text targets."""
-    return config.max_target_length if config.max_target_length > 0 else (
-        task.max_target_length(tokenizer))
+    return spec_lib.unset_below_one(config.max_target_length) or task.max_target_length(
+        tokenizer)
 
 
 def load_data(config, task, tokenizer, add_prefix: bool) -> dict[str, data_lib.EncodedData]:
@@ -67,10 +66,10 @@ def load_data(config, task, tokenizer, add_prefix: bool) -> dict[str, data_lib.E
     the task name first for methods that are not adapters, evaluation sets cut to
     `max_eval_samples` the original's way)."""
     source = resolve_source(config)
-    limit = config.max_eval_samples if config.max_eval_samples > 0 else None
+    limit = spec_lib.unset_below_one(config.max_eval_samples)
     splits = data_lib.load_paper_splits(
         task, source, data_seed=config.data_seed,
-        train_samples=config.train_samples if config.train_samples > 0 else None,
+        train_samples=spec_lib.unset_below_one(config.train_samples),
         max_validation_samples=limit, max_test_samples=limit)
     encoded = {}
     for name, split in splits.items():
@@ -92,7 +91,7 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
     when the method supports it."""
     if config.packing is False or (config.packing is None and not method.packable):
         return None
-    if validation.dp_enabled(config):  # per-example clipping needs one example per row
+    if spec_lib.dp_enabled(config):  # per-example clipping needs one example per row
         return None
     if not method.packable:
         raise ValueError(f"--config.packing=True: {method.name} does not support packed inputs "
@@ -219,92 +218,53 @@ def check_tokenizer_fits(tokenizer, model) -> None:
 
 
 def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
-    """(total steps, epochs) from epochs / max_steps."""
-    epochs = config.epochs if config.epochs > 0 else (20 if task_is_small else 3)
-    total = epochs * steps_per_epoch
-    if config.max_steps > 0:
-        total = min(total, config.max_steps) if config.epochs > 0 else config.max_steps
-    return total, epochs
+    """(total steps, epochs) from epochs / max_steps (`spec.FineTuneSpec.schedule`)."""
+    return spec_lib.finetune_spec(config).schedule(task_is_small, steps_per_epoch)
 
 
-def flush_metrics(buffer: MetricsBuffer, ckpt: Checkpointer) -> list[dict[str, float]]:
-    """`buffer.flush()`; on a non-finite loss, first sets aside the step checkpoints from the
-    state that loss was computed from (update N's loss comes from the state after update
-    N-1: it diverged), so a re-run does not resume it."""
-    try:
-        return buffer.flush()
-    except NonFiniteLossError as e:
-        ckpt.set_aside_from(e.step - 1, "the loss of the next update was non-finite")
-        raise
+# ------------------------------------------------------------------------- the run
 
 
-# --------------------------------------------------------------------------- workdir
+@dataclasses.dataclass
+class FineTuning:
+    """Everything the loop of one fine-tuning run uses, built by `build` (data, model, the
+    compiled step, the evaluator) before the first step."""
+
+    task: data_lib.Task
+    method: peft.Method
+    tokenizer: Any
+    encoded: dict[str, data_lib.EncodedData]
+    model: Any
+    model_name: str
+    trainable: Any
+    frozen: Any
+    masks: Any  # SparseAdapter's pruning masks, or None
+    counts: tuple[int, int]  # (trainable, total) parameters
+    vocab_size: int | None
+    backbone_sha256: str
+    init_rng: Any
+    strategy: Any
+    total_steps: int
+    per_epoch: int
+    eval_every: int  # 0: never
+    save_every: int
+    plan: data_lib.PackingPlan | None
+    dp_plan: Any
+    tx: Any
+    learning_rate: float
+    add_prefix: bool
+    train_step: Any
+    evaluator: Evaluator
 
 
-@contextlib.contextmanager
-def claim_workdir(config, workdir: Path) -> Iterator[None]:
-    """Process 0 checks that every output can be written, locks the workdir (one run at a
-    time), removes what a killed run left half-written and checks the config against the run
-    the workdir holds; every process stops if any of that failed. The lock is released at
-    exit.
-
-    Raises:
-      WorkdirError naming the path, the changed fields, or the lock's holder, and the fix.
-    """
-    lock, error = None, None
-    if multihost.is_primary():
-        try:
-            workdir_lib.check_writable(workdir)
-            lock = workdir_lib.WorkdirLock(workdir, force=config.get("force_unlock", False))
-            lock.acquire()
-            workdir_lib.remove_stale_temporaries(workdir)
-            workdir_lib.check_resume_config(
-                workdir, config.to_dict(), allow_change=config.get("allow_config_change", False))
-        except Exception as e:  # every process must hear of it before anyone raises
-            error = e
-            if lock is not None:
-                lock.release()
-    if not multihost.agree(error is None):
-        raise error if error is not None else workdir_lib.WorkdirError(
-            f"process 0 refused workdir {workdir}: see its error")
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-# ------------------------------------------------------------------------------ main
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) one fine-tuning job in `workdir`; returns the summary dict.
-
-    Before anything is loaded or compiled: the config is validated (`ConfigError`), the
-    model's config.json is read, the workdir is checked writable, locked, and a resume must
-    match the config it resumes (`WorkdirError`); all name the field or path and the fix.
-    """
-    validation.validate_config(config, available_devices=len(jax.devices()),
-                               processes=jax.process_count())
-    method = peft.get_method(config.method, **peft_overrides(config))
-    validation.check_model_config(config, method)
-    workdir = Path(workdir).expanduser().absolute()
-    with claim_workdir(config, workdir):
-        return _fine_tune(config, workdir, method)
-
-
-def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Method) -> dict:
-    """The run itself, top-down, in a claimed workdir."""
-    primary = multihost.is_primary()
-    task = data_lib.get_task(config.task)
-    learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
-    add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
+def build_model(config, spec: spec_lib.FineTuneSpec, task: data_lib.Task) -> dict[str, Any]:
+    """The data, the backbone with the method, and its trainable/frozen parts (pruned at
+    init for SparseAdapter). The backbone, if random, is a function of the seed alone, so an
+    exported adapter can be put back onto the same random weights (`init_seed`)."""
+    method, add_prefix = spec.method, spec.add_task_prefix
     resolved = resolve_model(config)  # downloads a Hub model; the fallback's banner
     tokenizer = load_tokenizer_for(config, *resolved)
     encoded = load_data(config, task, tokenizer, add_prefix)
-
-    # The backbone, if random, is a function of the seed alone, so an exported adapter can be
-    # put back onto the same random weights (load_adapter reads `init_seed`).
     init_rng = jax.random.PRNGKey(config.seed)
     vocab_size = tokenizer_vocab_size(config, tokenizer)
     model, params, model_name = load_model(config, method, init_rng, resolved=resolved,
@@ -322,27 +282,32 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
         n_trainable = sparsity_lib.trained_count(trainable, masks)
     log.info("model %s, method %s: %s trainable of %s params (%.3f%%)", model_name, method.name,
              f"{n_trainable:,}", f"{n_total:,}", 100 * n_trainable / n_total)
+    return dict(task=task, method=method, tokenizer=tokenizer, encoded=encoded, model=model,
+                model_name=model_name, trainable=trainable, frozen=frozen, masks=masks,
+                counts=(n_trainable, n_total), vocab_size=vocab_size,
+                backbone_sha256=backbone_sha256, init_rng=init_rng, add_prefix=add_prefix)
 
-    # Optimizer, schedule and the compiled train step.
-    devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
+
+def build(config, spec: spec_lib.FineTuneSpec, workdir: Path) -> FineTuning:
+    """`build_model`, then the schedule, optimizer, compiled train step and evaluator."""
+    method = spec.method
+    parts = build_model(config, spec, data_lib.get_task(config.task))
+    task, encoded, model = parts["task"], parts["encoded"], parts["model"]
+    devices = jax.devices()[:spec.devices] if spec.devices else None
     strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
     per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
-    total_steps, _ = schedule_length(config, task.is_small, per_epoch)
+    total_steps, _ = spec.schedule(task.is_small, per_epoch)
     plan = packing_plan(config, method, encoded["train"], math.ceil(total_steps / per_epoch),
                         strategy.num_devices)
-    eval_every = per_epoch if config.eval_every < 0 else config.eval_every  # 0: never
-    save_every = config.save_every if config.save_every > 0 else (eval_every or per_epoch)
     dp_plan = (dp_run.make_plan(config, len(encoded["train"]), total_steps,
-                                strategy.num_devices)
-               if validation.dp_enabled(config) else None)
+                                strategy.num_devices) if spec.dp else None)
     # Under DP each example's gradient is clipped (dp.clip_norm); no second, global clip.
-    tx, schedule = make_optimizer(learning_rate, config.warmup_steps,
+    tx, schedule = make_optimizer(spec.learning_rate, config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
-                                  clip_norm=config.clip_norm if config.clip_norm > 0
-                                  and dp_plan is None else None,
-                                  optimizer=config.get("optimizer", "adamw"))
-    if masks is not None:  # pruned weights never move, whatever the optimizer does
-        tx = optax.chain(tx, sparsity_lib.keep_pruned(masks))
+                                  clip_norm=spec.clip_norm,
+                                  optimizer=config.optimizer)
+    if parts["masks"] is not None:  # pruned weights never move, whatever the optimizer does
+        tx = optax.chain(tx, sparsity_lib.keep_pruned(parts["masks"]))
     train_step = strategy.compile_train_step(
         dp_run.make_train_step(dp_plan, seq2seq_apply_fn(model), tx, merge_fn=method.combine,
                                schedule=schedule) if dp_plan else
@@ -350,65 +315,102 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                         schedule=schedule, per_example_dropout=config.per_example_dropout))
     # Several processes: each decodes its share of the batches on its own devices, from
     # process-local parameters, and the texts are gathered.
-    sharded_eval = jax.process_count() > 1
-    evaluator = (multihost.HostShardedEvaluator if sharded_eval else Evaluator)(
-        task, tokenizer, model, {k: v for k, v in encoded.items() if k != "train"},
-        config.eval_batch_size, target_length(config, task, tokenizer),
+    evaluator = (multihost.HostShardedEvaluator if jax.process_count() > 1 else Evaluator)(
+        task, parts["tokenizer"], model, {k: v for k, v in encoded.items() if k != "train"},
+        config.eval_batch_size, target_length(config, task, parts["tokenizer"]),
         mode=config.eval_mode, predictions_dir=workdir / "predictions")
+    return FineTuning(**parts, strategy=strategy, total_steps=total_steps, per_epoch=per_epoch,
+                      eval_every=spec.eval_period(per_epoch),
+                      save_every=spec.save_period(per_epoch), plan=plan, dp_plan=dp_plan,
+                      tx=tx, learning_rate=spec.learning_rate, train_step=train_step,
+                      evaluator=evaluator)
 
-    def eval_params(dev_params):
-        if sharded_eval:
-            return method.combine(strategy.unreplicate(dev_params), frozen)
-        return method.combine(strategy.one_copy(dev_params), strategy.one_copy(dev_frozen))
 
-    # Resume where the last checkpoint stopped (state and data position), or start. A
-    # checkpoint that does not restore is set aside and the one before it used.
+def eval_params(run: FineTuning, dev_params, dev_frozen):
+    """The combined parameters the evaluator decodes with: process-local host copies when
+    several processes decode their shares, else one device copy."""
+    if jax.process_count() > 1:
+        return run.method.combine(run.strategy.unreplicate(dev_params), run.frozen)
+    return run.method.combine(run.strategy.one_copy(dev_params),
+                              run.strategy.one_copy(dev_frozen))
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no JAX backend (before `jax.distributed` is joined): every field
+    known and present (`spec.check_fields`), every value usable (`validation`).
+
+    Raises:
+      ConfigError naming the field and the fix.
+    """
+    spec_lib.check_fields(config, spec_lib.glue_defaults())
+    spec_lib.validate_config(config)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Runs (or resumes) one fine-tuning job in `workdir`; returns the summary dict.
+
+    Before anything is loaded or compiled: the config is validated (`ConfigError`), the
+    model's config.json is read, the workdir is checked writable, locked, and a resume must
+    match the config it resumes (`WorkdirError`); all name the field or path and the fix.
+    """
+    spec_lib.check_fields(config, spec_lib.glue_defaults())
+    spec_lib.validate_config(config, available_devices=len(jax.devices()),
+                             processes=jax.process_count())
+    spec = spec_lib.finetune_spec(config)
+    spec_lib.check_model_config(config, spec.method)
+    workdir = Path(workdir).expanduser().absolute()
+    with run_lib.claim_workdir(config, workdir):
+        return _fine_tune(config, spec, workdir)
+
+
+def _fine_tune(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpec,
+               workdir: Path) -> dict:
+    """The run itself, top-down, in a claimed workdir."""
+    run = build(config, spec, workdir)
+    strategy, total_steps, dp_plan = run.strategy, run.total_steps, run.dp_plan
+
+    # Resume where the last checkpoint stopped (state and data position), or start.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    state = TrainState.create(trainable, tx, jax.random.fold_in(init_rng, 1))
-    position = data_lib.DataState()
-    if (restored := ckpt.restore_latest(state)) is not None:
-        state, meta = restored
-        if isinstance(meta.get("config"), dict):  # the config that state was trained with
-            changes = workdir_lib.config_changes(meta["config"], config.to_dict())
-            if dp_plan:
-                dp_run.refuse_changed_mechanism(changes)
-            workdir_lib.refuse_or_allow(changes, config.get("allow_config_change", False),
-                                        f"checkpoint step {int(state.step)}")
-        position = data_lib.DataState.from_dict(meta["data_position"])
-        log.info("resumed from step %d at %s", int(state.step), position)
+    state = TrainState.create(run.trainable, run.tx, jax.random.fold_in(run.init_rng, 1))
+    state, meta = run_lib.restore(ckpt, state, config,
+                                  refuse=dp_run.refuse_changed_mechanism if dp_plan else None)
+    position = data_lib.DataState.from_dict(meta["data_position"]) if meta else (
+        data_lib.DataState())
     if ckpt.best_step is not None:
-        ckpt.restore_best(trainable)  # a corrupt best is found now, not after training
+        ckpt.restore_best(run.trainable)  # a corrupt best is found now, not after training
     start_step = int(state.step)
-    dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(frozen)
-    writer = reporting.MetricsWriter(workdir, enabled=primary)
-    if (dropped := writer.resume_at(start_step)):
-        log.info("metrics.jsonl: dropped %d record(s) after step %d (they are recomputed)",
-                 dropped, start_step)
-    progress = reporting.Progress(total_steps, config.batch_size, start_step, enabled=primary)
-    batches = (dp_run.train_batches(config, encoded["train"], position, start_step, dp_plan)
+    dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(run.frozen)
+    writers = run_lib.open_writers(workdir, start_step, total_steps, config.batch_size)
+    writer, progress = writers.metrics, writers.progress
+    batches = (dp_run.train_batches(config, run.encoded["train"], position, start_step, dp_plan)
                if dp_plan else
-               train_batches(config, encoded["train"], position, plan, with_fill=True))
+               train_batches(config, run.encoded["train"], position, run.plan, with_fill=True))
     buffer, window = MetricsBuffer(strategy), []
 
     with ckpt:
         for step in range(start_step + 1, total_steps + 1):
             position, batch, tokens = next(batches)
-            dev_state, metrics = train_step(dev_state, dev_frozen, strategy.shard_batch(batch))
+            dev_state, metrics = run.train_step(dev_state, dev_frozen,
+                                                strategy.shard_batch(batch))
             buffer.add(step, {**metrics,
                               "source_fill": tokens["source_tokens"] / tokens["source_slots"],
                               "target_fill": tokens["target_tokens"] / tokens["target_slots"]})
             do_log = due(step, config.log_every, total_steps)
-            do_eval = eval_every > 0 and due(step, eval_every, total_steps)
-            do_save = due(step, save_every, total_steps)
+            do_eval = run.eval_every > 0 and due(step, run.eval_every, total_steps)
+            do_save = due(step, run.save_every, total_steps)
             if do_log or do_eval or do_save:
-                window += flush_metrics(buffer, ckpt)  # one host sync; NaN/inf raise
+                window += run_lib.flush(buffer, ckpt)  # one host sync; NaN/inf raise
             if do_log:
                 writer.write(step, {f"train/{k}": v for k, v in mean_metrics(window).items()})
                 progress.update(step, window)
                 window = []
             if do_eval:
                 start = time.perf_counter()
-                scores = evaluator.evaluate(eval_params(dev_state.params), "validation")
+                scores = run.evaluator.evaluate(eval_params(run, dev_state.params, dev_frozen),
+                                                "validation")
                 spent = dp_plan.spent(step) if dp_plan else {}  # (epsilon, delta) so far
                 writer.write(step, {**{f"validation/{k}": v for k, v in scores.items()},
                                     **{f"privacy/{k}": v for k, v in spent.items()}})
@@ -425,47 +427,54 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: Path, method: peft.Me
                            "best_score": ckpt.best_score, "best_step": ckpt.best_step})
         progress.close()
         ckpt.wait()
-        best = ckpt.restore_best(trainable)
+        best = ckpt.restore_best(run.trainable)
+    return _finish(config, workdir, run, ckpt, best, dev_state, dev_frozen, writers)
 
-    # Test at the best validation checkpoint; export the adapter; the run's summary.
+
+def _finish(config, workdir: Path, run: FineTuning, ckpt: Checkpointer, best, dev_state,
+            dev_frozen, writers: run_lib.Writers) -> dict:
+    """Test at the best validation checkpoint; export the adapter; the run's summary."""
+    strategy, total_steps, task, method = run.strategy, run.total_steps, run.task, run.method
     best_params = best[0] if best else strategy.unreplicate(dev_state.params)
     best_step = int(best[1].get("step", total_steps)) if best else total_steps
     summary: dict[str, Any] = {
-        "task": task.name, "method": method.name, "model": model_name,
-        "trainable_params": n_trainable, "total_params": n_total, "steps": total_steps,
-        "best_step": best_step, "best_validation_score": ckpt.best_score,
-        "learning_rate": learning_rate, "train_examples": len(encoded["train"]),
+        "task": task.name, "method": method.name, "model": run.model_name,
+        "trainable_params": run.counts[0], "total_params": run.counts[1],
+        "steps": total_steps, "best_step": best_step, "best_validation_score": ckpt.best_score,
+        "learning_rate": run.learning_rate, "train_examples": len(run.encoded["train"]),
         "method_config": method.to_dict(), "config": config.to_dict(),
         "processes": jax.process_count(), "devices": strategy.num_devices,
     }
-    if dp_plan:
-        summary["privacy"] = dp_plan.summary(total_steps)
+    if run.dp_plan:
+        summary["privacy"] = run.dp_plan.summary(total_steps)
     if ckpt.problems:
         summary["warnings"] = list(ckpt.problems)
     if history := workdir_lib.config_history(workdir):
         summary["config_history"] = history  # --config.allow_config_change resumes
-    if config.eval_test and "test" in encoded:
-        params = (method.combine(best_params, frozen) if sharded_eval else
+    if config.eval_test and "test" in run.encoded:
+        params = (method.combine(best_params, run.frozen) if jax.process_count() > 1 else
                   method.combine(strategy.one_copy(strategy.replicate(best_params)),
                                  strategy.one_copy(dev_frozen)))
-        test = evaluator.evaluate(params, "test")
-        writer.write(best_step, {f"test/{k}": v for k, v in test.items()})
+        test = run.evaluator.evaluate(params, "test")
+        writers.metrics.write(best_step, {f"test/{k}": v for k, v in test.items()})
         summary["test"] = test
-    peft.save_adapter(workdir / "adapter", best_params, method, model=model_name,
+    masks = run.masks
+    peft.save_adapter(workdir / "adapter", best_params, method, model=run.model_name,
                       task=task.name, step=best_step, init_seed=config.seed,
-                      backbone_sha256=backbone_sha256, scan_layers=model.config.scan_layers,
+                      backbone_sha256=run.backbone_sha256,
+                      scan_layers=run.model.config.scan_layers,
                       max_source_length=config.max_source_length,
-                      max_target_length=target_length(config, task, tokenizer),
-                      add_task_prefix=add_prefix,
-                      **({"vocab_size": vocab_size} if vocab_size is not None else {}),
+                      max_target_length=target_length(config, task, run.tokenizer),
+                      add_task_prefix=run.add_prefix,
+                      **({"vocab_size": run.vocab_size} if run.vocab_size is not None else {}),
                       **({"sparsity_masks": sparsity_lib.export_masks(best_params, masks)}
                          if masks is not None else {}))
-    history = writer.read()
+    history = writers.metrics.read()
     summary["validation"] = next((h for h in reversed(history) if h["step"] == best_step
                                   and any(k.startswith("validation/") for k in h)), {})
-    if primary:
-        reporting.write_summary(workdir, summary)
+    run_lib.write_summary(workdir, summary, table=True)
+    if multihost.is_primary():
         reporting.plot_curves(history, workdir / "learning_curves.png",
-                              title=f"{task.name} · {method.name} · {model_name}")
-    writer.close()
+                              title=f"{task.name} · {method.name} · {run.model_name}")
+    writers.close()
     return summary

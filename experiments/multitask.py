@@ -31,29 +31,27 @@ the result of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
-from compacter_jax.data import packing as packing_lib
+from compacter_jax.data import joint as joint_lib
 from compacter_jax.peft import bank as bank_lib
-from compacter_jax.train import (Checkpointer, MetricsBuffer, due, init_distributed,
+from compacter_jax.train import (Checkpointer, MetricsBuffer, due,
                                  make_optimizer, make_strategy, mean_metrics, seq2seq_apply_fn)
 from compacter_jax.train.multitask import (init_multitask_state, make_multitask_train_step,
                                            slice_tree)
-from experiments import cli, finetune, reporting, validation
+from experiments import cli, finetune, multihost, reporting
+from experiments import run as run_lib
+from experiments import spec as spec_lib
 from experiments.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -80,20 +78,11 @@ def task_names(config) -> list[str]:
     return names
 
 
-def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """A copy of `config` with `task` set: the single-task config of one task of the job (what
-    the experiments.finetune helpers read)."""
-    c = copy.deepcopy(config)
-    c.task = name
-    return c
-
-
 @dataclasses.dataclass
 class TaskRun:
     """One task of the job: its slice `index` of the bank, data and schedule.
 
     Attributes:
-      config: the job's config with `task` set to this task.
       encoded: {"train", "validation", "test"} tokenised splits.
       per_epoch / total_steps / eval_every: as a single-task run of it computes them
         (eval_every 0 = never).
@@ -103,7 +92,6 @@ class TaskRun:
     index: int
     name: str
     task: data_lib.Task
-    config: ml_collections.ConfigDict
     encoded: dict[str, data_lib.EncodedData]
     per_epoch: int
     total_steps: int
@@ -111,18 +99,18 @@ class TaskRun:
     max_target_length: int
 
 
-def prepare_tasks(config, names: list[str], tokenizer, add_prefix: bool) -> list[TaskRun]:
+def prepare_tasks(config, spec: spec_lib.FineTuneSpec, names: list[str], tokenizer
+                  ) -> list[TaskRun]:
     """Each task's data and schedule, exactly as `experiments.finetune` prepares them."""
     runs = []
     for index, name in enumerate(names):
-        cfg = task_config(config, name)
         task = data_lib.get_task(name)
-        encoded = finetune.load_data(cfg, task, tokenizer, add_prefix)
+        encoded = finetune.load_data(config, task, tokenizer, spec.add_task_prefix)
         per_epoch = data_lib.steps_per_epoch(len(encoded["train"]), config.batch_size)
-        total, _ = finetune.schedule_length(cfg, task.is_small, per_epoch)
-        eval_every = per_epoch if config.eval_every < 0 else config.eval_every
-        runs.append(TaskRun(index, name, task, cfg, encoded, per_epoch, total, eval_every,
-                            finetune.target_length(cfg, task, tokenizer)))
+        total, _ = spec.schedule(task.is_small, per_epoch)
+        eval_every = spec.eval_period(per_epoch)
+        runs.append(TaskRun(index, name, task, encoded, per_epoch, total, eval_every,
+                            finetune.target_length(config, task, tokenizer)))
         log.info("%s: %d training rows, %d steps (%d per epoch)", name, len(encoded["train"]),
                  total, per_epoch)
     return runs
@@ -131,102 +119,35 @@ def prepare_tasks(config, names: list[str], tokenizer, add_prefix: bool) -> list
 # --------------------------------------------------------------------- joint batches
 
 
-def _widen_targets(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
-    """Target arrays padded with masked zeros to `width` columns (tasks differ in target
-    length; padding after the real tokens changes no real position)."""
-    out = dict(batch)
-    for key in ("labels", "decoder_input_ids", "decoder_attention_mask"):
-        pad = width - out[key].shape[1]
-        if pad:
-            out[key] = np.pad(out[key], ((0, 0), (0, pad)))
-    return out
-
-
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def joint_batch(config, runs: list[TaskRun], batches: list[dict | None],
-                plan: data_lib.PackingPlan | None) -> dict[str, np.ndarray]:
-    """One step's global batch: each task's batch (None: finished) with `task_ids`.
-
-    Padded: task k fills rows k*B..(k+1)*B-1 (its last batch of an epoch and a finished task
-    are filled with empty rows), so the shape never changes. Packed: the real rows of the
-    active tasks, packed by `plan` with one task per row."""
-    width = max(r.max_target_length for r in runs)
-    parts = []
-    for run, batch in zip(runs, batches):
-        if batch is None and plan is not None:
-            continue
-        if batch is None:
-            template = data_lib.make_batch(run.encoded["train"], np.zeros(1, np.int64))
-            batch = {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in template.items()}
-        if plan is None:
-            batch = data_lib.pad_batch(batch, config.batch_size)
-        rows = len(batch["input_ids"])
-        parts.append({**_widen_targets(batch, width),
-                      bank_lib.TASK_IDS: np.full(rows, run.index, np.int32)})
-    joint = _concat(parts)
-    return plan.pack(joint) if plan is not None else joint
-
-
 def train_batches(config, runs: list[TaskRun], positions: dict[str, data_lib.DataState],
                   start_step: int, plan: data_lib.PackingPlan | None):
     """(data positions after, this host's slice of the joint batch) of steps start_step+1, ...
-    A task's stream stops at its last step, so its position stays where it ended."""
-    streams = {r.name: data_lib.train_batches(r.encoded["train"], config.batch_size,
-                                              seed=config.seed, state=positions[r.name])
-               for r in runs}
-    positions = dict(positions)
-    step = start_step
-    while True:
-        step += 1
-        batches = []
-        for run in runs:
-            batch = None
-            if step <= run.total_steps:
-                batch, positions[run.name] = next(streams[run.name])
-            batches.append(batch)
-        joint = joint_batch(config, runs, batches, plan)
-        yield dict(positions), data_lib.shard_for_host(joint, jax.process_index(),
-                                                       jax.process_count())
+    (`compacter_jax.data.joint`). A task's stream stops at its last step, so its position
+    stays where it ended."""
+    stream = joint_lib.joint_train_batches(
+        [r.encoded["train"] for r in runs], [r.total_steps for r in runs], config.batch_size,
+        seed=config.seed, target_width=max(r.max_target_length for r in runs),
+        positions=[positions[r.name] for r in runs], start_step=start_step, plan=plan)
+    for after, joint in stream:
+        yield ({r.name: p for r, p in zip(runs, after)},
+               data_lib.shard_for_host(joint, jax.process_index(), jax.process_count()))
 
 
 def joint_packing_plan(config, method: peft.Method, runs: list[TaskRun],
                        num_devices: int) -> data_lib.PackingPlan | None:
-    """Packed shapes for the joint batches of the run, or None (padded batches).
-
-    Widths: the widest of the tasks' own plans (`finetune.packing_plan`); row buckets:
-    `fit_row_buckets` over the rows every joint batch of the run packs into. A pure function
-    of the data and the config, so a resumed run computes the same plan."""
-    plans = [finetune.packing_plan(r.config, method, r.encoded["train"],
+    """Packed shapes for the joint batches of the run (`data.joint.joint_packing_plan` over
+    each task's own `finetune.packing_plan`), or None (padded batches)."""
+    plans = [finetune.packing_plan(config, method, r.encoded["train"],
                                    math.ceil(r.total_steps / r.per_epoch), num_devices)
              for r in runs]
     if plans[0] is None:
         return None
-    source_length = max(p.max_source_length for p in plans)
-    target_length = max(p.packed_target_length for p in plans)
-    lengths = []  # per task: (source, target) lengths of each of its batches, in order
-    for run in runs:
-        stream = data_lib.train_batches(run.encoded["train"], config.batch_size, seed=config.seed)
-        lengths.append([(b["attention_mask"].sum(1), b["decoder_attention_mask"].sum(1))
-                        for b, _ in (next(stream) for _ in range(run.total_steps))])
-    counts = []
-    for step in range(max(r.total_steps for r in runs)):
-        active = [(k, lengths[k][step]) for k, r in enumerate(runs) if step < r.total_steps]
-        layout = packing_lib.assign_rows(
-            np.concatenate([s for _, (s, _) in active]),
-            np.concatenate([t for _, (_, t) in active]),
-            max_source_length=source_length, packed_target_length=target_length,
-            groups=np.concatenate([np.full(len(s), k) for k, (s, _) in active]))
-        counts.append(layout.num_rows)
-    buckets = packing_lib.fit_row_buckets(counts, multiple_of=num_devices)
-    tight = sorted({t for p in plans for t in p.target_buckets})  # each task's short targets
-    targets = packing_lib.fit_row_buckets(tight) if tight else ()
-    return data_lib.PackingPlan(source_length, target_length, buckets, targets)
+    return joint_lib.joint_packing_plan(
+        [r.encoded["train"] for r in runs], [r.total_steps for r in runs], config.batch_size,
+        seed=config.seed, task_plans=plans, multiple_of=num_devices)
 
 
-# ------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------- the run
 
 
 def _task_history(history: list[dict], name: str) -> list[dict]:
@@ -254,86 +175,116 @@ def _train_record(window: list[dict], names: list[str]) -> dict[str, float]:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) one multi-task job in `workdir`; returns the summary dict.
+@dataclasses.dataclass
+class JointRun:
+    """Everything the joint loop uses, built by `build` before the first step."""
 
-    As `experiments.glue`: each task's config is validated before anything is loaded, the
-    workdir is checked writable and locked, and a resume must match the config it resumes.
-    """
-    for name in task_names(config):
-        validation.validate_config(task_config(config, name),
-                                   available_devices=len(jax.devices()),
-                                   processes=jax.process_count())
-    workdir = Path(workdir).expanduser().absolute()
-    with finetune.claim_workdir(config, workdir):
-        return _train_jointly(config, workdir)
+    method: peft.Method
+    runs: list[TaskRun]
+    model: Any
+    model_name: str
+    trainable: Any  # one adapter (the template of a bank slice)
+    frozen: Any
+    bank: Any  # K adapters stacked on a leading task axis
+    counts: tuple[int, int]  # (trainable per task, frozen) parameters
+    vocab_size: int | None
+    init_rng: Any
+    strategy: Any
+    plan: data_lib.PackingPlan | None
+    txs: list
+    learning_rate: float
+    add_prefix: bool
+    train_step: Any
+    evaluators: dict[str, Evaluator]
+    save_every: int
+
+    @property
+    def last_step(self) -> int:
+        return max(r.total_steps for r in self.runs)
 
 
-def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """The run itself, top-down, in a claimed workdir."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    names = task_names(config)
-    method = peft.get_method(config.method, **finetune.peft_overrides(config))
+def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) -> JointRun:
+    """Tasks and their data, one backbone and adapter init (as each single-task run with this
+    seed draws them), K optimizers (own schedule length each), the joint step, the packing
+    plan and the evaluators."""
+    method, learning_rate, add_prefix = spec.method, spec.learning_rate, spec.add_task_prefix
     bank_lib.check_bankable(method)
-    learning_rate = method.learning_rate if config.learning_rate is None else config.learning_rate
-    add_prefix = method.task_prefix if config.add_task_prefix is None else config.add_task_prefix
-    resolved = finetune.resolve_model(task_config(config, names[0]))
+    resolved = finetune.resolve_model(config)
     tokenizer = finetune.load_tokenizer_for(config, *resolved)
-    runs = prepare_tasks(config, names, tokenizer, add_prefix)
-    last_step = max(r.total_steps for r in runs)
-
-    # One backbone, one adapter init, as each single-task run with this seed draws them.
+    runs = prepare_tasks(config, spec, names, tokenizer)
     init_rng = jax.random.PRNGKey(config.seed)
     vocab_size = finetune.tokenizer_vocab_size(config, tokenizer)
-    model, params, model_name = finetune.load_model(task_config(config, names[0]), method,
-                                                    init_rng, resolved=resolved,
+    model, params, model_name = finetune.load_model(config, method, init_rng, resolved=resolved,
                                                     vocab_size=vocab_size)
     finetune.check_tokenizer_fits(tokenizer, model)
     trainable, frozen = method.partition(params)
     del params
-    bank = bank_lib.stack_adapters([trainable] * len(runs))
-    n_trainable, n_frozen = peft.count(trainable), peft.count(frozen)
+    counts = (peft.count(trainable), peft.count(frozen))
     log.info("model %s, method %s: %d adapters of %s params on %s frozen ones", model_name,
-             method.name, len(runs), f"{n_trainable:,}", f"{n_frozen:,}")
-
-    # K optimizers (own schedule length each), the joint step, the packing plan.
-    devices = jax.devices()[:config.num_devices] if config.num_devices > 0 else None
+             method.name, len(runs), f"{counts[0]:,}", f"{counts[1]:,}")
+    devices = jax.devices()[:spec.devices] if spec.devices else None
     strategy = make_strategy(config.strategy, devices, shard_frozen=config.shard_frozen)
-    plan = joint_packing_plan(config, method, runs, strategy.num_devices)
     optimizers = [make_optimizer(learning_rate, config.warmup_steps, r.total_steps,
-                                 weight_decay=config.weight_decay,
-                                 clip_norm=config.clip_norm if config.clip_norm > 0 else None,
-                                 optimizer=config.get("optimizer", "adamw"))
+                                 weight_decay=config.weight_decay, clip_norm=spec.clip_norm,
+                                 optimizer=config.optimizer)
                   for r in runs]
-    txs = [tx for tx, _ in optimizers]
     bank_apply = bank_lib.make_bank_apply(seq2seq_apply_fn(model), method)
     train_step = strategy.compile_train_step(make_multitask_train_step(
-        bank_apply, txs, total_steps=[r.total_steps for r in runs], names=names,
-        schedules=[s for _, s in optimizers]))
+        bank_apply, [tx for tx, _ in optimizers], total_steps=[r.total_steps for r in runs],
+        names=names, schedules=[s for _, s in optimizers]))
     evaluators = {r.name: Evaluator(r.task, tokenizer, model,
                                     {k: v for k, v in r.encoded.items() if k != "train"},
                                     config.eval_batch_size, r.max_target_length,
                                     mode=config.eval_mode,
                                     predictions_dir=workdir / "predictions" / r.name)
                   for r in runs}
-    eval_periods = [r.eval_every or r.per_epoch for r in runs]
-    save_every = config.save_every if config.save_every > 0 else min(eval_periods)
+    save_every = spec.save_every or min(r.eval_every or r.per_epoch for r in runs)
+    return JointRun(
+        method=method, runs=runs, model=model, model_name=model_name, trainable=trainable,
+        frozen=frozen, bank=bank_lib.stack_adapters([trainable] * len(runs)), counts=counts,
+        vocab_size=vocab_size, init_rng=init_rng, strategy=strategy,
+        plan=joint_packing_plan(config, method, runs, strategy.num_devices),
+        txs=[tx for tx, _ in optimizers], learning_rate=learning_rate, add_prefix=add_prefix,
+        train_step=train_step, evaluators=evaluators, save_every=save_every)
 
+
+# ------------------------------------------------------------------------------ main
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Runs (or resumes) one multi-task job in `workdir`; returns the summary dict.
+
+    As `experiments.glue`: the config is validated before anything is loaded (a field the
+    run does not know, e.g. `task`, is refused), the workdir is checked writable and locked,
+    and a resume must match the config it resumes.
+    """
+    check_config(config)
+    names = task_names(config)
+    spec_lib.validate_config(config, available_devices=len(jax.devices()),
+                             processes=jax.process_count())
+    workdir = Path(workdir).expanduser().absolute()
+    spec = spec_lib.finetune_spec(config)
+    with run_lib.claim_workdir(config, workdir):
+        return _train_jointly(config, spec, workdir, names)
+
+
+def _train_jointly(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpec,
+                   workdir: Path, names: list[str]) -> dict:
+    """The run itself, top-down, in a claimed workdir."""
+    job = build(config, spec, workdir, names)
+    strategy, runs, method, last_step = job.strategy, job.runs, job.method, job.last_step
     # Resume: the joint state and every task's data position, or start.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     best = {r.name: Checkpointer(workdir / "checkpoints" / r.name, max_to_keep=1) for r in runs}
-    state = init_multitask_state(bank, txs, jax.random.fold_in(init_rng, 1))
-    positions = {r.name: data_lib.DataState() for r in runs}
-    if (restored := ckpt.restore_latest(state)) is not None:
-        state, meta = restored
-        positions = {n: data_lib.DataState.from_dict(p)
-                     for n, p in meta["data_positions"].items()}
-        log.info("resumed from step %d", int(state.step))
+    state = init_multitask_state(job.bank, job.txs, jax.random.fold_in(job.init_rng, 1))
+    state, meta = run_lib.restore(ckpt, state, config)
+    positions = ({n: data_lib.DataState.from_dict(p) for n, p in meta["data_positions"].items()}
+                 if meta else {r.name: data_lib.DataState() for r in runs})
     start_step = int(state.step)
-    dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(frozen)
-    writer = reporting.MetricsWriter(workdir)
-    progress = reporting.Progress(last_step, config.batch_size * len(runs), start_step)
-    batches = train_batches(config, runs, positions, start_step, plan)
+    dev_state, dev_frozen = strategy.replicate(state), strategy.put_frozen(job.frozen)
+    writers = run_lib.open_writers(workdir, start_step, last_step, config.batch_size * len(runs))
+    writer, progress = writers.metrics, writers.progress
+    batches = train_batches(config, runs, positions, start_step, job.plan)
     buffer, window = MetricsBuffer(strategy), []
 
     with contextlib.ExitStack() as stack:
@@ -341,7 +292,8 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             stack.enter_context(c)
         for step in range(start_step + 1, last_step + 1):
             positions, batch = next(batches)
-            dev_state, metrics = train_step(dev_state, dev_frozen, strategy.shard_batch(batch))
+            dev_state, metrics = job.train_step(dev_state, dev_frozen,
+                                                strategy.shard_batch(batch))
             tokens = data_lib.fill(batch)
             buffer.add(step, {**metrics,
                               "source_fill": tokens["source_tokens"] / tokens["source_slots"],
@@ -349,9 +301,9 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             evaluating = [r for r in runs if r.eval_every > 0 and step <= r.total_steps
                           and due(step, r.eval_every, r.total_steps)]
             do_log = due(step, config.log_every, last_step)
-            do_save = due(step, save_every, last_step)
+            do_save = due(step, job.save_every, last_step)
             if do_log or evaluating or do_save:
-                window += buffer.flush()  # one host sync; NaN/inf raise before any save
+                window += run_lib.flush(buffer, ckpt)  # one host sync; NaN/inf raise
             if do_log:
                 writer.write(step, _train_record(window, names))
                 progress.update(step, window)
@@ -361,7 +313,7 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                 params = method.combine(
                     slice_tree(strategy.one_copy(dev_state.params), run.index),
                     strategy.one_copy(dev_frozen))
-                scores = evaluators[run.name].evaluate(params, "validation")
+                scores = job.evaluators[run.name].evaluate(params, "validation")
                 writer.write(step, {f"{run.name}/validation/{k}": v for k, v in scores.items()})
                 progress.note(f"step {step}: {run.name} validation "
                               + reporting.format_metrics(scores)
@@ -377,25 +329,31 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         progress.close()
         for c in (ckpt, *best.values()):
             c.wait()
-        restored_best = {r.name: best[r.name].restore_best(trainable) for r in runs}
-        best_scores = {n: c.best_score for n, c in best.items()}
+        restored = {r.name: (best[r.name].restore_best(job.trainable), best[r.name].best_score)
+                    for r in runs}
+    return _finish(config, workdir, job, restored, dev_state, dev_frozen, writers)
 
-    # Per task: test at its best validation checkpoint, export its adapter.
+
+def _finish(config, workdir: Path, job: JointRun, restored: dict, dev_state, dev_frozen,
+            writers: run_lib.Writers) -> dict:
+    """Per task: test at its best validation checkpoint, export its adapter; the summary."""
+    strategy, method = job.strategy, job.method
     final = strategy.unreplicate(dev_state.params)
-    history = writer.read()
+    history = writers.metrics.read()
     summary: dict[str, Any] = {
-        "tasks": {}, "method": method.name, "model": model_name,
-        "trainable_params_per_task": n_trainable, "frozen_params": n_frozen,
-        "steps": last_step, "learning_rate": learning_rate, "method_config": method.to_dict(),
-        "packed": plan is not None, "config": config.to_dict(),
+        "tasks": {}, "method": method.name, "model": job.model_name,
+        "trainable_params_per_task": job.counts[0], "frozen_params": job.counts[1],
+        "steps": job.last_step, "learning_rate": job.learning_rate,
+        "method_config": method.to_dict(), "packed": job.plan is not None,
+        "config": config.to_dict(),
     }
-    for run in runs:
-        found = restored_best[run.name]
+    for run in job.runs:
+        found, best_score = restored[run.name]
         best_params = found[0] if found else slice_tree(final, run.index)
         best_step = int(found[1].get("step", run.total_steps)) if found else run.total_steps
         record: dict[str, Any] = {
             "steps": run.total_steps, "best_step": best_step,
-            "best_validation_score": best_scores[run.name],
+            "best_validation_score": best_score,
             "train_examples": len(run.encoded["train"]),
             "validation": next((
                 {k.split("/", 2)[2]: v for k, v in h.items()
@@ -406,44 +364,47 @@ def _train_jointly(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         if config.eval_test and "test" in run.encoded:
             params = method.combine(strategy.one_copy(strategy.replicate(best_params)),
                                     strategy.one_copy(dev_frozen))
-            test = evaluators[run.name].evaluate(params, "test")
-            writer.write(best_step, {f"{run.name}/test/{k}": v for k, v in test.items()})
+            test = job.evaluators[run.name].evaluate(params, "test")
+            writers.metrics.write(best_step, {f"{run.name}/test/{k}": v for k, v in test.items()})
             record["test"] = test
         peft.save_adapter(workdir / "adapters" / run.name, best_params, method,
-                          model=model_name, task=run.name, step=best_step,
+                          model=job.model_name, task=run.name, step=best_step,
                           init_seed=config.seed, max_source_length=config.max_source_length,
-                          max_target_length=run.max_target_length, add_task_prefix=add_prefix,
-                          **({"vocab_size": vocab_size} if vocab_size is not None else {}))
+                          max_target_length=run.max_target_length,
+                          add_task_prefix=job.add_prefix,
+                          **({"vocab_size": job.vocab_size} if job.vocab_size is not None
+                             else {}))
         summary["tasks"][run.name] = record
-        reporting.plot_curves(_task_history(history, run.name),
-                              workdir / f"learning_curves_{run.name}.png",
-                              title=f"{run.name} · {method.name} · {model_name} (multi-task)")
-    (workdir / reporting.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        if multihost.is_primary():
+            reporting.plot_curves(_task_history(history, run.name),
+                                  workdir / f"learning_curves_{run.name}.png",
+                                  title=f"{run.name} · {method.name} · {job.model_name} "
+                                        "(multi-task)")
+    run_lib.write_summary(workdir, summary)
     for name, record in summary["tasks"].items():
         print(f"| {name:<10} | best step {record['best_step']:>6} | validation "
               f"{reporting.format_metrics(record['validation'])} | test "
               f"{reporting.format_metrics(record.get('test', {}))} |", flush=True)
-    writer.close()
+    writers.close()
     return summary
 
 
 # ------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str]) -> int:
-    from absl import flags
-
-    cli.setup_logging(argv)
-    if cli.printed_config():
-        return 0
-    init_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS is set; else a no-op
-    return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no JAX backend: every field known and present (`--config.task` is
+    refused: the job's tasks are `tasks`), the task list, every value usable."""
+    spec_lib.check_fields(config, spec_lib.multitask_defaults())
+    task_names(config)
+    spec_lib.validate_config(config)
+    if spec_lib.dp_enabled(config):
+        raise spec_lib.ConfigError("--config.dp.*: multi-task runs do not train with "
+                                   "differential privacy; leave --config.dp unset, or train "
+                                   "each task with experiments.glue")
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    cli.define_flags("experiments/configs/multitask.py",
-                     "Directory for adapters, checkpoints, metrics and predictions.",
-                     "Multi-task config file (ml_collections).")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(train_and_evaluate, "experiments/configs/multitask.py", check=check_config,
+             workdir_help="Directory for adapters, checkpoints, metrics and predictions.",
+             config_help="Multi-task config file (ml_collections).")

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,7 +36,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
 
 from compacter_jax.data import DataState, make_source
 from compacter_jax.data.corpus import (PretrainingCorpus, corpus_documents, pretraining_corpus,
@@ -48,13 +45,15 @@ from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, e
                                                  first_sentinel_id)
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
-from compacter_jax.train import (Checkpointer, TrainState, make_optimizer, make_schedule,
-                                 make_strategy, make_train_step, seq2seq_apply_fn)
-from experiments import cli, reporting
+from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
+                                 make_schedule, make_strategy, make_train_step, mean_metrics,
+                                 seq2seq_apply_fn)
+from experiments import cli, multihost
+from experiments import run as run_lib
+from experiments import spec as spec_lib
 from experiments.train_tokenizer import SPIECE, parse_text_sources, train_sentencepiece
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "summary.json"
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,15 +260,40 @@ def compiled_steps(t5_config: T5Config, learning_rate: float, warmup_steps: int,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) one pretraining job in `workdir`; returns the summary dict (also
-    written to `<workdir>/summary.json` once training has finished)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    total_steps = int(config.num_train_steps)
-    if total_steps <= 0:
-        raise ValueError(f"--config.num_train_steps must be positive, got {total_steps}")
+    written to `<workdir>/summary.json` once training has finished).
 
-    # Data: chunks of the training text, corrupted afresh each epoch; a fixed corruption of
-    # the held-out chunks for the loss check.
+    Before the corpus is built or anything compiled: the config is checked (`ConfigError`
+    naming the field and the fix), the workdir is checked writable and locked, and a resume
+    must match the config it resumes (`WorkdirError`)."""
+    spec = spec_lib.pretrain_spec(config)
+    workdir = Path(workdir).expanduser().absolute()
+    with run_lib.claim_workdir(config, workdir):
+        return _pretrain(config, spec, workdir)
+
+
+@dataclasses.dataclass
+class Pretraining:
+    """What the pretraining loop uses, built by `build` before the first step."""
+
+    tokenizer: Any
+    spec: SpanCorruption
+    corpus: PretrainingCorpus
+    t5_config: T5Config
+    steps: Steps
+    state: TrainState
+    n_params: int
+
+    def heldout_batches(self, config, denoise: bool = False):
+        """The held-out chunks, corrupted once with `heldout_corruption_seed`."""
+        make = denoise_eval_batches if denoise else eval_batches
+        return make(self.corpus.heldout_chunks, config.eval_batch_size, self.spec,
+                    seed=config.heldout_corruption_seed)
+
+
+def build(config: ml_collections.ConfigDict, workdir: Path) -> Pretraining:
+    """Data (chunks of the training text, corrupted afresh each epoch), the model, the
+    optimizer and the compiled step. Full pretraining trains every parameter."""
+    total_steps = int(config.num_train_steps)
     documents = build_documents(config)
     tokenizer = build_tokenizer(config, workdir, documents)
     spec = span_corruption_spec(config, tokenizer)
@@ -278,175 +302,154 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(f"--config.batch_size={config.batch_size} exceeds the "
                          f"{corpus.train_chunks.shape[0]} training chunks")
     log.info("corpus: %s", {k: v for k, v in corpus.summary().items() if k != "per_task"})
-
-    def heldout_batches():
-        return eval_batches(corpus.heldout_chunks, config.eval_batch_size, spec,
-                            seed=config.heldout_corruption_seed)
-
-    def heldout_denoise_batches():
-        return denoise_eval_batches(corpus.heldout_chunks, config.eval_batch_size, spec,
-                                    seed=config.heldout_corruption_seed)
-
-    # Model and optimizer: full pretraining trains every parameter (nothing frozen).
     t5_config = model_config(config, len(tokenizer))
-    init_rng = jax.random.PRNGKey(config.seed)
     params = initial_params(t5_config, config.seed)
     n_params = count_params(params)
     log.info("model: %s parameters (%s)", f"{n_params:,}", dict(config.model))
     steps = compiled_steps(t5_config, config.learning_rate,
                            min(config.warmup_steps, total_steps - 1), total_steps,
                            config.weight_decay, config.clip_norm,
-                           config.get("optimizer", "adamw"))
-    state = TrainState.create(params, steps.tx, jax.random.fold_in(init_rng, 1))
-    del params
-    strategy, compiled, sums_fn = steps.strategy, steps.train_step, steps.heldout_sums
+                           config.optimizer)
+    state = TrainState.create(params, steps.tx,
+                              jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+    return Pretraining(tokenizer, spec, corpus, t5_config, steps, state, n_params)
 
+
+def export(config, workdir: Path, run: Pretraining, directory: Path, host_params) -> None:
+    """HF layout + the tokenizer's spiece.model when it is not the shared T5 vocabulary."""
+    save_pretrained(directory, run.t5_config.replace(dropout_rate=config.export_dropout_rate,
+                                                     scan_layers=False), host_params)
+    if config.tokenizer:
+        spm = (workdir / "tokenizer" if config.tokenizer == "train"
+               else Path(config.tokenizer)) / SPIECE
+        shutil.copyfile(spm, directory / SPIECE)
+
+
+def evaluate(config, run: Pretraining, params) -> tuple[dict[str, float], dict[str, float]]:
+    """(the metrics record of one evaluation, `heldout_loss`'s {"loss", "tokens"}): the
+    held-out loss, and the diagnostics / denoising loss when the config asks for them."""
+    sums_fn = run.steps.heldout_sums
+    heldout = heldout_loss(sums_fn, params, run.heldout_batches(config))
+    record = {"heldout/loss": heldout["loss"]}
+    if config.eval_diagnostics:
+        diag = heldout_diagnostics(run.steps.token_losses, params, run.heldout_batches(config),
+                                   run.spec)
+        record.update({f"heldout/{k}": v for k, v in diag.items() if k != "loss"})
+        record["heldout/encoder_gain"] = diag["mismatched_inputs_loss"] - diag["loss"]
+    if config.denoise_fraction > 0:
+        record["heldout/denoise_loss"] = heldout_loss(
+            sums_fn, params, run.heldout_batches(config, denoise=True))["loss"]
+    return record, heldout
+
+
+def _pretrain(config: ml_collections.ConfigDict, spec: spec_lib.PretrainSpec,
+              workdir: Path) -> dict:
+    """The run itself, top-down, in a claimed workdir."""
+    total_steps = spec.total_steps
+    run = build(config, workdir)
+    strategy, compiled = run.steps.strategy, run.steps.train_step
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
                         best_mode="min")
-    position, elapsed = DataState(), 0.0
-    if (restored := ckpt.restore_latest(state)) is not None:
-        state, meta = restored
-        position = DataState.from_dict(meta["data_position"])
-        elapsed = float(meta.get("train_seconds", 0.0))
-        log.info("resumed from step %d at %s", int(state.step), position)
+    state, meta = run_lib.restore(ckpt, run.state, config)
+    position = DataState.from_dict(meta["data_position"]) if meta else DataState()
+    elapsed = float(meta.get("train_seconds", 0.0)) if meta else 0.0
     step = int(np.asarray(state.step))
-    frozen = strategy.put_frozen({})
-
-    def export(directory: Path, host_params) -> None:
-        # HF layout + the tokenizer's spiece.model when it is not the shared T5 vocabulary.
-        save_pretrained(directory, t5_config.replace(dropout_rate=config.export_dropout_rate,
-                                                     scan_layers=False), host_params)
-        if config.tokenizer:
-            spm = (workdir / "tokenizer" if config.tokenizer == "train"
-                   else Path(config.tokenizer)) / SPIECE
-            shutil.copyfile(spm, directory / SPIECE)
-    dev_state = strategy.replicate(state)
-
-    writer = reporting.MetricsWriter(workdir)
-    progress = reporting.Progress(total_steps, config.batch_size)
-    stop_at = total_steps if config.stop_after <= 0 else min(total_steps,
-                                                             step + config.stop_after)
-    batches = mixture_batches(corpus.train_chunks, config.batch_size, spec, seed=config.seed,
-                              denoise_fraction=config.denoise_fraction, state=position)
-    pending: list[tuple[int, Any]] = []
-    window: list[dict] = []
-    last_heldout: dict[str, float] | None = None
+    frozen, dev_state = strategy.put_frozen({}), strategy.replicate(state)
+    writers = run_lib.open_writers(workdir, step, total_steps, config.batch_size)
+    stop_at = min(total_steps, step + (spec.stop_at_most or total_steps))
+    batches = mixture_batches(run.corpus.train_chunks, config.batch_size, run.spec,
+                              seed=config.seed, denoise_fraction=config.denoise_fraction,
+                              state=position)
+    buffer, window, last_heldout = MetricsBuffer(strategy), [], None
     started = time.perf_counter()
 
-    def every(n: int) -> bool:
-        return n > 0 and step % n == 0
-
-    def flush() -> None:
-        # One host sync per interval; refuse to go on (or save) after a non-finite update.
-        records = [(s, strategy.unreplicate(m)) for s, m in pending]
-        pending.clear()
-        for s, m in records:
-            record = {k: float(v) for k, v in m.items()}
-            if not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])):
-                raise FloatingPointError(
-                    f"non-finite training loss at step {s} ({record}); no checkpoint was "
-                    "written for it: lower --config.learning_rate")
-            window.append({"step": s, **record})
-
-    try:
+    with ckpt:
         while step < stop_at:
-            batch, next_position = next(batches)
+            batch, position = next(batches)
             dev_state, metrics = compiled(dev_state, frozen, strategy.shard_batch(batch))
             step += 1
-            position = next_position
-            pending.append((step, metrics))
+            buffer.add(step, metrics)
             last = step == total_steps
-            do_eval = every(config.eval_every) or last
-            do_save = every(config.save_every) or last or step == stop_at
-            if not (every(config.log_every) or do_eval or do_save):
+            do_log = due(step, config.log_every, total_steps)
+            do_eval = due(step, config.eval_every, total_steps)
+            do_save = due(step, config.save_every, total_steps) or step == stop_at
+            if not (do_log or do_eval or do_save):
                 continue
-            flush()
-            if every(config.log_every) or last:
-                progress.update(step, window)
-                means = {k: float(np.mean([w[k] for w in window]))
-                         for k in window[-1] if k != "step"}
-                writer.write(step, {f"train/{k}": v for k, v in means.items()})
+            window += run_lib.flush(buffer, ckpt)  # one host sync; NaN/inf raise
+            if do_log:
+                writers.progress.update(step, window)
+                writers.metrics.write(step, {f"train/{k}": v
+                                             for k, v in mean_metrics(window).items()})
                 window = []
             if do_eval:
                 start = time.perf_counter()
-                last_heldout = heldout_loss(sums_fn, dev_state.params, heldout_batches())
-                record = {"heldout/loss": last_heldout["loss"]}
-                if config.eval_diagnostics:
-                    diag = heldout_diagnostics(steps.token_losses, dev_state.params,
-                                               heldout_batches(), spec)
-                    record.update({f"heldout/{k}": v for k, v in diag.items() if k != "loss"})
-                    record["heldout/encoder_gain"] = (diag["mismatched_inputs_loss"]
-                                                      - diag["loss"])
-                if config.denoise_fraction > 0:
-                    record["heldout/denoise_loss"] = heldout_loss(
-                        sums_fn, dev_state.params, heldout_denoise_batches())["loss"]
-                writer.write(step, record)
-                progress.note(f"step {step}: " + ", ".join(
+                record, last_heldout = evaluate(config, run, dev_state.params)
+                writers.metrics.write(step, record)
+                writers.progress.note(f"step {step}: " + ", ".join(
                     f"{k.split('/')[1]} {v:.4f}" for k, v in record.items())
                     + f" ({time.perf_counter() - start:.1f}s)")
                 if config.export_snapshots and not last:
-                    export(workdir / "snapshots" / f"step_{step}",
+                    export(config, workdir, run, workdir / "snapshots" / f"step_{step}",
                            strategy.unreplicate(dev_state.params))
             if do_save:
-                seconds = elapsed + time.perf_counter() - started
                 ckpt.save(step, strategy.unreplicate(dev_state),
-                          {"data_position": position.to_dict(), "train_seconds": seconds,
-                           "config": config.to_dict()})
-    finally:
+                          {"data_position": position.to_dict(), "config": config.to_dict(),
+                           "train_seconds": elapsed + time.perf_counter() - started})
+        writers.progress.close()
         ckpt.wait()
-        progress.close()
-    ckpt.close()
     train_seconds = elapsed + time.perf_counter() - started
     if step < total_steps:  # stopped on purpose (stop_after): the next run resumes
-        writer.close()
+        writers.close()
         log.info("stopped at step %d of %d; rerun with the same --workdir to resume", step,
                  total_steps)
         return {"steps": step, "finished": False}
+    return _finish(config, spec, workdir, run, strategy.unreplicate(dev_state.params),
+                   last_heldout, train_seconds, writers)
 
-    host_params = strategy.unreplicate(dev_state.params)
-    if last_heldout is None:  # resumed exactly at the end: nothing evaluated in this process
-        last_heldout = heldout_loss(sums_fn, host_params, heldout_batches())
-    export_dir = Path(config.export_dir) if config.export_dir else workdir / "hf"
-    export(export_dir, host_params)
-    diagnostics = heldout_diagnostics(steps.token_losses, host_params, heldout_batches(), spec)
-    history = writer.read()
+
+def _finish(config, spec: spec_lib.PretrainSpec, workdir: Path, run: Pretraining, host_params,
+            heldout: dict | None, train_seconds: float, writers: run_lib.Writers) -> dict:
+    """The HF export, the held-out diagnostics and the run's summary (`heldout`: the last
+    evaluation's `heldout_loss`, None when this process evaluated nothing)."""
+    if heldout is None:  # resumed exactly at the end
+        heldout = heldout_loss(run.steps.heldout_sums, host_params, run.heldout_batches(config))
+    export_dir = Path(spec.export_dir) if spec.export_dir else workdir / "hf"
+    if multihost.is_primary():
+        export(config, workdir, run, export_dir, host_params)
+    diagnostics = heldout_diagnostics(run.steps.token_losses, host_params,
+                                      run.heldout_batches(config), run.spec)
+    history = writers.metrics.read()
     train_losses = [h["train/loss"] for h in history if "train/loss" in h]
+    corruption = run.spec
     summary = {
-        "steps": total_steps, "finished": True,
+        "steps": spec.total_steps, "finished": True,
         "train_seconds": round(train_seconds, 1),
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_train_loss_window": config.log_every,
-        "heldout_loss": last_heldout["loss"], "heldout_tokens": last_heldout["tokens"],
+        "heldout_loss": heldout["loss"], "heldout_tokens": heldout["tokens"],
         "heldout_diagnostics": diagnostics,
         "heldout_corruption_seed": config.heldout_corruption_seed,
         "eval_batch_size": config.eval_batch_size,
-        "parameters": n_params, "export_dir": str(export_dir),
-        "tokens_per_step": config.batch_size * (spec.inputs_length + spec.targets_length),
-        "vocab_size": t5_config.vocab_size, "tokenizer_size": len(tokenizer),
-        "span_corruption": {"inputs_length": spec.inputs_length,
-                            "targets_length": spec.targets_length,
-                            "tokens_length": spec.tokens_length,
-                            "noise_density": spec.noise_density,
-                            "mean_noise_span_length": spec.mean_noise_span_length},
-        "corpus": corpus.summary(), "config": config.to_dict(),
+        "parameters": run.n_params, "export_dir": str(export_dir),
+        "tokens_per_step": config.batch_size * (corruption.inputs_length
+                                                + corruption.targets_length),
+        "vocab_size": run.t5_config.vocab_size, "tokenizer_size": len(run.tokenizer),
+        "span_corruption": {"inputs_length": corruption.inputs_length,
+                            "targets_length": corruption.targets_length,
+                            "tokens_length": corruption.tokens_length,
+                            "noise_density": corruption.noise_density,
+                            "mean_noise_span_length": corruption.mean_noise_span_length},
+        "corpus": run.corpus.summary(), "config": config.to_dict(),
     }
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
-    writer.close()
-    log.info("done: %d steps in %.0fs, train loss %.4f, held-out loss %.4f -> %s", total_steps,
-             train_seconds, summary["final_train_loss"] or float("nan"),
+    run_lib.write_summary(workdir, summary)
+    writers.close()
+    log.info("done: %d steps in %.0fs, train loss %.4f, held-out loss %.4f -> %s",
+             summary["steps"], train_seconds, summary["final_train_loss"] or float("nan"),
              summary["heldout_loss"], export_dir)
     return summary
 
 
-def main(argv: list[str]) -> int:
-    cli.setup_logging(argv)
-    if cli.printed_config():
-        return 0
-    return cli.exit_code(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-    cli.define_flags("experiments/configs/pretrain.py",
-                     "Directory for checkpoints, metrics and the HF export.",
-                     "Pretraining config file (ml_collections).")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(train_and_evaluate, "experiments/configs/pretrain.py", check=spec_lib.pretrain_spec,
+             workdir_help="Directory for checkpoints, metrics and the HF export.",
+             config_help="Pretraining config file (ml_collections).")

@@ -141,10 +141,14 @@ class Progress:
         self.bar.close()
 
 
-def write_summary(workdir: Path, summary: dict[str, Any]) -> str:
-    """Writes DIR/summary.json (atomically) and returns (and prints) a closing table."""
+def write_summary(workdir: Path, summary: dict[str, Any], table: bool = True) -> str:
+    """Writes DIR/summary.json (atomically) and returns (and prints) a closing table of a
+    fine-tuning summary (`table=False`: none, "" returned). Runs call it through
+    `experiments.run.write_summary` (process 0 only)."""
     text = json.dumps(summary, indent=2, sort_keys=True)
     atomic_write(Path(workdir) / SUMMARY_FILE, text)
+    if not table:
+        return ""
     rows = [("task", summary["task"]), ("method", summary["method"]),
             ("model", summary["model"]),
             ("trainable params", f"{summary['trainable_params']:,} of "

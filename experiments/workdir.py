@@ -56,7 +56,9 @@ FIXED_FIELDS = ("task", "method", "model", "peft", "dp")  # dp: the privacy acco
 OPERATIONAL_FIELDS = ("allow_config_change", "force_unlock", "coordinator_address",
                       "num_processes", "process_id", "detect_cluster", "num_devices",
                       "strategy", "shard_frozen", "remat", "log_every", "keep_checkpoints",
-                      "download", "eval_batch_size")
+                      "download", "eval_batch_size",
+                      # pretraining: when to stop this process, where and what to export
+                      "stop_after", "export_dir", "export_snapshots", "eval_diagnostics")
 
 
 class WorkdirError(ValueError):

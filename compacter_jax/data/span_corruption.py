@@ -74,6 +74,12 @@ def random_spans_helper(inputs_length: int, noise_density: float = 0.15,
     """
     if inputs_length < 2:
         raise ValueError(f"inputs_length must be >= 2, got {inputs_length}")
+    # Outside (0, 1) no chunk length fits (the search below would never end).
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(f"noise_density must be in (0, 1), got {noise_density} (T5: 0.15)")
+    if not mean_noise_span_length >= 1.0:
+        raise ValueError("mean_noise_span_length must be >= 1 (tokens per span), got "
+                         f"{mean_noise_span_length} (T5: 3.0)")
 
     def lengths(tokens_length: int) -> tuple[int, int]:
         num_noise = int(round(tokens_length * noise_density))

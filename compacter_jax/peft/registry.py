@@ -83,3 +83,23 @@ def cli_fields() -> dict[str, Any]:
                                 f"{kind} in {family.__name__}: rename one of them")
             out[field] = kind
     return out
+
+
+def _plain_type(annotation: Any) -> type:
+    """int | None -> int, tuple[str, ...] -> tuple, Literal[...] / str -> str."""
+    import types  # noqa: PLC0415
+    import typing  # noqa: PLC0415
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _plain_type(args[0])
+    if origin is tuple or annotation is tuple:
+        return tuple
+    return annotation if isinstance(annotation, type) else str
+
+
+def cli_placeholder_types() -> dict[str, type]:
+    """`cli_fields()` with each annotation as the plain type a config placeholder takes (int,
+    float, bool, str or tuple): what `experiments/configs/glue.py` declares `peft.*` with."""
+    return {name: _plain_type(kind) for name, kind in cli_fields().items()}

@@ -10,12 +10,9 @@ is the paper's recipe (paper §5: 20 epochs on small tasks, batch 100, warm-up 5
 
 from __future__ import annotations
 
-import types
-import typing
-
 import ml_collections
 
-from compacter_jax import peft
+from compacter_jax.peft import registry
 
 # The model `make run` asks for (downloaded from the Hub on first use); only this one falls back
 # to `fallback_model`, and only when it is not cached and the Hub cannot be reached (offline,
@@ -23,22 +20,11 @@ from compacter_jax import peft
 DEFAULT_MODEL = "t5-base"
 
 
-def _placeholder_type(annotation) -> type:
-    """int | None -> int, tuple[str, ...] -> tuple, Literal/str -> str."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return _placeholder_type(args[0])
-    if origin is tuple or annotation is tuple:
-        return tuple
-    return annotation if isinstance(annotation, type) else str
-
-
 def peft_fields() -> ml_collections.ConfigDict:
     """One placeholder (None = keep the preset's value) per field of any registered method."""
     return ml_collections.ConfigDict({
-        name: ml_collections.config_dict.placeholder(_placeholder_type(kind))
-        for name, kind in sorted(peft.cli_fields().items())})
+        name: ml_collections.config_dict.placeholder(kind)
+        for name, kind in sorted(registry.cli_placeholder_types().items())})
 
 
 def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
@@ -94,6 +80,33 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.max_steps = -1  # > 0 caps the number of steps (and the schedule length)
     c.seed = 42  # initialisation (of a random backbone and the method), dropout, data order
     c.data_seed = 42  # the paper's validation/test halves and low-resource subsamples
+    _run_fields(c)
+    variants = {"quick": _quick, "paper": _paper}
+    if variant not in variants:
+        raise ValueError(f"unknown config variant {variant!r}: use glue.py (quick) or glue.py:paper")
+    variants[variant](c)
+    return c
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+    """A few minutes on 2 CPU cores: a short schedule, a small batch, 200 evaluation rows."""
+    c.batch_size = 16
+    c.eval_batch_size = 64
+    c.warmup_steps = 20
+    c.max_steps = 200
+    c.eval_every = 100
+    c.max_eval_samples = 200
+    c.eval_mode = "both"
+
+
+def _paper(c: ml_collections.ConfigDict) -> None:
+    """The original's optimizer and vocabulary (COMPACTER_SPEC.md §5)."""
+    c.optimizer = "hf_adamw"
+    c.resize_vocab_to_tokenizer = True
+
+
+def _run_fields(c: ml_collections.ConfigDict) -> None:
+    """How the run goes: parallelism, processes, dropout keys, privacy, logging, workdir."""
     # Parallelism: "jit" (Mesh + NamedSharding) or "pmap"; num_devices -1 = all local devices.
     c.strategy = "jit"
     c.num_devices = -1
@@ -132,20 +145,3 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.eval_test = True  # evaluate the test split at the best validation checkpoint
     # "generate" (greedy decoding, the paper's), "rank" (the most likely label string), "both".
     c.eval_mode = "generate"
-
-    if variant == "quick":
-        # A few minutes on 2 CPU cores: a short schedule, a small batch, 200 evaluation rows.
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.warmup_steps = 20
-        c.max_steps = 200
-        c.eval_every = 100
-        c.max_eval_samples = 200
-        c.eval_mode = "both"
-    elif variant == "paper":
-        # The original's optimizer and vocabulary (COMPACTER_SPEC.md §5).
-        c.optimizer = "hf_adamw"
-        c.resize_vocab_to_tokenizer = True
-    else:
-        raise ValueError(f"unknown config variant {variant!r}: use glue.py (quick) or glue.py:paper")
-    return c

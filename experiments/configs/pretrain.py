@@ -66,48 +66,59 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.stop_after = -1  # > 0: stop this process after that many steps (as if killed); rerun resumes
     c.export_dir = ""  # "" = <workdir>/hf (config.json + model.safetensors)
+    # Workdir: one run at a time (a lock); a resume must match the run's stored config.
+    c.allow_config_change = False  # True: resume with changed fields (e.g. more steps)
+    c.force_unlock = False  # True: take over a lock recorded by a run on another host
 
-    if variant == "mix":
-        # Issue 18's recipe: the GLUE training text plus the unlabelled text corpora, a
-        # SentencePiece vocabulary trained on them (8,000 pieces + 100 sentinels, the model's
-        # vocabulary exactly), 64-token inputs, and every second batch a full-sequence
-        # denoising batch (compacter_jax.data.denoising) so the decoder reads the encoder.
-        c.text_sources = "all"
-        c.tokenizer = "train"
-        c.tokenizer_vocab_size = 8000
-        c.vocab_size = 0
-        c.denoise_fraction = 0.5
-        c.inputs_length = 64
-        c.heldout_fraction = 0.005
-        c.batch_size = 32
-        # AdamW at 2e-3 sat at the unigram level for 500 steps (loss and encoder swap flat):
-        # T5's Adafactor scales each update by the parameter's RMS.
-        c.optimizer = "adafactor"
-        c.learning_rate = 1e-2
-        c.warmup_steps = 100
-        c.num_train_steps = 6000
-        c.eval_every = 250
-        c.save_every = 50
-        c.eval_diagnostics = True
-        c.export_snapshots = True
-    elif variant == "tiny":
-        c.tasks = "cb,copa"
-        c.model = ml_collections.ConfigDict({
-            "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 2,
-            "num_layers": 1, "num_decoder_layers": 1,
-            "feed_forward_proj": "relu", "tie_word_embeddings": True,
-            "scale_decoder_outputs": True, "dropout_rate": 0.0,
-        })
-        c.inputs_length = 32
-        c.heldout_fraction = 0.05
-        c.batch_size = 8
-        c.learning_rate = 1e-2
-        c.warmup_steps = 2
-        c.num_train_steps = 12
-        c.log_every = 2
-        c.eval_every = 6
-        c.eval_batch_size = 16
-        c.save_every = 4
-    elif variant != "mini":
+    variants = {"mini": lambda c: None, "mix": _mix, "tiny": _tiny}
+    if variant not in variants:
         raise ValueError(f"unknown config variant {variant!r}: use pretrain.py, pretrain.py:mix or pretrain.py:tiny")
+    variants[variant](c)
     return c
+
+
+def _mix(c: ml_collections.ConfigDict) -> None:
+    """Issue 18's recipe (docs/small_scale.md)."""
+    # Issue 18's recipe: the GLUE training text plus the unlabelled text corpora, a
+    # SentencePiece vocabulary trained on them (8,000 pieces + 100 sentinels, the model's
+    # vocabulary exactly), 64-token inputs, and every second batch a full-sequence
+    # denoising batch (compacter_jax.data.denoising) so the decoder reads the encoder.
+    c.text_sources = "all"
+    c.tokenizer = "train"
+    c.tokenizer_vocab_size = 8000
+    c.vocab_size = 0
+    c.denoise_fraction = 0.5
+    c.inputs_length = 64
+    c.heldout_fraction = 0.005
+    c.batch_size = 32
+    # AdamW at 2e-3 sat at the unigram level for 500 steps (loss and encoder swap flat):
+    # T5's Adafactor scales each update by the parameter's RMS.
+    c.optimizer = "adafactor"
+    c.learning_rate = 1e-2
+    c.warmup_steps = 100
+    c.num_train_steps = 6000
+    c.eval_every = 250
+    c.save_every = 50
+    c.eval_diagnostics = True
+    c.export_snapshots = True
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    """A seconds-long smoke test: t5-tiny sizes, two small tasks."""
+    c.tasks = "cb,copa"
+    c.model = ml_collections.ConfigDict({
+        "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 2,
+        "num_layers": 1, "num_decoder_layers": 1,
+        "feed_forward_proj": "relu", "tie_word_embeddings": True,
+        "scale_decoder_outputs": True, "dropout_rate": 0.0,
+    })
+    c.inputs_length = 32
+    c.heldout_fraction = 0.05
+    c.batch_size = 8
+    c.learning_rate = 1e-2
+    c.warmup_steps = 2
+    c.num_train_steps = 12
+    c.log_every = 2
+    c.eval_every = 6
+    c.eval_batch_size = 16
+    c.save_every = 4

@@ -280,3 +280,17 @@ def test_corpus_is_deterministic_and_tokenised_with_eos(t5_vocab, shared_data):
     summary = corpus.summary()
     assert summary["tasks"] == ["cb"] and summary["train_tokens"] == n * 50
     assert len(summary["heldout_sha256"]) == 64
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0, 1.5, -0.1, float("nan")])
+def test_a_noise_density_outside_0_1_is_refused_not_searched_forever(density):
+    """Issue 19: density 1.5 made `random_spans_helper`'s length search loop forever."""
+    with pytest.raises(ValueError, match=r"noise_density must be in \(0, 1\)"):
+        random_spans_helper(128, density)
+    with pytest.raises(ValueError, match="noise_density"):
+        SpanCorruption(inputs_length=32, noise_density=density)
+
+
+def test_a_span_length_below_one_is_refused():
+    with pytest.raises(ValueError, match="mean_noise_span_length must be >= 1"):
+        random_spans_helper(128, 0.15, 0.0)

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("module, flags, message", [
     ("experiments.pretrain", ["--config.num_train_steps=0"], "--config.num_train_steps must be positive"),
     ("experiments.multitask", ["--config.tasks=rte,rtee"], "unknown task 'rtee'"),
+    ("experiments.multitask", ["--config.task=rte"],  # issue 19: was silently ignored
+     "--config.task: config has no field 'task'; valid fields: add_task_prefix"),
 ])
 def test_bad_value_exits_2_with_one_error_line(module, flags, message, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -56,3 +58,33 @@ def test_print_config_lists_every_field_with_its_default(tmp_path):
     helptext = subprocess.run([sys.executable, "-m", "experiments.glue", "--help"], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=120).stdout
     assert "--print_config" in helptext
+
+
+@pytest.mark.parametrize("run, fields, message", [
+    ("pretrain", {"noise_density": 1.5}, "--config.noise_density=1.5: must be in (0, 1)"),
+    ("pretrain", {"batch_size": -4}, "--config.batch_size=-4: must be a positive integer"),
+    ("pretrain", {"eval_every": -2}, "--config.eval_every=-2: must be 0 (never) or a number"),
+    ("multitask", {"batch_size": 0}, "--config.batch_size=0: must be a positive integer"),
+])
+def test_every_cli_exits_2_on_a_bad_value_before_it_loads_anything(run, fields, message,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """`cli.run`, the command after flag parsing, for the runs other than glue (whose cases
+    are tests/experiments/test_glue_cli_errors.py): one `error:` line, exit 2, nothing loaded
+    and the workdir never claimed."""
+    from experiments import cli, finetune, multitask, pretrain
+    from experiments.configs import multitask as multitask_config
+    from experiments.configs import pretrain as pretrain_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded something before the config was checked")
+    monkeypatch.setattr(pretrain, "build_documents", refuse)
+    monkeypatch.setattr(finetune, "resolve_model", refuse)
+    module, config = {"pretrain": (pretrain, pretrain_config.get_config("tiny")),
+                      "multitask": (multitask, multitask_config.get_config())}[run]
+    config.update(fields)
+    check = pretrain.spec_lib.pretrain_spec if run == "pretrain" else multitask.check_config
+    code = cli.run(module.train_and_evaluate, config, str(tmp_path / "run"), check=check)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import tiny_runs
 
 from compacter_jax import peft
 from compacter_jax.models import from_pretrained, save_pretrained
-from experiments import finetune, multitask
+from experiments import finetune, multitask, reporting
 from experiments.configs import glue as glue_config
 from experiments.configs import multitask as multitask_config
 
@@ -128,7 +128,7 @@ class Interrupt(Exception):
 def test_interrupted_run_resumes_to_the_same_result(joint_run, backbone, tmp_path,
                                                     monkeypatch):
     straight_dir, straight = joint_run
-    real_batches = multitask.data_lib.train_batches
+    real_batches = multitask.data_lib.pipeline.train_batches
 
     def crashing_batches(*args, **kwargs):
         for i, item in enumerate(real_batches(*args, **kwargs)):
@@ -136,11 +136,11 @@ def test_interrupted_run_resumes_to_the_same_result(joint_run, backbone, tmp_pat
                 raise Interrupt
             yield item
 
-    monkeypatch.setattr(multitask.data_lib, "train_batches", crashing_batches)
+    monkeypatch.setattr(multitask.data_lib.pipeline, "train_batches", crashing_batches)
     with pytest.raises(Interrupt):
         multitask.train_and_evaluate(joint_config(backbone), tmp_path)
     assert (tmp_path / "checkpoints" / "steps" / "3").is_dir()
-    monkeypatch.setattr(multitask.data_lib, "train_batches", real_batches)
+    monkeypatch.setattr(multitask.data_lib.pipeline, "train_batches", real_batches)
     resumed = multitask.train_and_evaluate(joint_config(backbone), tmp_path)
     for task in TASKS:
         assert resumed["tasks"][task]["test"] == straight["tasks"][task]["test"]
@@ -165,7 +165,7 @@ def test_bad_task_lists_are_refused(backbone, tmp_path):
 
 
 def test_a_workdir_in_use_or_a_bad_field_is_refused_before_loading(backbone, tmp_path):
-    from experiments.validation import ConfigError
+    from experiments.spec import ConfigError
     from experiments.workdir import WorkdirError, WorkdirLock
 
     with pytest.raises(ConfigError, match="batch_size"):
@@ -197,9 +197,9 @@ def quick_config(backbone):
 
 
 def _crash_during(step):
-    """A `data_lib.train_batches` that dies while drawing the batch of `step` (of a joint
+    """A `data.pipeline.train_batches` that dies while drawing the batch of `step` (of a joint
     run's streams, which are drawn with an explicit `state`)."""
-    real = multitask.data_lib.train_batches
+    real = multitask.data_lib.pipeline.train_batches
 
     def crashing(*args, **kwargs):
         for i, item in enumerate(real(*args, **kwargs)):
@@ -231,13 +231,21 @@ def test_quick_joint_run_resumes_to_the_glue_run(shared_data, backbone, tmp_path
     exact equality of a resumed and an uninterrupted joint step is
     tests/train/test_train_multitask.py's; three tasks against three glue runs is `long` above.)"""
     workdir = tmp_path / "joint"
-    monkeypatch.setattr(multitask.data_lib, "train_batches", _crash_during(3))
+    monkeypatch.setattr(multitask.data_lib.pipeline, "train_batches", _crash_during(3))
     with pytest.raises(Interrupt):
         multitask.train_and_evaluate(quick_config(backbone), workdir)
     assert (workdir / "checkpoints" / "steps" / "2").is_dir()
     assert not (workdir / "adapters").exists()
     monkeypatch.undo()
+    writes = []  # issue 19: the metrics cut back and the summary, each written atomically
+    atomic_write = reporting.atomic_write
+    monkeypatch.setattr(reporting, "atomic_write",
+                        lambda path, text: writes.append(path.name) or atomic_write(path, text))
     joint = multitask.train_and_evaluate(quick_config(backbone), workdir)
+    monkeypatch.undo()
+    assert writes == ["metrics.jsonl", "summary.json"]
+    assert json.loads((workdir / "summary.json").read_text())["tasks"].keys() == set(
+        QUICK_TASKS)
     single = finetune.train_and_evaluate(
         configure(glue_config.get_config(), backbone, task="mrpc", **QUICK), tmp_path / "mrpc")
     assert joint["packed"] and single["best_step"] == joint["tasks"]["mrpc"]["best_step"]
@@ -281,7 +289,7 @@ def _runs(total_steps=(2, 4)):
     config = multitask_config.get_config()
     config.batch_size, config.seed = 4, 3
     specs = [("rte", 10, 3), ("cola", 6, 4)]  # 3 and 2 steps per epoch; target widths differ
-    return config, [multitask.TaskRun(k, name, None, config, {"train": _encoded(name, n, w, k)},
+    return config, [multitask.TaskRun(k, name, None, {"train": _encoded(name, n, w, k)},
                                       -(-n // 4), total, 0, w)
                     for k, ((name, n, w), total) in enumerate(zip(specs, total_steps))]
 

@@ -16,7 +16,7 @@ from compacter_jax.models.config import PRESETS
 from compacter_jax.serve import Predictor
 from experiments import finetune
 from experiments.configs import glue, paper
-from experiments.validation import ConfigError, validate_config
+from experiments.spec import ConfigError, validate_config
 
 
 def test_paper_recipe_uses_the_originals_optimizer_and_vocabulary():

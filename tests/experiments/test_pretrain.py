@@ -197,3 +197,67 @@ def test_adafactor_first_update_is_the_sign_scaled_by_the_parameter_rms():
                                    rtol=1e-5)
     with pytest.raises(ValueError, match="optimizer"):
         pretrain.pretraining_optimizer("sgd", 1e-2, 0, 100, 0.0, 0.0)
+
+
+# ------------------------------------------------------------- the run scaffold (issue 19)
+
+class Killed(Exception):
+    pass
+
+
+def test_a_busy_workdir_is_refused_before_the_corpus(tmp_path, monkeypatch):
+    from experiments.workdir import WorkdirError, WorkdirLock
+
+    monkeypatch.setattr(pretrain, "build_documents", lambda config: pytest.fail("corpus built"))
+    lock = WorkdirLock(tmp_path).acquire()
+    try:
+        with pytest.raises(WorkdirError, match="in use by another run"):
+            pretrain.train_and_evaluate(tiny_config(), tmp_path)
+    finally:
+        lock.release()
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
+        finished, tmp_path, monkeypatch):
+    """Killed while drawing step 7 (checkpoints every 4 steps: the last is step 4), resumed:
+    the parameters and the logged losses are the uninterrupted run's (the same float32
+    operations in the same order: equal within a few ulps), and the summary is written once,
+    atomically. (Pretraining is one process: no multi-host kill test here.)"""
+    from experiments import reporting
+
+    straight_dir, straight = finished
+    real = pretrain.mixture_batches
+
+    def dies_at_step_7(*args, **kwargs):
+        for step, item in enumerate(real(*args, **kwargs), 1):
+            if step == 7:
+                raise Killed
+            yield item
+
+    monkeypatch.setattr(pretrain, "mixture_batches", dies_at_step_7)
+    with pytest.raises(Killed):
+        pretrain.train_and_evaluate(tiny_config(), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "steps").iterdir()) == ["4"]
+    assert not (tmp_path / "summary.json").exists()
+    monkeypatch.setattr(pretrain, "mixture_batches", real)
+    writes = []
+    atomic_write = reporting.atomic_write
+    monkeypatch.setattr(reporting, "atomic_write",
+                        lambda path, text: writes.append(path) or atomic_write(path, text))
+    resumed = pretrain.train_and_evaluate(tiny_config(), tmp_path)
+    # The metrics log cut back to step 4 on resume, the summary at the end: each atomically.
+    assert writes == [tmp_path / "metrics.jsonl", tmp_path / "summary.json"]
+    assert json.loads((tmp_path / "summary.json").read_text())["heldout_loss"] == (
+        resumed["heldout_loss"])
+    want = load_file(straight_dir / "hf" / "model.safetensors")
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    eps = float(np.finfo(np.float32).eps)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=8 * eps,
+                                   atol=8 * eps * float(np.abs(want[key]).max()), err_msg=key)
+    losses = lambda d: [(e["step"], e["train/loss"]) for e in events(d)  # noqa: E731
+                        if "train/loss" in e]
+    assert [s for s, _ in losses(tmp_path)] == [2, 4, 6, 8, 10, 12]  # 6 dropped, recomputed
+    np.testing.assert_allclose([v for _, v in losses(tmp_path)],
+                               [v for _, v in losses(straight_dir)], rtol=8 * eps)
+    assert resumed["heldout_loss"] == pytest.approx(straight["heldout_loss"], rel=8 * eps)

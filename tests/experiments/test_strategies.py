@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from experiments import glue
-from experiments.validation import DTYPES, STRATEGIES
+from experiments.spec import DTYPES, STRATEGIES
 from tiny_runs import fast_compile_env, fast_compiles, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]

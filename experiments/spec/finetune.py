@@ -1,23 +1,11 @@
-"""A run's config checked once, up front: before data are loaded, a model is read or anything is
-compiled, every field is checked and a bad one is refused with `ConfigError`, which names the
-flag (`--config.<field>`), the value and the fix. The fine-tuning CLI exits 2 on it.
-
-    validate_config(config)                              # static checks (no JAX backend)
-    validate_config(config, available_devices=len(jax.devices()))   # + the device count
-
-Reusable by any experiment whose config has the fields of `experiments/configs/glue.py`
-(fields a config lacks are skipped).
-"""
+"""A fine-tuning (or multi-task) run's values, checked before data are loaded, a model is read or
+anything is compiled (`validate_config`), and resolved into a typed `FineTuneSpec`."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
@@ -25,64 +13,21 @@ from compacter_jax.data.sources import SOURCE_KINDS
 from compacter_jax.models import hf_io
 from compacter_jax.train.optim import OPTIMIZERS
 from experiments.evaluation import EVAL_MODES
+from experiments.spec.fields import (FLOAT32_MAX, ConfigError, check_choice, check_float,
+                                     check_int, flag, minus_one_or_positive, positive)
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 STRATEGIES = ("jit", "pmap")
 DTYPES = ("float32", "bfloat16")
 _ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$")
 
 
-class ConfigError(ValueError):
-    """A config field with a value the run cannot use; the message names `--config.<field>`."""
-
-
-def _flag(field: str, value: Any) -> str:
-    return f"--config.{field}={value!r}"
-
-
-def _check_int(config, field: str, ok: Callable[[int], bool], want: str) -> None:
-    if field not in config:
-        return
-    value = config[field]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{_flag(field, value)}: expected an integer, {want}")
-    if not ok(int(value)):
-        raise ConfigError(f"{_flag(field, value)}: must be {want}")
-
-
-def _check_float(config, field: str, ok: Callable[[float], bool], want: str,
-                 optional: bool = False) -> None:
-    if field not in config:
-        return
-    value = config[field]
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-        raise ConfigError(f"{_flag(field, value)}: expected a number, {want}")
-    if not math.isfinite(float(value)) or not ok(float(value)):
-        raise ConfigError(f"{_flag(field, value)}: must be {want}")
-
-
-def _check_choice(config, field: str, choices: tuple[str, ...]) -> None:
-    if field in config and config[field] not in choices:
-        raise ConfigError(f"{_flag(field, config[field])}: use one of {', '.join(choices)}")
-
-
-def _positive(v):
-    return v >= 1
-
-
-def _minus_one_or_positive(v):
-    return v == -1 or v >= 1
-
-
 def validate_config(config, *, available_devices: int | None = None,
                     processes: int = 1) -> None:
-    """Raises ConfigError for the first field the run cannot use.
+    """Raises ConfigError for the first field a fine-tuning (or multi-task) run cannot use.
 
     Args:
       config: an `ml_collections.ConfigDict` (or mapping) with the fields of
-        `experiments/configs/glue.py`.
+        `experiments/configs/glue.py` (multi-task: without `task`).
       available_devices: the number of JAX devices (`len(jax.devices())`, all processes) to
         check `num_devices` and the batch split against; None skips those checks (call
         before `jax.distributed` is initialised).
@@ -90,7 +35,19 @@ def validate_config(config, *, available_devices: int | None = None,
     Raises:
       ConfigError (a ValueError) naming the flag, its value and the fix.
     """
-    # What to train: names are checked against the registries (which list the valid ones).
+    method = _check_what_to_train(config)
+    _check_sources(config)
+    _check_schedule(config)
+    _check_processes(config)
+    _check_dp(config)
+    if available_devices is not None:
+        packing = config.get("packing")
+        _check_devices(config, available_devices, processes,
+                       padded=packing is False or (packing is None and not method.packable))
+
+
+def _check_what_to_train(config) -> peft.Method:
+    """Names are checked against the registries (which list the valid ones)."""
     if "task" in config:
         try:
             data_lib.get_task(config["task"])
@@ -108,13 +65,16 @@ def validate_config(config, *, available_devices: int | None = None,
         raise ConfigError(f"--config.peft: {e}") from None
     if "model" in config and (not isinstance(config["model"], str)
                               or not config["model"].strip()):
-        raise ConfigError(f"{_flag('model', config['model'])}: name a local HF checkpoint "
+        raise ConfigError(f"{flag('model', config['model'])}: name a local HF checkpoint "
                           "directory, a Hub id or random:<preset>")
+    return method
 
-    _check_choice(config, "source", SOURCE_KINDS)
-    _check_choice(config, "dtype", DTYPES)
-    _check_choice(config, "strategy", STRATEGIES)
-    _check_choice(config, "eval_mode", EVAL_MODES)
+
+def _check_sources(config) -> None:
+    check_choice(config, "source", SOURCE_KINDS)
+    check_choice(config, "dtype", DTYPES)
+    check_choice(config, "strategy", STRATEGIES)
+    check_choice(config, "eval_mode", EVAL_MODES)
     if config.get("shard_frozen") and config.get("strategy") == "pmap":
         raise ConfigError("--config.shard_frozen=True needs --config.strategy=jit (pmap "
                           "replicates every leaf)")
@@ -123,55 +83,54 @@ def validate_config(config, *, available_devices: int | None = None,
                           "auto")
     data_dir = config.get("data_dir")
     if data_dir and not config.get("download") and not Path(data_dir).expanduser().is_dir():
-        raise ConfigError(f"{_flag('data_dir', data_dir)}: no such directory; point it at the "
+        raise ConfigError(f"{flag('data_dir', data_dir)}: no such directory; point it at the "
                           "folder of GLUE/SuperGLUE files (or of prepared TFDS data), or leave "
                           "it empty for $COMPACTER_DATA_DIR")
 
-    # Sizes and schedule.
+
+def _check_schedule(config) -> None:
+    """Sizes, schedule and optimizer."""
     for field in ("batch_size", "eval_batch_size", "max_source_length", "log_every",
                   "keep_checkpoints"):
-        _check_int(config, field, _positive, "a positive integer")
+        check_int(config, field, positive, "a positive integer")
     for field in ("max_target_length", "epochs", "max_steps", "train_samples",
                   "max_eval_samples"):
-        _check_int(config, field, _minus_one_or_positive, "-1 (the default) or a positive "
+        check_int(config, field, minus_one_or_positive, "-1 (the default) or a positive "
                    "integer")
-    _check_int(config, "warmup_steps", lambda v: v >= 0, "0 or more")
-    _check_int(config, "eval_every", lambda v: v >= -1,
+    check_int(config, "warmup_steps", lambda v: v >= 0, "0 or more")
+    check_int(config, "eval_every", lambda v: v >= -1,
                "-1 (once per epoch), 0 (never) or a number of steps")
-    _check_int(config, "save_every", lambda v: v >= -1,
+    check_int(config, "save_every", lambda v: v >= -1,
                "-1 (at every evaluation) or a number of steps")
     for field in ("seed", "data_seed"):  # PRNGKey and numpy seeds are unsigned 32-bit
-        _check_int(config, field, lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1")
-    _check_float(config, "learning_rate", lambda v: 0 < v <= FLOAT32_MAX,
+        check_int(config, field, lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1")
+    check_float(config, "learning_rate", lambda v: 0 < v <= FLOAT32_MAX,
                  "a positive finite float32 (e.g. 3e-3); leave it unset for the method's "
                  "rate", optional=True)
-    _check_float(config, "weight_decay", lambda v: v >= 0, "0 or more")
-    _check_float(config, "clip_norm", lambda v: v >= 0, "0 (no clipping) or more")
-    _check_choice(config, "optimizer", OPTIMIZERS)
+    check_float(config, "weight_decay", lambda v: v >= 0, "0 or more")
+    check_float(config, "clip_norm", lambda v: v >= 0, "0 (no clipping) or more")
+    check_choice(config, "optimizer", OPTIMIZERS)
     resize = config.get("resize_vocab_to_tokenizer", False)
     if not isinstance(resize, bool):
-        raise ConfigError(f"{_flag('resize_vocab_to_tokenizer', resize)}: expected True or "
+        raise ConfigError(f"{flag('resize_vocab_to_tokenizer', resize)}: expected True or "
                           "False")
 
-    # Parallelism and processes.
-    _check_int(config, "num_devices", lambda v: v == -1 or v >= 1,
+
+def _check_processes(config) -> None:
+    """Parallelism and processes."""
+    check_int(config, "num_devices", lambda v: v == -1 or v >= 1,
                "-1 (all devices) or a positive integer")
-    _check_int(config, "num_processes", _minus_one_or_positive,
+    check_int(config, "num_processes", minus_one_or_positive,
                "-1 (unset) or the number of processes")
-    _check_int(config, "process_id", lambda v: v >= -1, "-1 (unset) or this process's index")
+    check_int(config, "process_id", lambda v: v >= -1, "-1 (unset) or this process's index")
     if config.get("num_processes", -1) > 0 and config.get("process_id", -1) >= \
             config["num_processes"]:
-        raise ConfigError(f"{_flag('process_id', config['process_id'])}: must be below "
+        raise ConfigError(f"{flag('process_id', config['process_id'])}: must be below "
                           f"--config.num_processes={config['num_processes']}")
     address = config.get("coordinator_address", "")
     if address and not _ADDRESS.match(address):
-        raise ConfigError(f"{_flag('coordinator_address', address)}: expected host:port of "
+        raise ConfigError(f"{flag('coordinator_address', address)}: expected host:port of "
                           "process 0, e.g. 10.0.0.2:1234")
-    _check_dp(config)
-    if available_devices is not None:
-        packing = config.get("packing")
-        _check_devices(config, available_devices, processes,
-                       padded=packing is False or (packing is None and not method.packable))
 
 
 def dp_enabled(config) -> bool:
@@ -186,22 +145,22 @@ def _check_dp(config) -> None:
         return
     dp = {f"dp.{k}": v for k, v in config["dp"].items()}  # flags named --config.dp.<field>
     if dp.get("dp.noise_multiplier") is not None and dp.get("dp.epsilon") is not None:
-        raise ConfigError(f"{_flag('dp.noise_multiplier', dp['dp.noise_multiplier'])} and "
-                          f"{_flag('dp.epsilon', dp['dp.epsilon'])}: set one (the noise, or the "
+        raise ConfigError(f"{flag('dp.noise_multiplier', dp['dp.noise_multiplier'])} and "
+                          f"{flag('dp.epsilon', dp['dp.epsilon'])}: set one (the noise, or the "
                           "target epsilon the noise is calibrated for), not both")
-    _check_float(dp, "dp.noise_multiplier", lambda v: v > 0, "> 0 (noise 0 gives no privacy: "
+    check_float(dp, "dp.noise_multiplier", lambda v: v > 0, "> 0 (noise 0 gives no privacy: "
                  "epsilon is infinite); e.g. 1.0", optional=True)
-    _check_float(dp, "dp.epsilon", lambda v: v > 0, "a positive target epsilon, e.g. 3 or 8",
+    check_float(dp, "dp.epsilon", lambda v: v > 0, "a positive target epsilon, e.g. 3 or 8",
                  optional=True)
-    _check_float(dp, "dp.clip_norm", lambda v: v > 0, "a positive per-example gradient norm "
+    check_float(dp, "dp.clip_norm", lambda v: v > 0, "a positive per-example gradient norm "
                  "bound, e.g. 1.0")
-    _check_float(dp, "dp.delta", lambda v: 0 < v < 1, "in (0, 1), below 1 / (training "
+    check_float(dp, "dp.delta", lambda v: 0 < v < 1, "in (0, 1), below 1 / (training "
                  "examples); leave it unset for 1 / N**1.1", optional=True)
-    _check_int(dp, "dp.microbatch_size", _minus_one_or_positive, "-1 (all examples of the batch "
+    check_int(dp, "dp.microbatch_size", minus_one_or_positive, "-1 (all examples of the batch "
                "at once) or a positive number of examples")
     from compacter_jax.train.privacy import ACCOUNTANTS  # noqa: PLC0415 (DP runs only)
     if dp.get("dp.accountant") not in ACCOUNTANTS:
-        raise ConfigError(f"{_flag('dp.accountant', dp.get('dp.accountant'))}: use one of "
+        raise ConfigError(f"{flag('dp.accountant', dp.get('dp.accountant'))}: use one of "
                           f"{', '.join(ACCOUNTANTS)}")
     if config.get("packing"):
         raise ConfigError("--config.packing=True with --config.dp: DP clips each example's "
@@ -213,15 +172,15 @@ def _check_dp(config) -> None:
 def _check_devices(config, available: int, processes: int, padded: bool) -> None:
     requested = config.get("num_devices", -1)
     if requested > available:
-        raise ConfigError(f"{_flag('num_devices', requested)}: only {available} device(s) "
+        raise ConfigError(f"{flag('num_devices', requested)}: only {available} device(s) "
                           "are available; use -1 for all of them or a smaller number")
     if processes > 1 and requested not in (-1, available):
-        raise ConfigError(f"{_flag('num_devices', requested)}: a run of {processes} processes "
+        raise ConfigError(f"{flag('num_devices', requested)}: a run of {processes} processes "
                           f"uses all their {available} devices; leave it at -1")
     used = available if requested == -1 else requested
     # Packed batches get a multiple of the devices in rows; padded ones have batch_size rows.
     if padded and config["batch_size"] % used:
-        raise ConfigError(f"{_flag('batch_size', config['batch_size'])} is not divisible by "
+        raise ConfigError(f"{flag('batch_size', config['batch_size'])} is not divisible by "
                           f"the {used} devices the batch is split over; use a multiple of "
                           f"{used} or set --config.num_devices")
 
@@ -248,3 +207,73 @@ def check_model_config(config, method: peft.Method | None = None) -> None:
             method.validate(t5)
         except ValueError as e:
             raise ConfigError(f"--config.peft with --config.model={model!r}: {e}") from None
+
+
+def unset_below_one(value: int) -> int | None:
+    """The `-1` sentinel of counts and lengths (`train_samples`, `max_eval_samples`,
+    `max_target_length`, `max_steps`, `epochs`): None, else the value."""
+    return value if value > 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneSpec:
+    """A fine-tuning (or multi-task) config, checked, with its sentinels resolved.
+
+    Attributes:
+      method: the preset with the `--config.peft.*` overrides.
+      learning_rate: the config's, or (None) the method's.
+      add_task_prefix: the config's, or (None) the method's rule.
+      clip_norm: the global gradient clip; None when 0 or under DP (which clips each
+        example's gradient instead).
+      epochs / max_steps: None = the paper's epochs (20 on small tasks, 3 on large) / no cap.
+      eval_every: None = once per epoch; 0 = never.
+      save_every: None = at every evaluation (once per epoch when never evaluating).
+      devices: the number of local devices to use; None = all.
+      dp: differentially private training (`--config.dp.*`).
+    """
+
+    method: peft.Method
+    learning_rate: float
+    add_task_prefix: bool
+    clip_norm: float | None
+    epochs: int | None
+    max_steps: int | None
+    eval_every: int | None
+    save_every: int | None
+    devices: int | None
+    dp: bool
+
+    def schedule(self, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
+        """(total steps, epochs): `epochs` epochs (the paper's when unset), capped at
+        `max_steps`; only `max_steps` when epochs are unset."""
+        epochs = self.epochs or (20 if task_is_small else 3)
+        total = epochs * steps_per_epoch
+        if self.max_steps:
+            total = min(total, self.max_steps) if self.epochs else self.max_steps
+        return total, epochs
+
+    def eval_period(self, steps_per_epoch: int) -> int:
+        """Steps between evaluations (0: never)."""
+        return steps_per_epoch if self.eval_every is None else self.eval_every
+
+    def save_period(self, steps_per_epoch: int) -> int:
+        """Steps between step checkpoints."""
+        return self.save_every or self.eval_period(steps_per_epoch) or steps_per_epoch
+
+
+def finetune_spec(config) -> FineTuneSpec:
+    """The resolved values of a fine-tuning config already checked by `validate_config`."""
+    method = peft.get_method(config.method, **{k: v for k, v in config.peft.items()
+                                               if v is not None})
+    dp = dp_enabled(config)
+    return FineTuneSpec(
+        method=method,
+        learning_rate=(method.learning_rate if config.learning_rate is None
+                       else config.learning_rate),
+        add_task_prefix=(method.task_prefix if config.add_task_prefix is None
+                         else config.add_task_prefix),
+        clip_norm=config.clip_norm if config.clip_norm > 0 and not dp else None,
+        epochs=unset_below_one(config.epochs), max_steps=unset_below_one(config.max_steps),
+        eval_every=None if config.eval_every < 0 else config.eval_every,
+        save_every=unset_below_one(config.save_every),
+        devices=unset_below_one(config.num_devices), dp=dp)
