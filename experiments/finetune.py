@@ -24,6 +24,7 @@ import optax
 from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.models import hf_io
+from compacter_jax.models.config import is_random
 from compacter_jax.models.hf_io import ModelNotCachedError
 from compacter_jax.tokenizer import tokenizer_for_model
 from compacter_jax.peft import sparsity as sparsity_lib
@@ -167,7 +168,7 @@ def resolve_model(config, *, fallback_from: str | None = DEFAULT_MODEL
             raise
         name = config.fallback_model
         banner = "!" * 78
-        what = ("randomly initialised weights: scores mean nothing" if name.startswith("random:")
+        what = ("randomly initialised weights: scores mean nothing" if is_random(name)
                 else "a far smaller backbone than the one asked for (for t5-mini-glue, pretrained "
                      "here on 2 CPU cores: see docs/small_scale.md)")
         warnings.warn(f"\n{banner}\nTHE HUB CANNOT BE REACHED: {e}\nFALLING BACK TO {name}: "

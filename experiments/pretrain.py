@@ -43,6 +43,7 @@ from compacter_jax.data.corpus import (PretrainingCorpus, corpus_documents, pret
 from compacter_jax.data.denoising import denoise_eval_batches, mixture_batches
 from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, eval_batches,
                                                  first_sentinel_id)
+from compacter_jax.host import param_count
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
 from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
@@ -121,10 +122,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer_size: int | None =
         raise ValueError(f"the tokenizer has {tokenizer_size} entries > the model's vocab_size "
                          f"{vocab_size}: set --config.vocab_size=0 (the tokenizer's size)")
     return T5Config(vocab_size=vocab_size, scan_layers=config.scan_layers, **config.model)
-
-
-def count_params(params: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
 
 def make_heldout_loss(model: T5ForConditionalGeneration):
@@ -304,7 +301,7 @@ def build(config: ml_collections.ConfigDict, workdir: Path) -> Pretraining:
     log.info("corpus: %s", {k: v for k, v in corpus.summary().items() if k != "per_task"})
     t5_config = model_config(config, len(tokenizer))
     params = initial_params(t5_config, config.seed)
-    n_params = count_params(params)
+    n_params = param_count(params)
     log.info("model: %s parameters (%s)", f"{n_params:,}", dict(config.model))
     steps = compiled_steps(t5_config, config.learning_rate,
                            min(config.warmup_steps, total_steps - 1), total_steps,

@@ -11,6 +11,7 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.data.sources import SOURCE_KINDS
 from compacter_jax.models import hf_io
+from compacter_jax.models.config import is_random
 from compacter_jax.train.optim import OPTIMIZERS
 from experiments.evaluation import EVAL_MODES
 from experiments.spec.fields import (FLOAT32_MAX, ConfigError, check_choice, check_float,
@@ -202,7 +203,7 @@ def check_model_config(config, method: peft.Method | None = None) -> None:
         return
     except (FileNotFoundError, PermissionError, ValueError) as e:  # missing, gated, corrupt
         raise ConfigError(f"--config.model={model!r}: {e}") from None
-    if method is not None and model.startswith("random:"):
+    if method is not None and is_random(model):
         try:
             method.validate(t5)
         except ValueError as e:

@@ -15,7 +15,8 @@ from compacter_jax import data as data_lib
 from compacter_jax import peft
 from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.train.optim import make_schedule
-from experiments import finetune, paper, paper_runs, validation
+from experiments import finetune, paper, paper_runs
+from experiments.spec.finetune import validate_config
 from experiments.configs import paper as paper_config
 from experiments.paper_runs import split_extra, sweep
 
@@ -145,7 +146,7 @@ def test_bad_input_is_named():
         paper_config.get_config("rte,compacterr")
     # The config is data: the task is checked with the run's other fields, before any load.
     with pytest.raises(ValueError, match="unknown task 'rtee'"):
-        validation.validate_config(paper_config.get_config("rtee,compacter"))
+        validate_config(paper_config.get_config("rtee,compacter"))
 
 
 def _check_config(run, t5):

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from compacter_jax.data import make_source
 from compacter_jax.data.corpus import chunk_documents, chunks_fingerprint, corpus_documents
 from compacter_jax.data.span_corruption import SpanCorruption, eval_batches
+from compacter_jax.host import param_count
 from compacter_jax.models import from_pretrained
 from experiments import pretrain
 from experiments.configs.pretrain import get_config
@@ -121,7 +122,7 @@ def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t
     assert len(load_tokenizer(str(SHIPPED))) <= json.loads(
         (SHIPPED / "config.json").read_text())["vocab_size"]
     model, params = from_pretrained(str(SHIPPED))
-    assert pretrain.count_params(params) == record["parameters"]
+    assert param_count(params) == record["parameters"]
     # Rebuild the held-out text the README names and check it is that very text.
     docs = corpus_documents(make_source("files", data_dir=shared_data),
                             data_seed=record["corpus"]["data_seed"],
