@@ -157,9 +157,12 @@ def paper_epochs(task_name: str) -> int:
 LAYOUTS = {"packed-tight": (True, True), "packed": (True, False), "padded": (False, False)}
 
 
-def layout_name(packing: bool, tight_targets: bool) -> str:
-    """`LAYOUTS` key of a (packing, tight_targets) run."""
-    return ("packed-tight" if tight_targets else "packed") if packing else "padded"
+def target_packing(row: Row) -> str:
+    """How a run packed its targets: "tight" (the plan's target buckets), "one length" (the
+    worst-case packed target length) or "–" (padded)."""
+    if not row["packing"]:
+        return "–"
+    return "tight" if row.get("tight_targets") else "one length"
 
 
 
@@ -275,7 +278,7 @@ def measure(cfg: ThroughputConfig) -> Row:
                           if cfg.peak_tflops > 0 else None)
     return {
         "task": cfg.task, "method": cfg.method, "model": cfg.model, "packing": cfg.packing,
-        "layout": layout_name(cfg.packing, cfg.tight_targets),
+        "layout": "packed" if cfg.packing else f"padded to {cfg.source_length}",
         "tight_targets": cfg.tight_targets if cfg.packing else None,
         "batch": cfg.batch, "steps": cfg.steps, "warmup_steps": cfg.warmup_steps,
         "dtype": cfg.dtype, "scanned": scanned, "seed": cfg.seed, "data_seed": cfg.data_seed,
@@ -382,17 +385,19 @@ def run_child(cfg: ThroughputConfig, timeout: float | None = None) -> Row:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    """One line per run; `vs padded` = examples/s over the padded run of the same task/method."""
+    """One line per run; `vs padded` = examples/s over the padded run of the same task/method;
+    `packed targets`: tight or one length (`target_packing`)."""
     head = ("| task | method | layout | rows/step | source fill | target fill | step (s) | "
-            "step CPU-s | examples/s | vs padded | peak mem (MB) | compiles | compile (s) |")
+            "step CPU-s | examples/s | vs padded | peak mem (MB) | compiles | compile (s) | "
+            "packed targets |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     padded = {(r["task"], r["method"]): r for r in rows
               if "error" not in r and not r["packing"]}
     for r in rows:
-        layout = layout_name(r["packing"], bool(r.get("tight_targets")))
+        layout = "packed" if r["packing"] else "padded"
         if "error" in r:
             lines.append(f"| {r['task']} | {r['method']} | {layout} | failed: "
-                         f"{r['error'][:80]} |" + " |" * 9)
+                         f"{r['error'][:80]} |" + " |" * 10)
             continue
         ref = padded.get((r["task"], r["method"]))
         ratio = f"{r['examples_per_s'] / ref['examples_per_s']:.2f}x" if ref else "–"
@@ -401,7 +406,8 @@ def markdown_table(rows: list[Row]) -> str:
             f"{statistics.mean(r['rows_per_step']):.1f} | {r['source_fill']:.2f} | "
             f"{r['target_fill']:.2f} | {r['step_time_s']:.3f} | {r['step_cpu_s']:.2f} | "
             f"{r['examples_per_s']:.1f} | {ratio} | {r['peak_memory_mb']:.0f} | "
-            f"{r['compiles']} | {' + '.join(f'{c:.1f}' for c in r['compile_time_s'])} |")
+            f"{r['compiles']} | {' + '.join(f'{c:.1f}' for c in r['compile_time_s'])} | "
+            f"{target_packing(r)} |")
     return "\n".join(lines)
 
 

@@ -132,7 +132,8 @@ def test_markdown_table_names_the_three_layouts():
             {**row, "packing": False, "tight_targets": None, "examples_per_s": 8.0}]
     lines = throughput.markdown_table(rows).splitlines()[2:]
     cells = [[c.strip() for c in line.split("|")] for line in lines]
-    assert [c[3] for c in cells] == ["packed-tight", "packed", "padded"]
+    assert [(c[3], c[14]) for c in cells] == [("packed", "tight"), ("packed", "one length"),
+                                              ("padded", "–")]
     assert [c[6] for c in cells] == ["0.80", "0.40", "0.40"]
     assert [c[10] for c in cells] == ["4.00x", "4.00x", "1.00x"]
     assert throughput.LAYOUTS["packed"] == (True, False)  # one worst-case target length
