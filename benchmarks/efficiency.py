@@ -7,7 +7,8 @@ generation time, each method in its own subprocess; ratios against full fine-tun
 Writes `out.json` (a list of rows, see `benchmarks.measure`), `out.md` (the markdown table of
 ratios, also printed) and `out.png` (step time and memory relative to full). Options:
 `--dtype bfloat16`, `--scan/--no-scan` (scan over layers; default on), `--remat`,
-`--per-example-dropout`, `--peak-tflops` (for the MFU estimate on an accelerator).
+`--per-example-dropout`, `--peak-tflops` (for the MFU estimate on an accelerator),
+`--cpu-memory-scheduler` (XLA:CPU schedules the step for memory instead of concurrency).
 What each number means and how it is measured: docs/benchmarks.md.
 """
 
@@ -65,7 +66,7 @@ def run_all(base: BenchConfig, methods: list[str], timeout: float | None = None,
             log(f"[{method}] FAILED: {row['error']}")
         else:
             log(f"[{method}] {row['trainable_params']:,} trainable, step "
-                f"{row['step_time_s']:.3f} s ({row['step_cpu_s']:.2f} CPU s), peak {row['peak_memory_mb']:.0f} MB, compile "
+                f"{row['step_time_s']:.3f} s ({row['step_cpu_s']:.2f} CPU s), peak {row['peak_memory_mb']:.0f} MB (XLA step {row.get('xla_step_peak_mb') or 0:.0f} MB), compile "
                 f"{row['compile_time_s']:.1f} s, generation {row['generation_time_s'] or 0:.3f} s "
                 f"(child {row['child_wall_s']:.0f} s)")
     return rows
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=int, default=None,
                    help="override the adapter methods' reduction factor (e.g. 8 for t5-tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-memory-scheduler", action="store_true",
+                   help="compile the train step with XLA:CPU's concurrency-optimised scheduler "
+                        "off (it keeps independent work, e.g. every block's dropout RNG, live "
+                        "early); no effect on GPU/TPU")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     p.add_argument("--json", default=None, help="output JSON (also .md and .png beside it)")
     p.add_argument("--plot", default=None, help="plot path (default: JSON path with .png)")
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                            gen_repeats=args.gen_repeats, dtype=args.dtype, scan=args.scan,
                            remat=args.remat, per_example_dropout=args.per_example_dropout,
                            peak_tflops=args.peak_tflops,
-                           reduction_factor=args.reduction_factor, seed=args.seed)
+                           reduction_factor=args.reduction_factor, seed=args.seed,
+                           cpu_memory_scheduler=args.cpu_memory_scheduler)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     rows = run_all(base, methods, timeout=args.timeout)

@@ -14,6 +14,14 @@ peak memory of one method never includes another's. What is measured (all in thi
   run, i.e. including parameter init and XLA compilation. Also train_peak_rss_mb: the peak RSS
   of the timed steps alone (VmHWM reset through /proc/self/clear_refs after compilation;
   null where the kernel refuses). GPU/TPU: `device.memory_stats()["peak_bytes_in_use"]`.
+* xla_step_peak_mb: XLA's own account of the compiled train step (`compiled.memory_analysis()`,
+  `xla_memory`): arguments (trainable state, frozen params, batch) + outputs + temporaries
+  (activations kept for the backward pass, workspace) - aliased bytes (the donated state,
+  written in place). It is what the device must hold during one step, independent of the
+  allocator, of compilation and of other processes: on CPU the figure to compare with the
+  paper's GPU peak memory (`peak_bytes_in_use` counts the same buffers plus allocator
+  fragmentation); on a loaded machine it does not move, unlike RSS. The parts are in
+  xla_argument_mb, xla_output_mb, xla_temp_mb, xla_alias_mb, xla_code_mb.
 * model_flops_per_step: 3 x the forward matmul FLOPs of the T5 (`t5_forward_flops`), the
   usual "model FLOPs" convention (same for every method, so PEFT methods, which skip the
   weight gradients, get credit for work they do not do); mfu = model_flops_per_step /
@@ -62,6 +70,7 @@ class BenchConfig:
     peak_tflops: float = 0.0
     reduction_factor: int | None = None
     seed: int = 0
+    cpu_memory_scheduler: bool = False  # XLA:CPU schedules for memory, not concurrency
 
     def __post_init__(self) -> None:
         for f in ("batch", "src_len", "tgt_len", "steps"):
@@ -118,6 +127,26 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
+def xla_memory(compiled) -> dict[str, float | None]:
+    """The compiled program's buffer sizes from XLA (`compiled.memory_analysis()`), in MiB.
+
+    Returns xla_argument_mb, xla_output_mb, xla_temp_mb, xla_alias_mb (outputs written into
+    donated arguments), xla_code_mb and xla_step_peak_mb = arguments + outputs + temporaries -
+    aliased: the memory live while one call runs (all None where the backend has no
+    analysis)."""
+    keys = ("argument", "output", "temp", "alias", "generated_code")
+    try:
+        stats = compiled.memory_analysis()
+        sizes = {k: getattr(stats, f"{k}_size_in_bytes") / 2**20 for k in keys}
+    except Exception:  # not every backend implements it
+        return {"xla_argument_mb": None, "xla_output_mb": None, "xla_temp_mb": None,
+                "xla_alias_mb": None, "xla_code_mb": None, "xla_step_peak_mb": None}
+    peak = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    return {"xla_argument_mb": sizes["argument"], "xla_output_mb": sizes["output"],
+            "xla_temp_mb": sizes["temp"], "xla_alias_mb": sizes["alias"],
+            "xla_code_mb": sizes["generated_code"], "xla_step_peak_mb": peak}
+
+
 def t5_forward_flops(cfg, batch: int, src_len: int, tgt_len: int) -> float:
     """Matmul FLOPs (2 per multiply-add) of one T5 forward pass: projections, attention
     scores and values, feed-forward and the lm_head (PEFT modules and soft prompts ignored)."""
@@ -163,6 +192,15 @@ def _timed(fn, n: int, cpu: list[float] | None = None) -> list[float]:
     return times
 
 
+def compiler_options(cfg: BenchConfig) -> dict[str, Any] | None:
+    """XLA options of the train step's compilation: with `cpu_memory_scheduler` on a CPU, XLA's
+    concurrency-optimised scheduler (the CPU default, which runs independent work early so
+    that threads can overlap it) is switched off, so the schedule minimises live memory."""
+    if cfg.cpu_memory_scheduler and jax.devices()[0].platform == "cpu":
+        return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+    return None
+
+
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Runs one measurement; returns the JSON row (see the module docstring)."""
     method = peft.get_method(cfg.method)
@@ -192,9 +230,10 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
     c0, t0 = time.process_time(), time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options(cfg))
     t2, c2 = time.perf_counter(), time.process_time()
     flops = _flops(compiled)
+    xla_mem = xla_memory(compiled)
     peak_reset = _reset_peak_rss()
 
     def one_step():
@@ -232,6 +271,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         "batch": cfg.batch, "src_len": cfg.src_len, "tgt_len": cfg.tgt_len,
         "reduction_factor": method.reduction_factor if adapters else None,
         "dtype": cfg.dtype, "scanned": scanned, "remat": cfg.remat,
+        "compiler_options": compiler_options(cfg),
         "per_example_dropout": cfg.per_example_dropout,
         "trainable_params": n_trainable, "total_params": n_trainable + n_frozen,
         "step_time_s": step_time,
@@ -243,6 +283,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         "host_peak_rss_mb": peak_rss,
         "train_peak_rss_mb": train_peak,
         "rss_after_load_mb": rss_loaded,
+        **xla_mem,
         "compile_time_s": t2 - t0, "lower_time_s": t1 - t0, "compile_cpu_s": c2 - c0,
         "load_time_s": load_time,
         "generation_time_s": gen_time, "generation_compile_s": gen_compile,

@@ -27,11 +27,11 @@ def markdown_table(rows: list[Row], reference: str = "full") -> str:
     ref = _reference(rows, reference)
     head = ("| method | trainable params | % of total | step time (s) | step / full | "
             "step CPU-s | CPU / full | examples/s | peak mem (MB) | mem / full | train-phase RSS (MB) | compile (s) | "
-            "generation (s) |")
+            "generation (s) | XLA step peak (MB) | XLA / full |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * 11)
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} |" + " |" * 13)
             continue
         pct = 100.0 * r["trainable_params"] / r["total_params"] if r.get("total_params") else None
         lines.append(
@@ -40,7 +40,8 @@ def markdown_table(rows: list[Row], reference: str = "full") -> str:
             f"{_num(r.get('step_cpu_s'), '.2f')} | {_ratio(r, ref, 'step_cpu_s')} | "
             f"{r['examples_per_s']:.2f} | {r['peak_memory_mb']:.0f} | "
             f"{_ratio(r, ref, 'peak_memory_mb')} | {_num(r.get('train_peak_rss_mb'), '.0f')} | "
-            f"{r['compile_time_s']:.1f} | {_num(r.get('generation_time_s'), '.3f')} |")
+            f"{r['compile_time_s']:.1f} | {_num(r.get('generation_time_s'), '.3f')} | "
+            f"{_num(r.get('xla_step_peak_mb'), '.0f')} | {_ratio(r, ref, 'xla_step_peak_mb')} |")
     return "\n".join(lines)
 
 

@@ -1,10 +1,15 @@
 """Real-data training throughput: packed vs padded batches of a task's real training rows.
 
     python -m benchmarks.throughput --task sst2 --model random:t5-base --method compacter++ \
-        --batch 32 --steps 10 [--packing/--no-packing] [--dtype float32|bfloat16] [--json out.json]
+        --batch 32 --steps 10 [--layouts packed-tight,packed,padded] [--dtype float32|bfloat16] \
+        [--json out.json]
 
-Each (task, method, layout) runs in its own subprocess (so peak memory is per run); without
-`--packing`/`--no-packing` both layouts are measured side by side. `--tasks` and `--methods`
+Each (task, method, layout) runs in its own subprocess (so peak memory is per run). Layouts:
+`padded` (every batch [batch, source_length]), `packed` (one worst-case packed target length,
+`plan_packing(tight_targets=False)`) and `packed-tight` (targets packed to the shortest of a
+few target buckets that keeps the rows, `tight_targets=True`: what `experiments.finetune`
+trains with). Default: packed-tight and padded side by side; `--packing` alone = packed-tight,
+`--no-packing` = padded. `--tasks` and `--methods`
 take comma-separated lists. What one run does (`measure`):
 
 * data: the paper's train split (`paper_splits`, files source, data seed 42), T5 vocabulary,
@@ -12,8 +17,8 @@ take comma-separated lists. What one run does (`measure`):
   where the original adds it (`Method.task_prefix`); batches in the recipe's order
   (`train_batches`, seed 42), as `experiments.finetune` feeds them: padded runs fill an
   epoch's partial last batch up with empty rows (`pad_batch`), packed runs pack each batch
-  (`plan_packing` over the paper's epochs, so the row buckets are the ones a full run
-  compiles). Both layouts consume exactly the same examples at every step.
+  (`plan_packing` over the paper's epochs, so the row and target buckets are the ones a full
+  run compiles). Both layouts consume exactly the same examples at every step.
 * step: the library's train step (`make_train_step(seq2seq_apply_fn(model), tx,
   merge_fn=method.combine)`), `jax.jit(..., donate_argnums=0)`, compiled ahead of time once
   per distinct batch shape (`compiles` counts distinct (shape, dtype) signatures of the batch;
@@ -66,13 +71,15 @@ class ThroughputConfig:
     `seed` orders the training rows (the recipe's `train_batches` seed) and initialises the
     method's parameters; `data_seed` draws the paper's splits. `plan_epochs`: epochs the
     packing plan covers (None = the paper's: 20 for small tasks, 3 for large ones).
-    `train_samples` keeps the first n training rows (smoke tests).
+    `train_samples` keeps the first n training rows (smoke tests). `tight_targets` (packed
+    runs): pack targets to the plan's target buckets (else one worst-case target length).
     """
 
     task: str = "sst2"
     model: str = "random:t5-base"
     method: str = "compacter++"
     packing: bool = True
+    tight_targets: bool = True  # packed targets in the plan's target buckets (plan_packing)
     batch: int = 32
     steps: int = 10
     warmup_steps: int = 2
@@ -147,6 +154,17 @@ def paper_epochs(task_name: str) -> int:
 
 # ---------------------------------------------------------------------- one measurement
 
+LAYOUTS = {"packed-tight": (True, True), "packed": (True, False), "padded": (False, False)}
+
+
+def target_packing(row: Row) -> str:
+    """How a run packed its targets: "tight" (the plan's target buckets), "one length" (the
+    worst-case packed target length) or "–" (padded)."""
+    if not row["packing"]:
+        return "–"
+    return "tight" if row.get("tight_targets") else "one length"
+
+
 
 def _signature(batch: dict) -> tuple:
     return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
@@ -190,7 +208,8 @@ def measure(cfg: ThroughputConfig) -> Row:
     if cfg.packing:
         per_epoch = steps_per_epoch(len(encoded), cfg.batch)
         epochs = max(cfg.plan_epochs or paper_epochs(cfg.task), -(-num_batches // per_epoch))
-        plan = packing_lib.plan_packing(encoded, cfg.batch, seed=cfg.seed, num_epochs=epochs)
+        plan = packing_lib.plan_packing(encoded, cfg.batch, seed=cfg.seed, num_epochs=epochs,
+                                        tight_targets=cfg.tight_targets)
     plan_time = time.perf_counter() - t0
 
     recipe = recipe_batches(encoded, cfg.batch, cfg.seed, num_batches)  # as train_batches
@@ -260,6 +279,7 @@ def measure(cfg: ThroughputConfig) -> Row:
     return {
         "task": cfg.task, "method": cfg.method, "model": cfg.model, "packing": cfg.packing,
         "layout": "packed" if cfg.packing else f"padded to {cfg.source_length}",
+        "tight_targets": cfg.tight_targets if cfg.packing else None,
         "batch": cfg.batch, "steps": cfg.steps, "warmup_steps": cfg.warmup_steps,
         "dtype": cfg.dtype, "scanned": scanned, "seed": cfg.seed, "data_seed": cfg.data_seed,
         "add_prefix": method.task_prefix, "train_rows": len(encoded),
@@ -344,7 +364,8 @@ def export_batches(cfg: ThroughputConfig, num_batches: int, path: str | Path) ->
 
 def run_child(cfg: ThroughputConfig, timeout: float | None = None) -> Row:
     """`measure(cfg)` in a fresh Python process; a failure becomes a row with `error`."""
-    ident = {"task": cfg.task, "method": cfg.method, "packing": cfg.packing}
+    ident = {"task": cfg.task, "method": cfg.method, "packing": cfg.packing,
+             "tight_targets": cfg.tight_targets if cfg.packing else None}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "benchmarks.throughput", "--child-config",
@@ -364,9 +385,11 @@ def run_child(cfg: ThroughputConfig, timeout: float | None = None) -> Row:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    """One line per run; `vs padded` = examples/s over the padded run of the same task/method."""
+    """One line per run; `vs padded` = examples/s over the padded run of the same task/method;
+    `packed targets`: tight or one length (`target_packing`)."""
     head = ("| task | method | layout | rows/step | source fill | target fill | step (s) | "
-            "step CPU-s | examples/s | vs padded | peak mem (MB) | compiles | compile (s) |")
+            "step CPU-s | examples/s | vs padded | peak mem (MB) | compiles | compile (s) | "
+            "packed targets |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     padded = {(r["task"], r["method"]): r for r in rows
               if "error" not in r and not r["packing"]}
@@ -374,7 +397,7 @@ def markdown_table(rows: list[Row]) -> str:
         layout = "packed" if r["packing"] else "padded"
         if "error" in r:
             lines.append(f"| {r['task']} | {r['method']} | {layout} | failed: "
-                         f"{r['error'][:80]} |" + " |" * 9)
+                         f"{r['error'][:80]} |" + " |" * 10)
             continue
         ref = padded.get((r["task"], r["method"]))
         ratio = f"{r['examples_per_s'] / ref['examples_per_s']:.2f}x" if ref else "–"
@@ -383,7 +406,8 @@ def markdown_table(rows: list[Row]) -> str:
             f"{statistics.mean(r['rows_per_step']):.1f} | {r['source_fill']:.2f} | "
             f"{r['target_fill']:.2f} | {r['step_time_s']:.3f} | {r['step_cpu_s']:.2f} | "
             f"{r['examples_per_s']:.1f} | {ratio} | {r['peak_memory_mb']:.0f} | "
-            f"{r['compiles']} | {' + '.join(f'{c:.1f}' for c in r['compile_time_s'])} |")
+            f"{r['compiles']} | {' + '.join(f'{c:.1f}' for c in r['compile_time_s'])} | "
+            f"{target_packing(r)} |")
     return "\n".join(lines)
 
 
@@ -403,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated PEFT presets")
     p.add_argument("--model", default="random:t5-base",
                    help="checkpoint dir, cached Hub id or random:<preset>")
+    p.add_argument("--layouts", default=None,
+                   help="comma-separated layouts, measured side by side: " + ", ".join(LAYOUTS)
+                   + " (default: packed-tight,padded)")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="packed rows only / padded rows only (default: both, side by side)")
+                   help="packed-tight rows only / padded rows only (shorthands of --layouts)")
     p.add_argument("--batch", type=int, default=32, help="examples per step")
     p.add_argument("--steps", type=int, default=10, help="timed train steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -441,7 +468,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     from compacter_jax.data import task_names
     tasks = _names(args.tasks, task_names(), "--tasks")
     methods = _names(args.methods, method_names(), "--methods")
-    layouts = [True, False] if args.packing is None else [args.packing]
+    if args.layouts is not None and args.packing is not None:
+        raise SystemExit("--layouts and --packing/--no-packing both given; use --layouts")
+    if args.layouts is not None:
+        layouts = _names(args.layouts, tuple(LAYOUTS), "--layouts")
+    else:
+        layouts = (["packed-tight", "padded"] if args.packing is None
+                   else ["packed-tight" if args.packing else "padded"])
     try:
         base = ThroughputConfig(
             task=tasks[0], model=args.model, method=methods[0], batch=args.batch,
@@ -457,11 +490,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         export_batches(base, args.num_batches, args.export_batches)
         return []
     rows = []
-    for task, method, packing in itertools.product(tasks, methods, layouts):
-        row = run_child(dataclasses.replace(base, task=task, method=method, packing=packing),
-                        timeout=args.timeout)
+    for task, method, layout in itertools.product(tasks, methods, layouts):
+        packing, tight = LAYOUTS[layout]
+        row = run_child(dataclasses.replace(base, task=task, method=method, packing=packing,
+                                            tight_targets=tight), timeout=args.timeout)
         rows.append(row)
-        tag = f"[{task} {method} {'packed' if packing else 'padded'}]"
+        tag = f"[{task} {method} {layout}]"
         if "error" in row:
             print(f"{tag} FAILED: {row['error']}", flush=True)
         else:

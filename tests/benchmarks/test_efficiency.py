@@ -16,7 +16,7 @@ from benchmarks.measure import BenchConfig
 
 REQUIRED = ("method", "trainable_params", "step_time_s", "peak_memory_mb", "compile_time_s",
             "examples_per_s", "generation_time_s", "model", "batch", "src_len", "tgt_len",
-            "dtype", "device", "jax_version")
+            "dtype", "device", "jax_version", "xla_step_peak_mb")
 
 
 @pytest.mark.slow
@@ -73,3 +73,58 @@ def test_bad_arguments_name_the_option():
         BenchConfig(src_len=0)
     with pytest.raises(SystemExit, match="unknown"):
         efficiency.parse_methods("full,nope")
+
+
+def test_xla_memory_counts_arguments_outputs_and_donation():
+    """xla_step_peak_mb = arguments + outputs + temporaries - aliased, with the argument and
+    output sizes those of the arrays themselves (a donated argument aliases its output)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.measure import xla_memory
+
+    x = jnp.ones((256, 512), jnp.float32)  # 0.5 MiB
+    w = jnp.ones((512, 128), jnp.float32)  # 0.25 MiB
+
+    def f(x, w):
+        return x + 1.0, x @ w  # [256, 512] (can reuse x's buffer) and [256, 128]
+
+    mb = 2.0**-20
+    kib = 2.0**-10  # XLA adds a few bytes for tuple index tables (pointers) of the outputs
+    plain = xla_memory(jax.jit(f).lower(x, w).compile())
+    assert plain["xla_argument_mb"] == pytest.approx((x.nbytes + w.nbytes) * mb, abs=kib)
+    assert plain["xla_output_mb"] == pytest.approx((x.nbytes + 256 * 128 * 4) * mb, abs=kib)
+    assert plain["xla_alias_mb"] == 0
+    donated = xla_memory(jax.jit(f, donate_argnums=0).lower(x, w).compile())
+    assert donated["xla_alias_mb"] == pytest.approx(x.nbytes * mb, abs=kib)
+    for m in (plain, donated):
+        assert m["xla_step_peak_mb"] == pytest.approx(
+            m["xla_argument_mb"] + m["xla_output_mb"] + m["xla_temp_mb"] - m["xla_alias_mb"])
+
+
+def test_table_has_the_xla_step_peak_ratio():
+    rows = [{"method": "full", "trainable_params": 1, "total_params": 1, "step_time_s": 1.0,
+             "examples_per_s": 1.0, "peak_memory_mb": 10.0, "compile_time_s": 1.0,
+             "xla_step_peak_mb": 400.0},
+            {"method": "lst", "trainable_params": 1, "total_params": 2, "step_time_s": 1.0,
+             "examples_per_s": 1.0, "peak_memory_mb": 10.0, "compile_time_s": 1.0,
+             "xla_step_peak_mb": 100.0}]
+    lst = report.markdown_table(rows).splitlines()[3].split("|")
+    assert lst[-3].strip() == "100" and lst[-2].strip() == "0.25x"
+
+
+def test_cpu_memory_scheduler_is_a_valid_xla_option():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.measure import compiler_options
+
+    assert compiler_options(BenchConfig()) is None
+    options = compiler_options(BenchConfig(cpu_memory_scheduler=True))
+    if jax.devices()[0].platform != "cpu":
+        assert options is None
+        return
+    assert options == {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+    x = jnp.arange(6.0)
+    compiled = jax.jit(lambda v: v * 2).lower(x).compile(compiler_options=options)  # XLA knows it
+    assert compiled(x).tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]

@@ -123,7 +123,27 @@ def test_markdown_table_compares_with_the_padded_run():
     assert "failed: exit 1: boom" in lines[4]
 
 
+def test_markdown_table_names_the_three_layouts():
+    row = dict(task="sst2", method="full", rows_per_step=[8], source_fill=0.9,
+               target_fill=0.4, step_time_s=1.0, step_cpu_s=2.0, examples_per_s=32.0,
+               peak_memory_mb=900.0, compiles=1, compile_time_s=[9.5])
+    rows = [{**row, "packing": True, "tight_targets": True, "target_fill": 0.8},
+            {**row, "packing": True, "tight_targets": False},
+            {**row, "packing": False, "tight_targets": None, "examples_per_s": 8.0}]
+    lines = throughput.markdown_table(rows).splitlines()[2:]
+    cells = [[c.strip() for c in line.split("|")] for line in lines]
+    assert [(c[3], c[14]) for c in cells] == [("packed", "tight"), ("packed", "one length"),
+                                              ("padded", "–")]
+    assert [c[6] for c in cells] == ["0.80", "0.40", "0.40"]
+    assert [c[10] for c in cells] == ["4.00x", "4.00x", "1.00x"]
+    assert throughput.LAYOUTS["packed"] == (True, False)  # one worst-case target length
+
+
 def test_bad_arguments_name_the_option():
+    with pytest.raises(SystemExit, match="--layouts"):
+        throughput.main(["--layouts", "packed,tight"])
+    with pytest.raises(SystemExit, match="--layouts"):
+        throughput.main(["--layouts", "packed", "--no-packing"])
     with pytest.raises(ValueError, match="--batch"):
         throughput.ThroughputConfig(batch=0)
     with pytest.raises(ValueError, match="--train-samples"):
