@@ -17,6 +17,19 @@ from typing import Any
 from experiments import paper
 
 
+RECORD_KEYS = ("epsilon", "delta", "noise_multiplier", "clip_norm")  # what the rows show
+
+
+def check_record(privacy: Any) -> dict[str, Any]:
+    """The "privacy" record of a summary.json, checked; ValueError naming what is missing."""
+    if not isinstance(privacy, Mapping):
+        raise ValueError(f'"privacy" is a {type(privacy).__name__}, not an object')
+    missing = [k for k in RECORD_KEYS if not isinstance(privacy.get(k), (int, float))]
+    if missing:
+        raise ValueError(f'"privacy" has no numeric {missing} (not written by experiments.dp)')
+    return dict(privacy)
+
+
 def is_private(run) -> bool:
     """True for a run whose summary.json has the "privacy" record of a DP run."""
     return bool(getattr(run, "privacy", None))
@@ -48,7 +61,8 @@ def _range(values: Sequence[float], fmt: str) -> str:
 
 
 def title(method: str, runs: Sequence) -> str:
-    """"Compacter++ (DP, ε=3)": the epsilon the runs spent (3 significant digits)."""
+    """The row's title, e.g. "Compacter++ (DP, ε=3)": the epsilon the runs spent (3
+    significant digits; "ε=2.1–5.3" when they differ at that precision)."""
     name = paper.METHOD_TITLES.get(method, method)
     return f"{name} (DP, ε={_range([float(r.privacy['epsilon']) for r in runs], '.3g')})"
 

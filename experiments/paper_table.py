@@ -123,7 +123,8 @@ def _run_result(path: Path, s: Mapping[str, Any]) -> RunResult:
         train_samples=train_samples if train_samples and train_samples > 0 else None,
         test={k: float(v) for k, v in s.get("test", {}).items()},
         trainable_params=int(s["trainable_params"]), total_params=int(s["total_params"]),
-        run_config=run_config, privacy=dict(s["privacy"]) if s.get("privacy") else None)
+        run_config=run_config,
+        privacy=paper_dp.check_record(s["privacy"]) if s.get("privacy") else None)
 
 
 def _config_name(summary: Mapping[str, Any]) -> str:

@@ -101,3 +101,15 @@ def test_a_dp_run_gets_its_own_row_with_the_epsilon_it_spent(tmp_path):
                 name, (3e-4, 40.0, 45.0)), **({"train_samples": 100} if "train" in name else {}))
     assert paper_table.main([str(alone), "--out", str(tmp_path / "alone_out")]) == 0
     assert md_rows((tmp_path / "alone_out" / "table1.md").read_text())["BitFit"] == rows["BitFit"]
+
+
+def test_a_torn_privacy_record_leaves_the_run_out_named(tmp_path, capsys):
+    write_summary(tmp_path / "rte/bitfit/lr3e-4", "bitfit", 3e-4, 60.0, 58.0)
+    torn = tmp_path / "rte/bitfit/lr3e-4_dp-eps3/summary.json"
+    torn.parent.mkdir(parents=True)
+    summary = json.loads((tmp_path / "rte/bitfit/lr3e-4/summary.json").read_text())
+    torn.write_text(json.dumps({**summary, "privacy": {"delta": 1e-5}}))
+    assert paper_table.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"{torn}: not a readable summary.json" in err and "'epsilon'" in err
+    assert "(DP" not in (tmp_path / "out" / "table1.md").read_text()
