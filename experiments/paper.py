@@ -49,6 +49,7 @@ METHOD_TITLES = {"full": "T5-base (full)", "adapter": "Adapter", "pfeiffer": "Pf
                  "phm_adapter": "PHM-Adapter", "compacter": "Compacter",
                  "compacter++": "Compacter++", "lst": "LST (Sung et al. 2022)"}
 METHOD_TITLES["attempt"] = "ATTEMPT"   # not in the paper: shown after its rows when run
+METHOD_TITLES["lora"] = "LoRA"         # not in the paper: the DP grid's second method (issue 22)
 # The paper's methods this library registers (Intrinsic-SAID joins once it has a preset).
 METHODS = tuple(m for m in PAPER_METHODS if m in peft.method_names())
 # Methods beyond the paper's tables that join its grid and tables as rows (issue 21):

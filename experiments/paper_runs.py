@@ -326,6 +326,9 @@ def _privacy_variants(dp_epsilons, passthrough: PassThrough) -> list[float | Non
             raise ValueError(f"target epsilon {eps!r}: expected a positive finite epsilon "
                              "(--dp-epsilons, e.g. 3,8)")
     pinned = passthrough.pinned.get("dp.epsilon")
+    if pinned is not None and dp_epsilons:
+        raise ValueError(f"--config.dp.epsilon={pinned:g} and --dp-epsilons: set one (the "
+                         "flag pins every run to one target; --dp-epsilons adds DP runs)")
     variants = [pinned] if pinned is not None else [None, *(float(e) for e in dp_epsilons or ())]
     if variants != [None] and str(passthrough.packing).lower() not in ("none", "false", "0"):
         raise ValueError(f"--config.packing={passthrough.packing}: differentially private runs "

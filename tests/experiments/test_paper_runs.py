@@ -348,7 +348,8 @@ def test_dp_runs_refuse_packing_and_a_fixed_noise(capsys):
                          "--config.packing=True: differentially private runs"),
                         (["--sweep", "--config.dp.noise_multiplier=1.0"],
                          "--config.dp.noise_multiplier: the grid's DP runs"),
-                        (["--config.dp.epsilon=inf"], "--config.dp.epsilon=inf: expected")):
+                        (["--config.dp.epsilon=inf"], "--config.dp.epsilon=inf: expected"),
+                        (["--config.dp.epsilon=3", "--dp-epsilons=8"], "set one")):
         assert paper_runs.main(["--tasks", "rte", "--methods", "bitfit", *argv]) == 2, argv
         out, err = capsys.readouterr()
         assert named in err and out == "", argv
