@@ -474,6 +474,7 @@ def write_all(runs: Sequence[RunResult], out: Path, unreadable: Sequence[str] = 
             {"method": r.method, "task": r.task, "train_samples": r.train_samples,
              "config": r.config, "validation_score": r.validation_score,
              "test_score": "" if r.test_score is None else r.test_score,
+             "dp_epsilon": r.privacy["epsilon"] if r.privacy else "",
              "workdir": str(r.workdir)} for r in points])
     return written
 

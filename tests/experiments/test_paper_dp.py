@@ -92,8 +92,10 @@ def test_a_dp_run_gets_its_own_row_with_the_epsilon_it_spent(tmp_path):
         assert [r["workdir"].split("/")[-1] for r in csv.DictReader(f)] == ["lr3e-4_train100"]
     assert paper_table.main([str(runs), "--out", str(tmp_path / "dp"), "--low-resource-dp"]) == 0
     with open(tmp_path / "dp" / "low_resource.csv", newline="") as f:
-        assert sorted(r["workdir"].split("/")[-1] for r in csv.DictReader(f)) == [
-            "lr3e-4_train100", "lr3e-4_train100_dp-eps3"]
+        points = {r["workdir"].split("/")[-1]: r["dp_epsilon"] for r in csv.DictReader(f)}
+    assert points.keys() == {"lr3e-4_train100", "lr3e-4_train100_dp-eps3"}
+    assert points["lr3e-4_train100"] == ""
+    assert float(points["lr3e-4_train100_dp-eps3"]) == pytest.approx(eps3)
     # Without the DP runs, the non-private rows are the same.
     for name in ("lr3e-4", "lr1e-3", "lr3e-4_train100"):
         write_summary(alone / "rte/bitfit" / name, "bitfit", *{
