@@ -49,6 +49,7 @@ METHOD_TITLES = {"full": "T5-base (full)", "adapter": "Adapter", "pfeiffer": "Pf
                  "phm_adapter": "PHM-Adapter", "compacter": "Compacter",
                  "compacter++": "Compacter++", "lst": "LST (Sung et al. 2022)"}
 METHOD_TITLES["attempt"] = "ATTEMPT"   # not in the paper: shown after its rows when run
+METHOD_TITLES["lora"] = "LoRA"         # not in the paper: the DP grid's second method (issue 22)
 # The paper's methods this library registers (Intrinsic-SAID joins once it has a preset).
 METHODS = tuple(m for m in PAPER_METHODS if m in peft.method_names())
 # Methods beyond the paper's tables that join its grid and tables as rows (issue 21):
@@ -149,14 +150,24 @@ def paper_train_size(task: str, train_samples: int | None = None) -> int:
 
 
 def config_name(axes: Mapping[str, Any], learning_rate: float,
-                train_samples: int | None = None) -> str:
-    """The run's directory name: e.g. "rf32_n4_lr3e-3", "lr3e-4", "rf16_lr3e-4_train100"."""
+                train_samples: int | None = None, dp_epsilon: float | None = None) -> str:
+    """The run's directory name: e.g. "rf32_n4_lr3e-3", "lr3e-4", "rf16_lr3e-4_train100",
+    "rf32_n4_lr3e-3_dp-eps3" (a differentially private run with target epsilon 3)."""
     short = {"reduction_factor": "rf"}
     parts = [f"{short.get(k, k)}{v}" for k, v in axes.items()]
     parts.append(f"lr{format_learning_rate(learning_rate)}")
     if train_samples:
         parts.append(f"train{train_samples}")
+    if dp_epsilon is not None:
+        parts.append(f"dp-eps{format_epsilon(dp_epsilon)}")
     return "_".join(parts)
+
+
+def format_epsilon(epsilon: float) -> str:
+    """3.0 -> "3", 0.5 -> "0.5", 7.25 -> "7.25": the shortest text that reads back the same
+    float (it names workdirs and is the `--config.dp.epsilon` value the run gets)."""
+    short = f"{float(epsilon):g}"
+    return short if float(short) == float(epsilon) else repr(float(epsilon))
 
 
 def format_learning_rate(learning_rate: float) -> str:

@@ -5,6 +5,7 @@
     python -m experiments.paper_runs --sweep --tasks rte --methods compacter --run
     python -m experiments.paper_runs --low-resource        # 100 ... 4000 training examples
     python -m experiments.paper_runs --sweep --json --config.model=/path/to/t5-base
+    python -m experiments.paper_runs --dp-epsilons 3,8 --tasks sst2 --methods compacter++,lora
 
 `--sweep` enumerates, per task and method, the reduction factors {32, 16, 8} of the adapter
 methods, n in {4, 8, 12} of the PHM ones (only values that fit the model's sizes) and the
@@ -14,6 +15,14 @@ every run; `--config.peft.FIELD` only to methods that have FIELD; a flag that se
 field (`--config.peft.reduction_factor`, `--config.peft.n`, `--config.learning_rate`,
 `--config.train_samples`) pins that axis to its value. `--run` runs the commands one after
 another, skipping runs whose `summary.json` exists (a stopped run resumes from its checkpoint).
+
+`--dp-epsilons 3,8` (implies `--sweep`) adds to every configuration its differentially private
+runs (`experiments.dp`): `--config.dp.epsilon=E` (the noise calibrated so the run spends at
+most E; delta left to the DP code's rule, 1 / N**1.1, unless `--config.dp.delta` is passed)
+and `--config.packing=False` (each example's gradient is clipped: one example per row; the
+batches are then Poisson-sampled by the DP code), in `.../rf32_n4_lr3e-3_dp-eps3`.
+`--config.dp.*` flags reach the DP runs only; `--config.dp.epsilon=E` pins the grid to DP
+runs at E.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "paper.py"
 SUMMARY_FILE = "summary.json"
 # Config fields a sweep sets itself; a passed-through flag for one pins that axis.
 PINNABLE = {"peft.reduction_factor": int, "peft.n": int, "learning_rate": float,
-            "train_samples": int}
+            "train_samples": int, "dp.epsilon": float}
 
 
 def config_path() -> str:
@@ -75,6 +84,8 @@ class Run:
       learning_rate: the peak learning rate.
       train_samples: training examples of a low-resource run (None: the whole training set).
       peft_flags: passed-through `--config.peft.*` flags that apply to this method.
+      dp_epsilon: the target epsilon of a differentially private run (None: not private).
+      dp_flags: passed-through `--config.dp.*` flags (given to DP runs only).
     """
 
     task: str
@@ -83,11 +94,14 @@ class Run:
     learning_rate: float
     train_samples: int | None = None
     peft_flags: tuple[str, ...] = ()
+    dp_epsilon: float | None = None
+    dp_flags: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        """The configuration's directory name, e.g. "rf32_n4_lr3e-3_train100"."""
-        return paper.config_name(dict(self.axes), self.learning_rate, self.train_samples)
+        """The configuration's directory name, e.g. "rf32_n4_lr3e-3_train100_dp-eps3"."""
+        return paper.config_name(dict(self.axes), self.learning_rate, self.train_samples,
+                                 self.dp_epsilon)
 
     def workdir(self, root: str) -> str:
         return f"{root}/{self.task}/{self.method}/{self.name}"
@@ -98,6 +112,9 @@ class Run:
         sweep.append(f"--config.learning_rate={self.learning_rate!r}")
         if self.train_samples:
             sweep.append(f"--config.train_samples={self.train_samples}")
+        if self.dp_epsilon is not None:  # DP clips per example: padded rows, one example each
+            sweep += [f"--config.dp.epsilon={paper.format_epsilon(self.dp_epsilon)}",
+                      "--config.packing=False", *self.dp_flags]
         return ["--config", f"{config_path()}:{self.task},{self.method}",
                 "--workdir", self.workdir(root), *sweep, *self.peft_flags, *extra]
 
@@ -115,6 +132,8 @@ class PassThrough:
       peft_values: {field: value} of those flags (for checking which configurations fit).
       pinned: {config field: value} of flags that set a swept field.
       model: the `--config.model` value, if given.
+      dp: `--config.dp.*` flag tokens (but `dp.epsilon`, pinned): given to DP runs only.
+      packing: the `--config.packing` value, if given (DP runs refuse True).
     """
 
     common: tuple[str, ...] = ()
@@ -122,15 +141,19 @@ class PassThrough:
     peft_values: dict[str, Any] = dataclasses.field(default_factory=dict)
     pinned: dict[str, Any] = dataclasses.field(default_factory=dict)
     model: str | None = None
+    dp: tuple[str, ...] = ()
+    packing: Any = None
 
 
 def split_extra(extra: Sequence[str]) -> PassThrough:
     """Sorts `--config.FIELD=VALUE` / `--config.FIELD VALUE` flags (see `PassThrough`).
 
     Raises ValueError for anything that is not a `--config.` flag (a mistyped option would
-    otherwise reach every run) and for a pinned value of the wrong type.
+    otherwise reach every run), for a pinned value of the wrong type and for
+    `--config.dp.noise_multiplier` (the grid names DP runs by their target epsilon).
     """
     common: list[str] = []
+    dp_flags: list[str] = []
     peft_flags: dict[str, tuple[str, ...]] = {}
     peft_values: dict[str, Any] = {}
     pinned: dict[str, Any] = {}
@@ -156,11 +179,34 @@ def split_extra(extra: Sequence[str]) -> PassThrough:
             field = name[len("peft."):]
             peft_flags[field] = tuple(used)
             peft_values[field] = _literal(value) if sep else True
+        elif name.startswith("dp."):
+            _check_dp_flag(name)
+            dp_flags.extend(used)
         else:
             if name == "model" and sep:
                 model = value
             common.extend(used)
-    return PassThrough(tuple(common), peft_flags, peft_values, pinned, model)
+    packing = _packing(common)
+    return PassThrough(tuple(common), peft_flags, peft_values, pinned, model, tuple(dp_flags),
+                       packing)
+
+
+def _check_dp_flag(name: str) -> None:
+    if name == "dp.noise_multiplier":
+        raise ValueError("--config.dp.noise_multiplier: the grid's DP runs are named by their "
+                         "target epsilon and calibrate their own noise; use --dp-epsilons "
+                         "(e.g. 3,8), or run a fixed noise with experiments.glue directly")
+
+
+def _packing(common: Sequence[str]) -> Any:
+    """The last `--config.packing` value among the common flags (None if not given)."""
+    value = None
+    for i, token in enumerate(common):
+        if token == "--config.packing":
+            value = _literal(common[i + 1]) if i + 1 < len(common) else True
+        elif token.startswith("--config.packing="):
+            value = _literal(token.partition("=")[2])
+    return value
 
 
 def _pinned_value(name: str, text: str) -> Any:
@@ -180,6 +226,9 @@ def _pinned_value(name: str, text: str) -> Any:
     if name == "train_samples" and value <= 0:
         raise ValueError(f"--config.train_samples={text}: expected a positive number of "
                          "training examples (or -1, the whole training set)")
+    if name == "dp.epsilon" and not tool_cli.positive_finite(value):
+        raise ValueError(f"--config.dp.epsilon={text}: expected a positive finite target "
+                         "epsilon (e.g. 3 or 8)")
     return value
 
 
@@ -201,7 +250,8 @@ class Sweep:
 def sweep(tasks: Sequence[str], methods: Sequence[str], *,
           learning_rates: Sequence[float] | None = None,
           train_sizes: Sequence[int] | None = None,
-          passthrough: PassThrough = PassThrough()) -> Sweep:
+          passthrough: PassThrough = PassThrough(),
+          dp_epsilons: Sequence[float] | None = None) -> Sweep:
     """The paper's grid for `tasks` x `methods` (see the module doc).
 
     Args:
@@ -211,11 +261,15 @@ def sweep(tasks: Sequence[str], methods: Sequence[str], *,
         above a task's training set is left out (it would repeat the full-data run).
       passthrough: the extra flags (`split_extra`); `model` decides which n and reduction
         factors fit (default the paper's t5-base).
+      dp_epsilons: target epsilons of differentially private runs added to every
+        configuration (a pinned `--config.dp.epsilon` replaces the non-private runs).
 
     Returns:
-      `Sweep`: the runs, task-major, then method, configuration, learning rate and size.
+      `Sweep`: the runs, task-major, then method, configuration, learning rate, size and
+      privacy (the non-private run first).
     """
     _check_grid_values(learning_rates, train_sizes)
+    privacy = _privacy_variants(dp_epsilons, passthrough)
     t5 = paper.model_config(passthrough.model or paper.PAPER_MODEL)
     pinned = passthrough.pinned
     runs: list[Run] = []
@@ -244,9 +298,9 @@ def sweep(tasks: Sequence[str], methods: Sequence[str], *,
                         skipped.append(f"{method_name} {paper.config_name(chosen, rates[0])}: "
                                        f"{e}")
                     continue
-                for lr, size in itertools.product(rates, sizes):
+                for lr, size, eps in itertools.product(rates, sizes, privacy):
                     runs.append(Run(task, method_name, tuple(chosen.items()), float(lr), size,
-                                    peft_flags))
+                                    peft_flags, eps, passthrough.dp if eps else ()))
     return Sweep(runs, skipped)
 
 
@@ -261,6 +315,26 @@ def _check_grid_values(learning_rates, train_sizes) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"training-set size {n!r}: expected a positive number of "
                              "examples (--train-sizes, e.g. 100,500)")
+
+
+def _privacy_variants(dp_epsilons, passthrough: PassThrough) -> list[float | None]:
+    """[None (the non-private run), *target epsilons]; only the pinned epsilon when
+    `--config.dp.epsilon` is passed. ValueError for an epsilon no run can use, and for
+    `--config.packing=True` with DP runs (they clip per example: one example per row)."""
+    for eps in dp_epsilons or ():
+        if isinstance(eps, bool) or not tool_cli.positive_finite(eps):
+            raise ValueError(f"target epsilon {eps!r}: expected a positive finite epsilon "
+                             "(--dp-epsilons, e.g. 3,8)")
+    pinned = passthrough.pinned.get("dp.epsilon")
+    if pinned is not None and dp_epsilons:
+        raise ValueError(f"--config.dp.epsilon={pinned:g} and --dp-epsilons: set one (the "
+                         "flag pins every run to one target; --dp-epsilons adds DP runs)")
+    variants = [pinned] if pinned is not None else [None, *(float(e) for e in dp_epsilons or ())]
+    if variants != [None] and str(passthrough.packing).lower() not in ("none", "false", "0"):
+        raise ValueError(f"--config.packing={passthrough.packing}: differentially private runs "
+                         "clip each example's gradient and need padded batches (one example "
+                         "per row); drop the flag (DP runs get --config.packing=False)")
+    return variants
 
 
 def _sizes(task: str, train_sizes, pinned, skipped: list[str]) -> list[int | None]:
@@ -357,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "each method's own)", type=tool_cli.csv_list(
                             float, lambda v: tool_cli.positive_finite(v, FLOAT32_MAX),
                             "positive finite learning rates", "3e-4,1e-3"))
+    parser.add_argument("--dp-epsilons", help="target epsilons of differentially private runs "
+                        "added to every configuration (implies --sweep)", type=tool_cli.csv_list(
+                            float, tool_cli.positive_finite, "positive finite target epsilons",
+                            "3,8"))
     parser.add_argument("--run", action="store_true", help="run them one after another")
     parser.add_argument("--json", action="store_true", help="print the grid as JSON")
     return parser
@@ -370,6 +448,7 @@ def grid_json(grid: Sweep, root: str, common: Sequence[str]) -> list[dict[str, A
         out.append({"task": r.task, "method": r.method, "name": r.name,
                     "workdir": r.workdir(root), "learning_rate": r.learning_rate,
                     "axes": dict(r.axes), "train_samples": r.train_samples,
+                    "dp_epsilon": r.dp_epsilon,
                     "train_examples": n_train, "steps": steps,
                     "done": (Path(r.workdir(root)) / SUMMARY_FILE).exists(),
                     "command": r.command(root, common)})
@@ -383,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = _csv(args.methods) or list(paper.LOW_RESOURCE_METHODS if low_resource
                                          else METHODS + paper.EXTRA_METHODS)
 
-    if not (args.sweep or low_resource):  # one command per (task, method), as before
+    # DP runs get workdirs of their own, named as the sweep names them.
+    private = args.dp_epsilons or any(t.startswith("--config.dp.epsilon") for t in extra)
+    if not (args.sweep or low_resource or private):  # one command per (task, method)
         try:  # names and flags checked before any command is printed or run
             split_extra(extra)
             for task in tasks:
@@ -405,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = sweep(tasks, methods, learning_rates=args.learning_rates,
                      train_sizes=(args.train_sizes or list(paper.LOW_RESOURCE_SIZES)
                                   if low_resource else None),
-                     passthrough=passthrough)
+                     passthrough=passthrough, dp_epsilons=args.dp_epsilons)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

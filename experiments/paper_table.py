@@ -12,7 +12,11 @@ on validation and reports test). Writes into --out:
   `table2.*` the same for SuperGLUE when there are SuperGLUE runs;
 * `selection.csv`: every run, its validation and test score, and which one was chosen;
 * `low_resource.png`, `low_resource.csv`: test score against training-set size per method,
-  one panel per task (runs with `--config.train_samples`).
+  one panel per task (runs with `--config.train_samples`; DP runs only with `--low-resource-dp`).
+
+Differentially private runs (`paper_runs --dp-epsilons`) are rows of their own under their
+method's row, one per privacy level, titled with the epsilon they spent ("Compacter++ (DP,
+ε=3)"; `experiments.paper_dp`); the (epsilon, delta) of each task is noted under the table.
 
 Missing runs are blanks, never zeros; averages are over the tasks present, marked "(k/n)" when
 some are missing.
@@ -39,7 +43,7 @@ from compacter_jax import peft
 from compacter_jax.atomic import atomic_write
 from compacter_jax.models.config import is_random
 from compacter_jax.params import report
-from experiments import paper, tool_cli
+from experiments import paper, paper_dp, tool_cli
 from experiments.configs import paper as paper_config
 
 SUMMARY_FILE = "summary.json"
@@ -64,6 +68,8 @@ class RunResult:
       test: test metrics (0-100) at the best validation checkpoint; {} if not evaluated.
       trainable_params / total_params: parameter counts.
       run_config: the full run config (for the recipe check).
+      privacy: the "privacy" record of a differentially private run (`experiments.dp`: the
+        epsilon and delta spent, the noise, ...); None for a non-private run.
     """
 
     workdir: Path
@@ -77,6 +83,7 @@ class RunResult:
     trainable_params: int
     total_params: int
     run_config: Mapping[str, Any]
+    privacy: Mapping[str, Any] | None = None
 
     @property
     def test_score(self) -> float | None:
@@ -116,7 +123,8 @@ def _run_result(path: Path, s: Mapping[str, Any]) -> RunResult:
         train_samples=train_samples if train_samples and train_samples > 0 else None,
         test={k: float(v) for k, v in s.get("test", {}).items()},
         trainable_params=int(s["trainable_params"]), total_params=int(s["total_params"]),
-        run_config=run_config)
+        run_config=run_config,
+        privacy=paper_dp.check_record(s["privacy"]) if s.get("privacy") else None)
 
 
 def _config_name(summary: Mapping[str, Any]) -> str:
@@ -128,7 +136,8 @@ def _config_name(summary: Mapping[str, Any]) -> str:
         axes = {k: getattr(method, k) for k in paper.sweep_axes(method)}
     except (KeyError, ValueError, TypeError):  # an older summary or an unknown family
         pass
-    return paper.config_name(axes, lr) if lr else "preset"
+    dp_epsilon = (summary.get("config", {}).get("dp") or {}).get("epsilon")
+    return paper.config_name(axes, lr, dp_epsilon=dp_epsilon) if lr else "preset"
 
 
 def find_runs(runs_dir: Path) -> list[RunResult]:
@@ -181,6 +190,8 @@ class Row:
       cells: task -> {metric: value} for the tasks present.
       percent_trained: (min, max) over the row's runs, or None when unknown.
       average: a reported average standing in for the computed one (paper rows only).
+      title: the row's title when not the method's (DP rows: "Compacter++ (DP, ε=3)").
+      extra: more CSV columns of the row (DP rows: the epsilon and delta spent).
     """
 
     method: str
@@ -188,6 +199,8 @@ class Row:
     cells: Mapping[str, Mapping[str, float]]
     percent_trained: tuple[float, float] | None
     average: float | None = None
+    title: str | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def row_averages(row: Row, tasks: Sequence[str]) -> tuple[float | None, float | None, int]:
@@ -224,14 +237,16 @@ def measured_rows(best: Mapping[tuple, RunResult], tasks: Sequence[str]) -> list
     methods = {m for m, _, _ in chosen}
     order = [m for m in paper.PAPER_METHODS if m in methods] + sorted(
         methods - set(paper.PAPER_METHODS))
-    rows = []
-    for method in order:
-        runs = {t: chosen[(method, t, None)] for t in tasks if (method, t, None) in chosen}
-        cells = {t: {m: r.test[m] for m in data_lib.get_task(t).metric_names}
-                 for t, r in runs.items() if task_score(t, r.test) is not None}
-        pcts = [percent_trained(r) for r in runs.values()]
-        rows.append(Row(method, "ours", cells, (min(pcts), max(pcts))))
-    return rows
+    return [measured_row(method, {t: chosen[(method, t, None)] for t in tasks
+                                  if (method, t, None) in chosen}) for method in order]
+
+
+def measured_row(method: str, runs: Mapping[str, RunResult]) -> Row:
+    """The row of `method` from its chosen run per task."""
+    cells = {t: {m: r.test[m] for m in data_lib.get_task(t).metric_names}
+             for t, r in runs.items() if task_score(t, r.test) is not None}
+    pcts = [percent_trained(r) for r in runs.values()]
+    return Row(method, "ours", cells, (min(pcts), max(pcts)))
 
 
 def paper_rows(methods: Sequence[str]) -> list[Row]:
@@ -271,7 +286,8 @@ def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
         avg, task_avg, present = row_averages(row, tasks)
         cells = ["/".join(_num(row.cells[t][m]) for m in data_lib.get_task(t).metric_names)
                  if t in row.cells else "" for t in tasks]
-        lines.append("| " + " | ".join([paper.METHOD_TITLES.get(row.method, row.method),
+        lines.append("| " + " | ".join([row.title or paper.METHOD_TITLES.get(row.method,
+                                                                          row.method),
                                         _pct(row.percent_trained), *cells,
                                         _avg(avg, present, len(tasks)),
                                         _avg(task_avg, present, len(tasks))]) + " |")
@@ -287,7 +303,7 @@ def csv_records(rows: Sequence[Row], tasks: Sequence[str]) -> list[dict[str, Any
                                "percent_trained_min": row.percent_trained[0]
                                if row.percent_trained else "",
                                "percent_trained_max": row.percent_trained[1]
-                               if row.percent_trained else ""}
+                               if row.percent_trained else "", **row.extra}
         for t in tasks:
             names = data_lib.get_task(t).metric_names
             score = task_score(t, row.cells[t]) if t in row.cells else None
@@ -327,7 +343,8 @@ def recipe_notes(runs: Iterable[RunResult]) -> list[str]:
 
 def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
                    reference: Sequence[Row], runs: Sequence[RunResult],
-                   unreadable: Sequence[str] = ()) -> str:
+                   unreadable: Sequence[str] = (), private: Sequence[str] = ()) -> str:
+    """The table's markdown and its notes (`private`: the DP rows' (epsilon, delta) lines)."""
     models = sorted({r.model for r in runs})
     parts = [f"# {title}: test scores at the best validation configuration", "",
              markdown_table(rows, tasks) if rows else "No full-data runs on these tasks."]
@@ -347,6 +364,10 @@ def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
         parts.append("- **Random backbone: these scores mean nothing.**")
     if notes := recipe_notes(runs):
         parts.append("- Off the paper's recipe: " + "; ".join(notes) + ".")
+    if private:
+        parts += ["- DP rows (differentially private runs, selected among themselves on "
+                  "validation), the privacy each task's chosen run spent:",
+                  *("  " + line for line in private)]
     if reference:
         parts.append(f"- Paper numbers: {paper.PAPER_SOURCES}")
     if unreadable:
@@ -359,9 +380,15 @@ def table_markdown(title: str, tasks: Sequence[str], rows: Sequence[Row],
 
 
 def low_resource_points(best: Mapping[tuple, RunResult]) -> list[RunResult]:
-    """The chosen low-resource runs, sorted by task, method and size."""
-    return sorted((r for (_, _, n), r in best.items() if n is not None),
-                  key=lambda r: (r.task, r.method, r.train_samples))
+    """The chosen low-resource runs, sorted by task, method, privacy and size (`best` of
+    `select_best`, with `paper_dp.select_best`'s DP runs when they are to be plotted)."""
+    return sorted((r for key, r in best.items() if key[-1] is not None),
+                  key=lambda r: (r.task, r.method, _line(r), r.train_samples))
+
+
+def _line(run: RunResult) -> tuple:
+    """A figure line: one per method and privacy level (() for the non-private runs)."""
+    return paper_dp.level(run) if paper_dp.is_private(run) else ()
 
 
 def plot_low_resource(points: Sequence[RunResult], path: Path) -> Path:
@@ -377,14 +404,18 @@ def plot_low_resource(points: Sequence[RunResult], path: Path) -> Path:
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     order = {m: i for i, m in enumerate(paper.PAPER_METHODS)}
-    methods = sorted({r.method for r in points}, key=lambda m: (order.get(m, 99), m))
-    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method
+    lines = sorted({(r.method, _line(r)) for r in points},
+                   key=lambda k: (order.get(k[0], 99), k))
+    color = {k: f"C{i % 10}" for i, k in enumerate(lines)}  # one colour per method (and DP)
     for ax, task in zip(axes, tasks):
         mine = [r for r in points if r.task == task and r.test_score is not None]
-        for method in (m for m in methods if any(r.method == m for r in mine)):
-            line = [(r.train_samples, r.test_score) for r in mine if r.method == method]
-            ax.plot(*zip(*line), marker="o", color=color[method],
-                    label=paper.METHOD_TITLES.get(method, method))
+        for key in lines:
+            runs = [r for r in mine if (r.method, _line(r)) == key]
+            if not runs:
+                continue
+            ax.plot(*zip(*[(r.train_samples, r.test_score) for r in runs]), marker="o",
+                    color=color[key], label=paper_dp.title(key[0], runs) if key[1] else
+                    paper.METHOD_TITLES.get(key[0], key[0]))
         sizes = sorted({r.train_samples for r in mine})
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -408,34 +439,42 @@ def _selection_records(runs: Sequence[RunResult], best: Mapping[tuple, RunResult
     return [{"method": r.method, "task": r.task, "train_samples": r.train_samples or "",
              "config": r.config, "validation_score": _num(r.validation_score),
              "test_score": _num(r.test_score), "selected": id(r) in chosen,
+             "dp_epsilon": r.privacy["epsilon"] if r.privacy else "",
+             "dp_delta": r.privacy["delta"] if r.privacy else "",
              "workdir": str(r.workdir)} for r in runs]
 
 
-def write_all(runs: Sequence[RunResult], out: Path,
-              unreadable: Sequence[str] = ()) -> dict[str, Path]:
+def write_all(runs: Sequence[RunResult], out: Path, unreadable: Sequence[str] = (),
+              low_resource_dp: bool = False) -> dict[str, Path]:
     """Writes the tables, selection.csv and the low-resource figure; returns name -> path.
-    `unreadable` ("PATH: why" of summaries left out) is noted under every table."""
+    `unreadable` ("PATH: why" of summaries left out) is noted under every table. DP runs are
+    selected per privacy level apart from the others (`experiments.paper_dp`) and join the
+    figure only with `low_resource_dp`."""
     out.mkdir(parents=True, exist_ok=True)
-    best = select_best(runs)
-    written = {"selection.csv": write_csv(out / "selection.csv", _selection_records(runs, best))}
+    best = select_best(r for r in runs if not paper_dp.is_private(r))
+    best_dp = paper_dp.select_best(runs, select_best)
+    written = {"selection.csv": write_csv(out / "selection.csv", _selection_records(
+        runs, {**best, **best_dp}))}
     for name, (title, tasks) in TABLES.items():
         table_runs = [r for r in runs if r.task in tasks and r.train_samples is None]
         if name != "table1" and not table_runs:
             continue
-        rows = measured_rows(best, tasks)
+        private, private_notes = paper_dp.rows(best_dp, tasks, measured_row)
+        rows = paper_dp.interleave(measured_rows(best, tasks), private)
         reference = paper_rows(paper.PAPER_METHODS) if name == "table1" else []
         title = f"Table {name[-1]} ({title})"
         written[f"{name}.md"] = atomic_write(
             out / f"{name}.md", table_markdown(title, tasks, rows, reference, table_runs,
-                                               unreadable))
+                                               unreadable, private_notes))
         written[f"{name}.csv"] = write_csv(out / f"{name}.csv",
                                            csv_records([*rows, *reference], tasks))
-    if points := low_resource_points(best):
+    if points := low_resource_points({**best, **(best_dp if low_resource_dp else {})}):
         written["low_resource.png"] = plot_low_resource(points, out / "low_resource.png")
         written["low_resource.csv"] = write_csv(out / "low_resource.csv", [
             {"method": r.method, "task": r.task, "train_samples": r.train_samples,
              "config": r.config, "validation_score": r.validation_score,
              "test_score": "" if r.test_score is None else r.test_score,
+             "dp_epsilon": r.privacy["epsilon"] if r.privacy else "",
              "workdir": str(r.workdir)} for r in points])
     return written
 
@@ -467,7 +506,7 @@ def chosen_runs(runs_dir: Path, out: Path,
 
 def run(args: argparse.Namespace) -> int:
     runs, unreadable = chosen_runs(args.runs_dir, args.out, args.model)
-    written = write_all(runs, args.out, unreadable)
+    written = write_all(runs, args.out, unreadable, low_resource_dp=args.low_resource_dp)
     print(written["table1.md"].read_text())
     for name, path in written.items():
         print(f"wrote {path}", file=sys.stderr)
@@ -479,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs_dir", type=Path, help="directory holding the runs")
     parser.add_argument("--out", type=Path, required=True, help="where the tables go")
     parser.add_argument("--model", help="only runs on this backbone (needed when several)")
+    parser.add_argument("--low-resource-dp", action="store_true", help="plot the low-resource "
+                        "DP runs too (a line per method and privacy level)")
     return tool_cli.run(run, parser.parse_args(argv))
 
 

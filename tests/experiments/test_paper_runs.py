@@ -16,6 +16,7 @@ from compacter_jax import peft
 from compacter_jax.models import PRESETS as T5_PRESETS
 from compacter_jax.train.optim import make_schedule
 from experiments import finetune, paper, paper_runs
+from experiments import spec as spec_lib
 from experiments.spec.finetune import validate_config
 from experiments.configs import paper as paper_config
 from experiments.paper_runs import split_extra, sweep
@@ -300,3 +301,57 @@ def test_pinned_sizes_and_rates_are_checked_and_minus_one_is_the_full_set(capsys
         sweep(["rte"], ["bitfit"], train_sizes=[-5])
     with pytest.raises(ValueError, match=r"learning rate 0\.0: expected a positive finite"):
         sweep(["rte"], ["bitfit"], learning_rates=[0.0])
+
+
+def test_dp_epsilons_add_private_runs_whose_commands_parse(capsys):
+    """`--dp-epsilons 3` adds to every configuration its DP run: its own workdir, the target
+    epsilon, padded batches, the `--config.dp.*` flags (DP runs only); the glue CLI's config
+    parser reads the command and the spec's checks accept it."""
+    assert paper_runs.main(["--dp-epsilons", "3", "--tasks", "sst2", "--methods", "lora",
+                            "--config.model=t5-mini-glue", "--config.dp.clip_norm=0.5"]) == 0
+    plain, private = (shlex.split(x) for x in capsys.readouterr().out.strip().splitlines())
+    assert plain[plain.index("--workdir") + 1] == "runs/paper/sst2/lora/lr1e-3"
+    assert private[private.index("--workdir") + 1] == "runs/paper/sst2/lora/lr1e-3_dp-eps3"
+    assert not any("dp." in t or "packing" in t for t in plain)
+    assert {"--config.dp.epsilon=3", "--config.packing=False",
+            "--config.dp.clip_norm=0.5"} <= set(private)
+    plain_config = paper_runs.parse_config(plain[3:])
+    config = paper_runs.parse_config(private[3:])
+    assert config.dp.epsilon == 3.0 and config.packing is False and config.dp.clip_norm == 0.5
+    assert config.dp.delta is None  # the DP code's rule, 1 / N**1.1
+    assert plain_config.dp.epsilon is None and plain_config.dp.clip_norm == 1.0
+    assert config.model == "t5-mini-glue" and config.task == "sst2" and config.method == "lora"
+    validate_config(config)
+    assert spec_lib.dp_enabled(config) and not spec_lib.dp_enabled(plain_config)
+    # A pinned target epsilon: the DP runs only.
+    (run,) = sweep(["rte"], ["bitfit"], passthrough=split_extra(["--config.dp.epsilon=8"])).runs
+    assert run.dp_epsilon == 8.0 and run.name == "lr3e-4_dp-eps8"
+    assert [r.name for r in sweep(["rte"], ["bitfit"], dp_epsilons=[0.5, 8]).runs] == [
+        "lr3e-4", "lr3e-4_dp-eps0.5", "lr3e-4_dp-eps8"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--dp-epsilons=0"], "argument --dp-epsilons: '0' is not valid"),
+    (["--dp-epsilons=-1"], "argument --dp-epsilons: '-1' is not valid"),
+    (["--dp-epsilons", "abc"], "argument --dp-epsilons: 'abc' is not valid"),
+    (["--dp-epsilons=3,nan"], "argument --dp-epsilons: 'nan' is not valid"),
+])
+def test_dp_epsilons_no_run_can_use_exit_2_naming_the_flag(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        paper_runs.main(["--tasks", "rte", "--methods", "bitfit", *argv])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and named in err and out == ""
+
+
+def test_dp_runs_refuse_packing_and_a_fixed_noise(capsys):
+    for argv, named in ((["--dp-epsilons=3", "--config.packing=True"],
+                         "--config.packing=True: differentially private runs"),
+                        (["--sweep", "--config.dp.noise_multiplier=1.0"],
+                         "--config.dp.noise_multiplier: the grid's DP runs"),
+                        (["--config.dp.epsilon=inf"], "--config.dp.epsilon=inf: expected"),
+                        (["--config.dp.epsilon=3", "--dp-epsilons=8"], "set one")):
+        assert paper_runs.main(["--tasks", "rte", "--methods", "bitfit", *argv]) == 2, argv
+        out, err = capsys.readouterr()
+        assert named in err and out == "", argv
+    with pytest.raises(ValueError, match=r"target epsilon nan: expected a positive finite"):
+        sweep(["rte"], ["bitfit"], dp_epsilons=[float("nan")])
