@@ -500,3 +500,15 @@ def test_from_pretrained_scanned_is_the_unscanned_stacked(backbone, hf_and_ours)
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
+
+
+@pytest.mark.long  # two compiled greedy decoders (~10 s busy)
+def test_scanned_backbone_decodes_like_unscanned(hf_and_ours, scanned):
+    """Greedy decoding with the KV cache (the scanned backbone's cache stacked per block)."""
+    _, model, params = hf_and_ours
+    params = _perturbed(params, seed=2)
+    ids, mask, *_ = _batch()
+    want = np.asarray(greedy_generate(model, params, ids, mask, max_new_tokens=4, eos_id=-1))
+    got = np.asarray(greedy_generate(scanned[0], stack_blocks(params), ids, mask,
+                                     max_new_tokens=4, eos_id=-1))
+    np.testing.assert_array_equal(got, want)
