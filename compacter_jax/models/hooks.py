@@ -39,7 +39,8 @@ argument):
    deterministic, decode, segment_ids=, positions=, enc_segment_ids=) -> [B, T, d_model]`.
    `encode` then returns the backbone's and the side encoder's outputs concatenated on the
    feature axis ([B, S, d_model + d]); `decode` splits them again, so decoding and scoring
-   work unchanged. Taps need unscanned layers (`uniform_over_layers()` False).
+   work unchanged. Scanned layers give the same taps (the scan stacks the block outputs
+   only when taps are asked for).
 7. `ladder(site, name)` — used only by a `T5Stack` called with `ladder=` (one array per
    block): before block i, `h = ladder_i(h, ladder[i])` (site.sublayer == "block"). A side
    network built from `T5Stack` mixes the backbone's taps in this way.

@@ -55,7 +55,8 @@ class Encoded(NamedTuple):
 class T5Block(nn.Module):
     """One encoder (self-attn, FF) or decoder (self-attn, cross-attn, FF) block.
 
-    Returns (h, None) so the same module works as an `nn.scan` body.
+    Returns (h, None) so the same module works as an `nn.scan` body; (h, h) with `emit`
+    (the scan then stacks every block's output: the per-block taps of a scanned stack).
     """
 
     config: T5Config
@@ -64,6 +65,7 @@ class T5Block(nn.Module):
     layer: int | None
     decode: bool = False
     deterministic: bool = True
+    emit: bool = False
 
     @nn.compact
     def __call__(self, h: Array, self_bias: Array, enc: Array | None, cross_bias: Array | None,
@@ -80,7 +82,7 @@ class T5Block(nn.Module):
                                  self.deterministic, name="layer_1")(h, enc, cross_bias, shared)
         h = T5LayerFF(cfg, hooks, site(sublayer="feed_forward"), self.deterministic,
                       name="layer_2" if self.is_decoder else "layer_1")(h, shared)
-        return h, None
+        return h, (h if self.emit else None)
 
 
 def cross_attention_bias(encoded: Encoded, decoder_segment_ids: Array | None) -> Array:
@@ -159,7 +161,7 @@ class T5Stack(nn.Module):
           ladder: one array per block, mixed into the hidden state before it by the
             `ladder` hook (unscanned layers only).
           return_taps: also return the n + 1 states [B, T', D]: the stack's input after
-            dropout, then each block's output (unscanned layers only).
+            dropout, then each block's output (scanned: the scan's stacked outputs, sliced).
           deterministic: no dropout.
           decode: use / create the KV cache (mutable "cache" collection; unpacked only).
         Returns:
@@ -196,17 +198,19 @@ class T5Stack(nn.Module):
             block_cls = nn.remat(T5Block, prevent_cse=not cfg.scan_layers)
         args = (self_bias, enc, cross_bias, shared, cache_index)
         taps = [h]
-        if cfg.scan_layers and (return_taps or ladder is not None):
-            raise ValueError("per-block taps and ladder inputs need unscanned layers "
-                             "(scan_layers=False)")
+        if cfg.scan_layers and ladder is not None:
+            raise ValueError("ladder inputs need unscanned layers (scan_layers=False)")
         if ladder is not None and len(ladder) != n:
             raise ValueError(f"ladder has {len(ladder)} entries, the stack has {n} blocks")
         if cfg.scan_layers:  # hooks.uniform_over_layers() is checked by the root model
             scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(args), length=n)
-            h, _ = scanned(cfg, hooks, self.is_decoder, None, decode, deterministic,
-                           name="blocks")(h, *args)
+            # Only with taps does the scan stack the block outputs (else the same program).
+            h, states = scanned(cfg, hooks, self.is_decoder, None, decode, deterministic,
+                                emit=return_taps, name="blocks")(h, *args)
+            if return_taps:
+                taps.extend(states[i] for i in range(n))
         else:
             stack = "decoder" if self.is_decoder else "encoder"
             for i in range(n):

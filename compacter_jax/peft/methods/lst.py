@@ -17,7 +17,11 @@ runs keep 9 of 12: `drop_every=4` drops blocks 0, 4, 8); a dropped block has no 
 down-projection or gate. Trainable: everything of the side network (blocks, layer norms,
 relative attention bias, down/up-projections, gates); the backbone and lm_head are frozen.
 The side stacks are `models.T5Stack`s (masks, packed segments, KV cache for free); unlike the
-authors' code, that adds one dropout on s_0 in training (none at evaluation).
+authors' code, that adds one dropout on s_0 in training (none at evaluation). The backbone
+may be scanned (`scan_layers`; the side stacks never are): its taps are then the scan's
+stacked block outputs, one loop instead of n unrolled blocks (XLA:CPU otherwise computes
+every block's dropout bits up front: see docs/benchmarks.md, LST), and the pruned init reads
+the stacked blocks (`blocks/...[i]`), the same side network as from the unscanned backbone.
 
 Initialisation (`side_init="pruned"`): the side blocks start as the backbone structurally
 pruned to 1/r of its width, chained as in the authors' code (the embedding's kept d_model
@@ -151,7 +155,9 @@ class LSTHooks(T5Hooks):
         return SideStack(self.method, config, is_decoder, name=name)
 
     def uniform_over_layers(self) -> bool:
-        return False
+        # Nothing goes into the backbone's blocks: a scanned backbone hands the side network
+        # its per-block taps as the scan's stacked outputs (the side stacks never scan).
+        return True
 
 
 # --- the method ----------------------------------------------------------------------------
@@ -221,9 +227,6 @@ class LadderSideTuning(Method):
                 raise ValueError(f"{self.name}: side_layers={self.side_layers} / drop_every="
                                  f"{self.drop_every} leave no valid side block in the {n}-block "
                                  f"{stack}; use indices in 0..{n - 1}")
-        if t5.scan_layers:
-            raise ValueError(f"{self.name}: the side network reads every block's output; use "
-                             "scan_layers=False")
 
     def prepare(self, params: dict, t5: T5Config) -> dict:
         if self.side_init == "random":
@@ -248,13 +251,22 @@ def _group(kernels: list[np.ndarray], rows: list[np.ndarray], n_out: int,
     return [c[:, cols] for c in cut], cols
 
 
+def _block(stack: dict, i: int) -> dict:
+    """Block i's params of a backbone stack, unscanned (`block_{i}`) or scanned (`blocks`,
+    every leaf stacked on a leading layer axis)."""
+    if "blocks" in stack:
+        return jax.tree_util.tree_map(lambda a: a[i], stack["blocks"])
+    return stack[f"block_{i}"]
+
+
 def prune_stack(stack: dict, t5: T5Config, r: int, is_decoder: bool, idx: np.ndarray,
                 enc_idx: np.ndarray | None, importance: dict | None = None
                 ) -> tuple[dict, np.ndarray]:
-    """Pruned copies of every block of one backbone stack (unscanned params, numpy).
+    """Pruned copies of every block of one backbone stack (numpy).
 
     Args:
-      stack: the backbone stack's params (`block_{i}/...`, `final_layer_norm`, ...).
+      stack: the backbone stack's params (`block_{i}/...` or, scanned, `blocks/...` with a
+        leading layer axis; `final_layer_norm`, ...).
       importance: a tree like `stack` scoring each weight (None: the weights themselves).
       idx: the kept d_model indices of the stack's input (from the embedding).
       enc_idx: (decoder) the kept d_model indices of the encoder output (cross k/v inputs).
@@ -266,7 +278,7 @@ def prune_stack(stack: dict, t5: T5Config, r: int, is_decoder: bool, idx: np.nda
     out: dict = {}
     importance = stack if importance is None else importance
     for i in range(n):
-        src, dst, imp = stack[f"block_{i}"], {}, importance[f"block_{i}"]
+        src, dst, imp = _block(stack, i), {}, _block(importance, i)
         attn = [("layer_0", "SelfAttention")]
         if is_decoder:
             attn.append(("layer_1", "EncDecAttention"))

@@ -15,7 +15,7 @@ import pytest
 
 from compacter_jax import peft
 from compacter_jax.models import (T5ForConditionalGeneration, greedy_generate, param_shapes,
-                                  shift_right)
+                                  shift_right, stack_blocks)
 from compacter_jax.models.t5 import relative_position_bucket
 from compacter_jax.peft.methods.lst import kept_layers
 from compacter_jax.train import seq2seq_apply_fn, token_loss_sum
@@ -55,6 +55,14 @@ def hf_and_ours(backbone):
     hf, tmp = backbone
     model, params = peft.from_pretrained(tmp, METHOD, jax.random.PRNGKey(3))
     return hf, model, params
+
+
+@pytest.fixture(scope="module")
+def scanned(hf_and_ours):
+    """(model, params): the same backbone, stacked, on a scanned model (no compiled init;
+    `test_from_pretrained_scanned_is_the_unscanned_stacked` checks the loading path)."""
+    _, model, params = hf_and_ours
+    return peft.build_model(model.config.replace(scan_layers=True), METHOD), stack_blocks(params)
 
 
 def _batch():
@@ -269,9 +277,13 @@ def _lm_batch():
             "decoder_attention_mask": dmask, "labels": labels}
 
 
-def test_no_backbone_weight_or_activation_in_the_backward_pass(hf_and_ours):
+def test_no_backbone_weight_or_activation_in_the_backward_pass(hf_and_ours, scanned):
     _, model, params = hf_and_ours
     assert backward_violations(model, METHOD, params, _lm_batch()) == []
+    # Scanned backbone: the taps are the scan's outputs, the scan stays out of the backward
+    # pass (its stacked weights [n, ...] are what a residual would equal).
+    assert scanned[0].config.scan_layers
+    assert backward_violations(scanned[0], METHOD, scanned[1], _lm_batch()) == []
     # The same check finds the backbone in Compacter++'s backward pass.
     cpp = peft.get_method("compacter++", reduction_factor=8)
     model = peft.build_model(model.config, cpp)
@@ -405,3 +417,98 @@ def test_fisher_importance_drives_the_pruning(hf_and_ours):
                                   np.asarray(blk["layer_norm"]["scale"])[24:])
     np.testing.assert_array_equal(np.asarray(side["SelfAttention"]["q"]["kernel"]),
                                   np.asarray(blk["SelfAttention"]["q"]["kernel"])[24:, :8])
+
+
+# --- a scanned backbone ----------------------------------------------------------------------
+def _flat_side(params):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()
+            if k[0].startswith("side_")}
+
+
+def test_scanned_backbone_gives_the_same_side_init(hf_and_ours, scanned):
+    """The side network pruned from a scanned backbone (`prune_stack` reading `blocks/...[i]`)
+    is the one pruned from the unscanned backbone, bit for bit, with importance scores too."""
+    from compacter_jax.peft.methods.lst import init_side_from_backbone
+    _, model, params = hf_and_ours
+    moved = _perturbed(params)  # side leaves away from the pruned init
+    want = _flat_side(METHOD.prepare(moved, model.config))
+    got = _flat_side(METHOD.prepare(stack_blocks(moved), scanned[0].config))
+    before, init = _flat_side(moved), _flat_side(params)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+    # Side blocks, norms and position biases came back to the pruned init; the ladders and
+    # projections (not pruned) kept their values.
+    pruned = [k for k in want if k[2].startswith(("block_", "final_layer_norm", "relative"))]
+    assert pruned and all(np.array_equal(want[k], init[k]) for k in pruned)
+    assert all(np.array_equal(want[k], before[k]) for k in want if k not in pruned)
+    # Importance scores (here not the weights' magnitude), stacked alike: the same again.
+    imp = jax.tree_util.tree_map(lambda x: np.abs(np.asarray(x)) ** 0.5 + 0.1 * np.cos(
+        np.arange(x.size, dtype=np.float32).reshape(x.shape)), params)
+    a = _flat_side(init_side_from_backbone(params, model.config, METHOD, imp))
+    b = _flat_side(init_side_from_backbone(stack_blocks(params), scanned[0].config, METHOD,
+                                           stack_blocks(imp)))
+    assert any(not np.array_equal(a[k], init[k]) for k in pruned)
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=str(k))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_loss_and_grad(model, params, batch):
+    trainable, frozen = METHOD.partition(params)
+    apply_fn = seq2seq_apply_fn(model)
+
+    def loss(trainable):
+        logits = apply_fn(METHOD.combine(trainable, frozen), batch, True, None)
+        return token_loss_sum(logits, batch["labels"], batch["decoder_attention_mask"])[0], logits
+    (value, logits), grad = jax.value_and_grad(loss, has_aux=True)(trainable)
+    return logits, value, grad
+
+
+def test_scanned_backbone_gives_the_same_logits_and_gradients(hf_and_ours, scanned):
+    _, model, params = hf_and_ours
+    params = _perturbed(params)
+    batch = _lm_batch()
+    l0, v0, g0 = _logits_loss_and_grad(model, params, batch)
+    l1, v1, g1 = _logits_loss_and_grad(scanned[0], stack_blocks(params), batch)
+    # One float32 program vs another of the same arithmetic (a loop vs a scan): reordered
+    # sums over at most d_ff = 48 terms, a few eps32 * sqrt(48) of the values' scale.
+    close = 4 * float(np.finfo(np.float32).eps) * np.sqrt(HF["d_ff"])
+    l0, l1 = np.asarray(l0), np.asarray(l1)
+    assert np.abs(l0).max() > 0.1
+    np.testing.assert_allclose(l1, l0, rtol=0, atol=close * np.abs(l0).max())
+    np.testing.assert_allclose(float(v1), float(v0), rtol=close)
+    g0, g1 = traverse_util.flatten_dict(g0), traverse_util.flatten_dict(g1)
+    assert sorted(g0) == sorted(g1) and all(k[0].startswith("side_") for k in g0)
+    # Every leaf's error comes from the same backward signals: the largest |g| sets the scale.
+    atol = close * max(float(np.abs(g).max()) for g in g0.values())
+    assert atol > 0
+    for k in g0:
+        np.testing.assert_allclose(np.asarray(g1[k]), np.asarray(g0[k]), rtol=0, atol=atol,
+                                   err_msg=str(k))
+
+
+@pytest.mark.long  # a second compiled init (~5 s busy)
+def test_from_pretrained_scanned_is_the_unscanned_stacked(backbone, hf_and_ours):
+    """Loading with scan_layers=True: the backbone stacked, the side network (pruned and
+    fresh leaves) identical."""
+    model, params = peft.from_pretrained(backbone[1], METHOD, jax.random.PRNGKey(3),
+                                         scan_layers=True)
+    assert model.config.scan_layers
+    want = traverse_util.flatten_dict(stack_blocks(hf_and_ours[2]))
+    got = traverse_util.flatten_dict(params)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
+
+
+@pytest.mark.long  # two compiled greedy decoders (~10 s busy)
+def test_scanned_backbone_decodes_like_unscanned(hf_and_ours, scanned):
+    """Greedy decoding with the KV cache (the scanned backbone's cache stacked per block)."""
+    _, model, params = hf_and_ours
+    params = _perturbed(params, seed=2)
+    ids, mask, *_ = _batch()
+    want = np.asarray(greedy_generate(model, params, ids, mask, max_new_tokens=4, eos_id=-1))
+    got = np.asarray(greedy_generate(scanned[0], stack_blocks(params), ids, mask,
+                                     max_new_tokens=4, eos_id=-1))
+    np.testing.assert_array_equal(got, want)
