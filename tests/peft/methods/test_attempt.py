@@ -206,12 +206,14 @@ def fast_compiles():
     jax.config.update("jax_disable_most_optimizations", old)
 
 
-def _two_task_bank(tmp_path):
+@pytest.fixture(scope="module")
+def two_task_bank(tmp_path_factory):
     """A 2-task ATTEMPT bank on random:t5-tiny: the tasks' target prompts differ, the attention
     (random, so every leaf matters) is one for both. Returns (method, model, params of task 0,
     trainables, frozen, shared paths, bank)."""
     from compacter_jax.peft import from_pretrained
 
+    tmp_path = tmp_path_factory.mktemp("bank")
     d_model = get_preset("t5-tiny").d_model
     paths = [_export(tmp_path / f"src{k}", d_model=d_model, seed=k)[0] for k in range(2)]
     method = get_method("attempt", sources=tuple(paths), length=L, attn_dim=8)
@@ -225,7 +227,7 @@ def _two_task_bank(tmp_path):
         rng.normal(size=(L, d_model)), jnp.float32)}}}
     shared = bank.shared_paths(method, trainable)
     return (method, model, params, [trainable, other], frozen, shared,
-            bank.stack_adapters([trainable, other], shared))
+            bank.stack_adapters([trainable, other], shared), tmp_path)
 
 
 def _batch(vocab, b=4, s=5, t=3, seed=0):
@@ -242,8 +244,8 @@ def _batch(vocab, b=4, s=5, t=3, seed=0):
             "task_ids": jnp.asarray([0, 1, 1, 0], jnp.int32)}
 
 
-def test_multitask_bank_holds_one_attention_and_a_prompt_per_task(tmp_path, fast_compiles):
-    method, _, _, trainables, _, shared, banked = _two_task_bank(tmp_path)
+def test_multitask_bank_holds_one_attention_and_a_prompt_per_task(two_task_bank):
+    method, _, _, trainables, _, shared, banked, _ = two_task_bank
     d = get_preset("t5-tiny").d_model
     assert shared == {("encoder", "prompt", "down", "kernel"), ("encoder", "prompt", "up", "kernel"),
                       ("encoder", "prompt", "norm", "scale"), ("encoder", "prompt", "norm", "bias")}
@@ -274,14 +276,14 @@ def _recording_tx():
     return optax.GradientTransformation(zeros, lambda g, state, params=None: (zeros(g), g))
 
 
-def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(tmp_path, fast_compiles):
+def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(two_task_bank, fast_compiles):
     """The shared attention's gradient in a joint step equals the sum of the two single-task
     gradients (each task's loss: its token mean, as a single-task step), each computed here
     on the plain (unbanked) model; each target prompt gets its own task's gradient only."""
     from compacter_jax.train import seq2seq_apply_fn
     from compacter_jax.train.multitask import init_multitask_state, make_multitask_train_step
 
-    method, model, _, trainables, frozen, shared, banked = _two_task_bank(tmp_path)
+    method, model, _, trainables, frozen, shared, banked, _ = two_task_bank
     batch = _batch(model.config.vocab_size)
     apply = seq2seq_apply_fn(model)
     step = make_multitask_train_step(
@@ -321,15 +323,17 @@ def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(tmp_path, fast_
                                    atol=100 * eps * np.abs(w).max())
 
 
-def test_a_task_of_the_bank_exports_as_single_task_attempt(tmp_path, fast_compiles):
+def test_a_task_of_the_bank_exports_as_single_task_attempt(two_task_bank, tmp_path,
+                                                           fast_compiles):
     """Task k's slice, saved, loads with `load_adapter` as a single-task ATTEMPT adapter (the
     shared attention copied in) and gives the bank's logits for that task's rows."""
     from compacter_jax.peft import load_adapter
     from compacter_jax.train import seq2seq_apply_fn
 
-    method, model, params, _, frozen, shared, banked = _two_task_bank(tmp_path)
+    method, model, params, _, frozen, shared, banked, _ = two_task_bank
     batch = _batch(model.config.vocab_size, seed=1)
-    logits = bank.make_bank_apply(seq2seq_apply_fn(model), method, shared)(banked, frozen, batch)
+    logits = jax.jit(bank.make_bank_apply(seq2seq_apply_fn(model), method, shared))(
+        banked, frozen, batch)
     for k in range(2):
         save_adapter(tmp_path / f"task{k}", bank.slice_adapter(banked, k, shared), method,
                      model="random:t5-tiny", init_seed=3, backbone_params=params)
@@ -337,6 +341,6 @@ def test_a_task_of_the_bank_exports_as_single_task_attempt(tmp_path, fast_compil
         assert isinstance(method, AttemptMethod)
         rows = np.flatnonzero(np.asarray(batch["task_ids"]) == k)
         sub = {key: v[rows] for key, v in batch.items() if key != "task_ids"}
-        want = seq2seq_apply_fn(single)(loaded, sub, True, None)
+        want = jax.jit(seq2seq_apply_fn(single), static_argnums=(2, 3))(loaded, sub, True, None)
         scale = float(np.abs(np.asarray(want)).max())
         np.testing.assert_allclose(logits[rows], want, rtol=1e-5, atol=1e-5 * scale)
