@@ -384,3 +384,36 @@ def test_attempt_trains_jointly_with_one_attention(shared_data, backbone, tmp_pa
     for t in ("rte", "mrpc"):
         model, params = load_adapter(tmp_path / "joint" / "adapters" / t)
         assert params["encoder"]["prompt"]["embedding"].shape == (4, d_model)
+
+
+@pytest.mark.long
+def test_attempt_resumes_to_the_uninterrupted_run(shared_data, backbone, tmp_path, monkeypatch):
+    """Multi-task ATTEMPT interrupted after its step-2 checkpoint and resumed ends exactly as an
+    uninterrupted run (the shared attention's optimizer state is checkpointed with the bank)."""
+    from compacter_jax.peft import get_method, load_trainable, save_adapter
+
+    d_model = from_pretrained(backbone)[0].config.d_model
+    sources = tuple(str(save_adapter(
+        tmp_path / f"src{k}", {"encoder": {"prompt": {"embedding": np.random.default_rng(k)
+                                                      .normal(size=(4, d_model)).astype(np.float32)}}},
+        get_method("prompt_tuning", length=4), model=backbone)) for k in range(2))
+
+    def config():
+        c = configure(multitask_config.get_config(), backbone, tasks="rte,mrpc",
+                      method="attempt", **{**QUICK, "max_steps": 3, "eval_every": 0,
+                                           "save_every": 1, "log_every": 1, "eval_test": False})
+        c.peft.reduction_factor = None
+        c.peft.sources, c.peft.length, c.peft.attn_dim = sources, 4, 8
+        return c
+
+    multitask.train_and_evaluate(config(), tmp_path / "straight")
+    monkeypatch.setattr(multitask.data_lib.pipeline, "train_batches", _crash_during(3))
+    with pytest.raises(Interrupt):
+        multitask.train_and_evaluate(config(), tmp_path / "resumed")
+    monkeypatch.undo()
+    multitask.train_and_evaluate(config(), tmp_path / "resumed")
+    for task in ("rte", "mrpc"):
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal,
+            load_trainable(tmp_path / "straight" / "adapters" / task)[0],
+            load_trainable(tmp_path / "resumed" / "adapters" / task)[0])
