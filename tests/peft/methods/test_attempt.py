@@ -208,26 +208,33 @@ def fast_compiles():
 
 @pytest.fixture(scope="module")
 def two_task_bank(tmp_path_factory):
-    """A 2-task ATTEMPT bank on random:t5-tiny: the tasks' target prompts differ, the attention
-    (random, so every leaf matters) is one for both. Returns (method, model, params of task 0,
-    trainables, frozen, shared paths, bank)."""
-    from compacter_jax.peft import from_pretrained
+    """A 2-task ATTEMPT bank on a tiny T5 (weights drawn with numpy, saved as a checkpoint, no
+    dropout: the train step drops out): the tasks' target prompts differ, the attention (random,
+    so every leaf matters) is one for both. Returns (method, model, params of task 0,
+    trainables, frozen, shared paths, bank, backbone directory)."""
+    from compacter_jax.models import is_backbone_path, param_shapes, save_pretrained
 
-    tmp_path = tmp_path_factory.mktemp("bank")
-    d_model = get_preset("t5-tiny").d_model
-    paths = [_export(tmp_path / f"src{k}", d_model=d_model, seed=k)[0] for k in range(2)]
-    method = get_method("attempt", sources=tuple(paths), length=L, attn_dim=8)
-    model, params = from_pretrained("random:t5-tiny", method, jax.random.PRNGKey(3))
-    model = build_model(model.config.replace(dropout_rate=0.0), method)  # the step drops out
-    trainable, frozen = method.partition(params)
+    tmp_path, cfg = tmp_path_factory.mktemp("bank"), TINY.replace(dropout_rate=0.0)
     rng = np.random.default_rng(11)
+    method = get_method("attempt", sources=("a", "b"), length=L, attn_dim=8)  # set below
+    flat = {p: jnp.asarray(rng.normal(size=x.shape) / math.sqrt(x.shape[-1]), jnp.float32)
+            for p, x in traverse_util.flatten_dict(param_shapes(build_model(cfg, method))).items()}
+    backbone = str(save_pretrained(tmp_path / "t5", cfg, traverse_util.unflatten_dict(
+        {p: x for p, x in flat.items() if is_backbone_path(p)})))
+    paths = tuple(str(save_adapter(tmp_path / f"src{k}", {"encoder": {"prompt": {"embedding": (
+        rng.normal(size=(L, D)).astype(np.float32))}}}, get_method("prompt_tuning", length=L),
+        model=backbone)) for k in range(2))
+    method = method.replace(sources=paths)
+    model = build_model(cfg, method)
+    params = method.prepare(traverse_util.unflatten_dict(flat), cfg)
+    trainable, frozen = method.partition(params)
     trainable = jax.tree_util.tree_map(
         lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, jnp.float32), trainable)
     other = {"encoder": {"prompt": {**trainable["encoder"]["prompt"], "embedding": jnp.asarray(
-        rng.normal(size=(L, d_model)), jnp.float32)}}}
+        rng.normal(size=(L, D)), jnp.float32)}}}
     shared = bank.shared_paths(method, trainable)
-    return (method, model, params, [trainable, other], frozen, shared,
-            bank.stack_adapters([trainable, other], shared), tmp_path)
+    return (method, model, method.combine(trainable, frozen), [trainable, other], frozen,
+            shared, bank.stack_adapters([trainable, other], shared), backbone)
 
 
 def _batch(vocab, b=4, s=5, t=3, seed=0):
@@ -246,7 +253,7 @@ def _batch(vocab, b=4, s=5, t=3, seed=0):
 
 def test_multitask_bank_holds_one_attention_and_a_prompt_per_task(two_task_bank):
     method, _, _, trainables, _, shared, banked, _ = two_task_bank
-    d = get_preset("t5-tiny").d_model
+    d = D
     assert shared == {("encoder", "prompt", "down", "kernel"), ("encoder", "prompt", "up", "kernel"),
                       ("encoder", "prompt", "norm", "scale"), ("encoder", "prompt", "norm", "bias")}
     p = banked["encoder"]["prompt"]
@@ -330,17 +337,19 @@ def test_a_task_of_the_bank_exports_as_single_task_attempt(two_task_bank, tmp_pa
     from compacter_jax.peft import load_adapter
     from compacter_jax.train import seq2seq_apply_fn
 
-    method, model, params, _, frozen, shared, banked, _ = two_task_bank
+    method, model, params, _, frozen, shared, banked, backbone = two_task_bank
     batch = _batch(model.config.vocab_size, seed=1)
     logits = jax.jit(bank.make_bank_apply(seq2seq_apply_fn(model), method, shared))(
         banked, frozen, batch)
+    plain = jax.jit(seq2seq_apply_fn(model), static_argnums=(2, 3))   # one program, both tasks
     for k in range(2):
         save_adapter(tmp_path / f"task{k}", bank.slice_adapter(banked, k, shared), method,
-                     model="random:t5-tiny", init_seed=3, backbone_params=params)
+                     model=backbone, backbone_params=params)
         single, loaded = load_adapter(tmp_path / f"task{k}")
-        assert isinstance(method, AttemptMethod)
+        assert single.hooks == model.hooks and single.config == model.config.replace(
+            dropout_rate=single.config.dropout_rate)           # single-task ATTEMPT, same T5
         rows = np.flatnonzero(np.asarray(batch["task_ids"]) == k)
         sub = {key: v[rows] for key, v in batch.items() if key != "task_ids"}
-        want = jax.jit(seq2seq_apply_fn(single), static_argnums=(2, 3))(loaded, sub, True, None)
+        want = plain(loaded, sub, True, None)
         scale = float(np.abs(np.asarray(want)).max())
         np.testing.assert_allclose(logits[rows], want, rtol=1e-5, atol=1e-5 * scale)
