@@ -352,17 +352,23 @@ def test_packed_joint_batches_keep_one_task_per_row():
 # ------------------------------------------------- multi-task ATTEMPT (attention shared)
 
 
+def _source_prompts(tmp_path, backbone, d_model):
+    """Two prompt-tuning exports (random 4-token prompts): ATTEMPT's sources."""
+    from compacter_jax.peft import get_method, save_adapter
+
+    return tuple(str(save_adapter(tmp_path / f"src{k}", {"encoder": {"prompt": {
+        "embedding": np.random.default_rng(k).normal(size=(4, d_model)).astype(np.float32)}}},
+        get_method("prompt_tuning", length=4), model=backbone)) for k in range(2))
+
+
 def test_attempt_trains_jointly_with_one_attention(shared_data, backbone, tmp_path):
     """`--config.method=attempt` on RTE and MRPC, 2 steps: the bank holds a target prompt per
     task and one attention module; each task's export loads as a
     single-task ATTEMPT adapter holding that same (shared) attention and its own prompt."""
-    from compacter_jax.peft import get_method, load_adapter, load_trainable, save_adapter
+    from compacter_jax.peft import load_adapter, load_trainable
 
     d_model = from_pretrained(backbone)[0].config.d_model
-    sources = tuple(str(save_adapter(
-        tmp_path / f"src{k}", {"encoder": {"prompt": {"embedding": np.random.default_rng(k)
-                                                      .normal(size=(4, d_model)).astype(np.float32)}}},
-        get_method("prompt_tuning", length=4), model=backbone)) for k in range(2))
+    sources = _source_prompts(tmp_path, backbone, d_model)
     c = configure(multitask_config.get_config(), backbone, tasks="rte,mrpc", method="attempt",
                   **{**QUICK, "max_steps": 2, "eval_every": 0, "save_every": 2, "log_every": 1,
                      "eval_test": False})
@@ -390,13 +396,10 @@ def test_attempt_trains_jointly_with_one_attention(shared_data, backbone, tmp_pa
 def test_attempt_resumes_to_the_uninterrupted_run(shared_data, backbone, tmp_path, monkeypatch):
     """Multi-task ATTEMPT interrupted after its step-2 checkpoint and resumed ends exactly as an
     uninterrupted run (the shared attention's optimizer state is checkpointed with the bank)."""
-    from compacter_jax.peft import get_method, load_trainable, save_adapter
+    from compacter_jax.peft import load_trainable
 
     d_model = from_pretrained(backbone)[0].config.d_model
-    sources = tuple(str(save_adapter(
-        tmp_path / f"src{k}", {"encoder": {"prompt": {"embedding": np.random.default_rng(k)
-                                                      .normal(size=(4, d_model)).astype(np.float32)}}},
-        get_method("prompt_tuning", length=4), model=backbone)) for k in range(2))
+    sources = _source_prompts(tmp_path, backbone, d_model)
 
     def config():
         c = configure(multitask_config.get_config(), backbone, tasks="rte,mrpc",

@@ -254,8 +254,8 @@ def _batch(vocab, b=4, s=5, t=3, seed=0):
 def test_multitask_bank_holds_one_attention_and_a_prompt_per_task(two_task_bank):
     method, _, _, trainables, _, shared, banked, _ = two_task_bank
     d = D
-    assert shared == {("encoder", "prompt", "down", "kernel"), ("encoder", "prompt", "up", "kernel"),
-                      ("encoder", "prompt", "norm", "scale"), ("encoder", "prompt", "norm", "bias")}
+    assert shared == {("encoder", "prompt", *leaf) for leaf in (
+        ("down", "kernel"), ("up", "kernel"), ("norm", "scale"), ("norm", "bias"))}
     p = banked["encoder"]["prompt"]
     assert p["embedding"].shape == (2, L, d)                         # a target prompt per task
     assert p["down"]["kernel"].shape == (d, 8) and p["up"]["kernel"].shape == (8, d)
