@@ -2,9 +2,10 @@
 
 A *bank* is the trainable tree of a method with a leading task axis K on every leaf
 (`stack_adapters([trainable_0, ..., trainable_{K-1}])`; `slice_adapter(bank, k)` is the exact
-inverse). Every trainable piece of the method is banked: Compacter's shared PHM rule, the PHM
-factors and biases, dense adapter weights, the trained layer-norm scales, soft prompts, LoRA
-factors, BitFit biases. The frozen backbone is shared and never copied.
+inverse). Every trainable piece of the method is banked (but leaves it shares, below):
+Compacter's shared PHM rule, the PHM factors and biases, dense adapter weights, the trained
+layer-norm scales, soft prompts, LoRA factors, BitFit biases. The frozen backbone is shared and
+never copied.
 
 A batch carries `task_ids` [B] (int32, 0..K-1; -1 for an empty packed row). The banked apply
 gathers each example's adapter and vmaps the *unchanged* model over examples:
@@ -63,8 +64,9 @@ def check_bankable(method: Method, shared: "SharedPaths" = frozenset()) -> None:
     """Raises BankError when `method`'s trainable parameters cannot be split per task.
 
     A method that is not bankable with every leaf per task may be with its shared leaves kept
-    single: `shared` non-empty (`shared_paths`, multi-task ATTEMPT) passes."""
-    if shared:
+    single: `shared` non-empty and all marked by the method (`shared_paths`, multi-task
+    ATTEMPT) passes."""
+    if shared and all(method.shared_across_tasks(p) for p in shared):
         return
     reason = getattr(type(method), "bank_refusal", "")
     if not type(method).bankable and reason:
