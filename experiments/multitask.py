@@ -185,13 +185,15 @@ class JointRun:
     model_name: str
     trainable: Any  # one adapter (the template of a bank slice)
     frozen: Any
-    bank: Any  # K adapters stacked on a leading task axis
+    bank: Any  # K adapters stacked on a leading task axis (shared leaves single)
+    shared: frozenset  # paths of the leaves one for all tasks (multi-task ATTEMPT's attention)
     counts: tuple[int, int]  # (trainable per task, frozen) parameters
     vocab_size: int | None
     init_rng: Any
     strategy: Any
     plan: data_lib.PackingPlan | None
     txs: list
+    shared_tx: Any  # the shared leaves' optimizer (None without shared leaves)
     learning_rate: float
     add_prefix: bool
     train_step: Any
@@ -208,7 +210,8 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
     seed draws them), K optimizers (own schedule length each), the joint step, the packing
     plan and the evaluators."""
     method, learning_rate, add_prefix = spec.method, spec.learning_rate, spec.add_task_prefix
-    bank_lib.check_bankable(method)
+    if type(method).shared_across_tasks is peft.Method.shared_across_tasks:
+        bank_lib.check_bankable(method)  # early: no leaf is shared, so none can save it
     resolved = finetune.resolve_model(config)
     tokenizer = finetune.load_tokenizer_for(config, *resolved)
     runs = prepare_tasks(config, spec, names, tokenizer)
@@ -219,6 +222,8 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
     finetune.check_tokenizer_fits(tokenizer, model)
     trainable, frozen = method.partition(params)
     del params
+    shared = bank_lib.shared_paths(method, trainable)
+    bank_lib.check_bankable(method, shared)
     counts = (peft.count(trainable), peft.count(frozen))
     log.info("model %s, method %s: %d adapters of %s params on %s frozen ones", model_name,
              method.name, len(runs), f"{counts[0]:,}", f"{counts[1]:,}")
@@ -228,10 +233,15 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
                                  weight_decay=config.weight_decay, clip_norm=spec.clip_norm,
                                  optimizer=config.optimizer)
                   for r in runs]
-    bank_apply = bank_lib.make_bank_apply(seq2seq_apply_fn(model), method)
+    # Shared leaves: one optimizer over the whole run (the longest task's length).
+    shared_tx = make_optimizer(
+        learning_rate, config.warmup_steps, max(r.total_steps for r in runs),
+        weight_decay=config.weight_decay, clip_norm=spec.clip_norm,
+        optimizer=config.optimizer)[0] if shared else None
+    bank_apply = bank_lib.make_bank_apply(seq2seq_apply_fn(model), method, shared)
     train_step = strategy.compile_train_step(make_multitask_train_step(
         bank_apply, [tx for tx, _ in optimizers], total_steps=[r.total_steps for r in runs],
-        names=names, schedules=[s for _, s in optimizers]))
+        names=names, schedules=[s for _, s in optimizers], shared=shared, shared_tx=shared_tx))
     evaluators = {r.name: Evaluator(r.task, tokenizer, model,
                                     {k: v for k, v in r.encoded.items() if k != "train"},
                                     config.eval_batch_size, r.max_target_length,
@@ -241,7 +251,8 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
     save_every = spec.save_every or min(r.eval_every or r.per_epoch for r in runs)
     return JointRun(
         method=method, runs=runs, model=model, model_name=model_name, trainable=trainable,
-        frozen=frozen, bank=bank_lib.stack_adapters([trainable] * len(runs)), counts=counts,
+        frozen=frozen, bank=bank_lib.stack_adapters([trainable] * len(runs), shared),
+        shared=shared, shared_tx=shared_tx, counts=counts,
         vocab_size=vocab_size, init_rng=init_rng, strategy=strategy,
         plan=joint_packing_plan(config, method, runs, strategy.num_devices),
         txs=[tx for tx, _ in optimizers], learning_rate=learning_rate, add_prefix=add_prefix,
@@ -276,7 +287,8 @@ def _train_jointly(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpe
     # Resume: the joint state and every task's data position, or start.
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     best = {r.name: Checkpointer(workdir / "checkpoints" / r.name, max_to_keep=1) for r in runs}
-    state = init_multitask_state(job.bank, job.txs, jax.random.fold_in(job.init_rng, 1))
+    state = init_multitask_state(job.bank, job.txs, jax.random.fold_in(job.init_rng, 1),
+                                 shared=job.shared, shared_tx=job.shared_tx)
     state, meta = run_lib.restore(ckpt, state, config)
     positions = ({n: data_lib.DataState.from_dict(p) for n, p in meta["data_positions"].items()}
                  if meta else {r.name: data_lib.DataState() for r in runs})
@@ -311,7 +323,7 @@ def _train_jointly(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpe
             for run in evaluating:
                 start = time.perf_counter()
                 params = method.combine(
-                    slice_tree(strategy.one_copy(dev_state.params), run.index),
+                    slice_tree(strategy.one_copy(dev_state.params), run.index, job.shared),
                     strategy.one_copy(dev_frozen))
                 scores = job.evaluators[run.name].evaluate(params, "validation")
                 writer.write(step, {f"{run.name}/validation/{k}": v for k, v in scores.items()})
@@ -319,7 +331,8 @@ def _train_jointly(config: ml_collections.ConfigDict, spec: spec_lib.FineTuneSpe
                               + reporting.format_metrics(scores)
                               + f" ({time.perf_counter() - start:.1f}s)")
                 best[run.name].save_best(
-                    step, slice_tree(strategy.unreplicate(dev_state.params), run.index),
+                    step, slice_tree(strategy.unreplicate(dev_state.params), run.index,
+                                     job.shared),
                     scores["score"], {"config": config.to_dict(), "task": run.name})
             if do_save:
                 ckpt.save(step, strategy.unreplicate(dev_state),
@@ -349,7 +362,7 @@ def _finish(config, workdir: Path, job: JointRun, restored: dict, dev_state, dev
     }
     for run in job.runs:
         found, best_score = restored[run.name]
-        best_params = found[0] if found else slice_tree(final, run.index)
+        best_params = found[0] if found else slice_tree(final, run.index, job.shared)
         best_step = int(found[1].get("step", run.total_steps)) if found else run.total_steps
         record: dict[str, Any] = {
             "steps": run.total_steps, "best_step": best_step,

@@ -152,6 +152,11 @@ class Method:
         fingerprint covers such leaves too, so a changed source is refused on reload."""
         return False
 
+    def shared_across_tasks(self, path: tuple[str, ...]) -> bool:
+        """Whether the trainable leaf at `path` is one for every task of a multi-task bank
+        rather than one per task (multi-task ATTEMPT's attention module; `peft.bank`)."""
+        return False
+
     def partition(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
         """(trainable, frozen) parts of the full parameter tree of the library's T5 (a tree
         without its T5 weights raises ValueError, see `check_params`)."""

@@ -347,3 +347,76 @@ def test_packed_joint_batches_keep_one_task_per_row():
             want_sources = sorted(tuple(r[m == 1]) for r, m in
                                   zip(want["input_ids"], want["attention_mask"]))
             assert got_sources == want_sources
+
+
+# ------------------------------------------------- multi-task ATTEMPT (attention shared)
+
+
+def _source_prompts(tmp_path, backbone, d_model):
+    """Two prompt-tuning exports (random 4-token prompts): ATTEMPT's sources."""
+    from compacter_jax.peft import get_method, save_adapter
+
+    return tuple(str(save_adapter(tmp_path / f"src{k}", {"encoder": {"prompt": {
+        "embedding": np.random.default_rng(k).normal(size=(4, d_model)).astype(np.float32)}}},
+        get_method("prompt_tuning", length=4), model=backbone)) for k in range(2))
+
+
+def test_attempt_trains_jointly_with_one_attention(shared_data, backbone, tmp_path):
+    """`--config.method=attempt` on RTE and MRPC, 2 steps: the bank holds a target prompt per
+    task and one attention module; each task's export loads as a
+    single-task ATTEMPT adapter holding that same (shared) attention and its own prompt."""
+    from compacter_jax.peft import load_adapter, load_trainable
+
+    d_model = from_pretrained(backbone)[0].config.d_model
+    sources = _source_prompts(tmp_path, backbone, d_model)
+    c = configure(multitask_config.get_config(), backbone, tasks="rte,mrpc", method="attempt",
+                  **{**QUICK, "max_steps": 2, "eval_every": 0, "save_every": 2, "log_every": 1,
+                     "eval_test": False})
+    c.peft.reduction_factor = None
+    c.peft.sources, c.peft.length, c.peft.attn_dim = sources, 4, 8
+    summary = multitask.train_and_evaluate(c, tmp_path / "joint")
+    assert not summary["packed"] and summary["steps"] == 2
+    # Per task as single-task ATTEMPT counts it: a 4 x d prompt + the attention (d x 8 x 2 + 2d).
+    assert summary["trainable_params_per_task"] == 4 * d_model + 2 * d_model * 8 + 2 * d_model
+    losses = [e["train/loss"] for e in read_events(tmp_path / "joint") if "train/loss" in e]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    exports = {t: load_trainable(tmp_path / "joint" / "adapters" / t)[0]["encoder"]["prompt"]
+               for t in ("rte", "mrpc")}
+    for leaf in ("down", "up", "norm"):       # one attention, trained, copied into both
+        jax.tree_util.tree_map(np.testing.assert_array_equal, exports["rte"][leaf],
+                               exports["mrpc"][leaf])
+    # Both prompts start as source 0 (init="source"): they differ after training, per task.
+    assert not np.array_equal(exports["rte"]["embedding"], exports["mrpc"]["embedding"])
+    for t in ("rte", "mrpc"):
+        model, params = load_adapter(tmp_path / "joint" / "adapters" / t)
+        assert params["encoder"]["prompt"]["embedding"].shape == (4, d_model)
+
+
+@pytest.mark.long
+def test_attempt_resumes_to_the_uninterrupted_run(shared_data, backbone, tmp_path, monkeypatch):
+    """Multi-task ATTEMPT interrupted after its step-2 checkpoint and resumed ends exactly as an
+    uninterrupted run (the shared attention's optimizer state is checkpointed with the bank)."""
+    from compacter_jax.peft import load_trainable
+
+    d_model = from_pretrained(backbone)[0].config.d_model
+    sources = _source_prompts(tmp_path, backbone, d_model)
+
+    def config():
+        c = configure(multitask_config.get_config(), backbone, tasks="rte,mrpc",
+                      method="attempt", **{**QUICK, "max_steps": 3, "eval_every": 0,
+                                           "save_every": 1, "log_every": 1, "eval_test": False})
+        c.peft.reduction_factor = None
+        c.peft.sources, c.peft.length, c.peft.attn_dim = sources, 4, 8
+        return c
+
+    multitask.train_and_evaluate(config(), tmp_path / "straight")
+    monkeypatch.setattr(multitask.data_lib.pipeline, "train_batches", _crash_during(3))
+    with pytest.raises(Interrupt):
+        multitask.train_and_evaluate(config(), tmp_path / "resumed")
+    monkeypatch.undo()
+    multitask.train_and_evaluate(config(), tmp_path / "resumed")
+    for task in ("rte", "mrpc"):
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal,
+            load_trainable(tmp_path / "straight" / "adapters" / task)[0],
+            load_trainable(tmp_path / "resumed" / "adapters" / task)[0])

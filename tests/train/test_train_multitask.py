@@ -3,6 +3,7 @@ optimizer state, schedule length, loss normalisation and clipping per task; a fi
 is left alone), a resume mid-way equals the uninterrupted run, and jit over a mesh / pmap
 give the single-device numbers."""
 
+import flax.traverse_util as traverse_util
 import jax
 import numpy as np
 import pytest
@@ -220,3 +221,28 @@ def test_bad_arguments_are_refused(separate_runs):
         make_multitask_train_step(apply, opts, total_steps=TOTALS, names=["a", "a", "b"])
     with pytest.raises(ValueError, match="one per task"):
         init_multitask_state(bank_lib.stack_adapters(_start(toy)), opts[:2], 0)
+
+
+def test_a_shared_leaf_trains_the_same_on_four_devices(separate_runs):
+    """A bank whose `lm_head` is one for all tasks (no task axis, its own optimizer) takes the
+    same 2 steps on the data-parallel strategy (4 devices) as on one device."""
+    toy, _ = separate_runs
+    opts = _optimizers()
+    shared = frozenset(p for p in traverse_util.flatten_dict(toy.trainable) if p[0] == "lm_head")
+    shared_tx = make_optimizer(1e-2, 2, STEPS, clip_norm=0.5)[0]
+    step_fn = make_multitask_train_step(
+        bank_lib.make_bank_apply(toy.apply_fn, Method(name="toy"), shared),
+        [tx for tx, _ in opts], total_steps=TOTALS, names=["a", "b", "c"], shared=shared,
+        shared_tx=shared_tx)
+    start = _start(toy)
+    start = [{**t, "lm_head": start[0]["lm_head"]} for t in start]
+    state = init_multitask_state(bank_lib.stack_adapters(start, shared),
+                                 [tx for tx, _ in opts], 0, shared=shared, shared_tx=shared_tx)
+    assert state.params["lm_head"]["kernel"].shape == toy.trainable["lm_head"]["kernel"].shape
+    one, history = _run_joint(toy, jax.jit(step_fn), state, toy.frozen, 1, 2, _data())
+    strategy = make_strategy("jit")
+    many, _ = _run_joint(toy, strategy.compile_train_step(step_fn), strategy.replicate(state),
+                         strategy.put_frozen(toy.frozen), 1, 2, _data(), strategy)
+    assert history[-1]["shared/grad_norm"] > 0
+    assert not np.allclose(one.params["lm_head"]["kernel"], state.params["lm_head"]["kernel"])
+    _assert_trees_close(strategy.unreplicate(many).params, one.params)

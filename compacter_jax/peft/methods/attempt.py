@@ -25,9 +25,14 @@ Target prompt inits (the paper's two): "source" copies source prompt `init_sourc
 original's single-task default: the first source), "vocab" copies `length` token-embedding rows
 (`vocab_ids`, default a fixed draw from the 5,000 first ids, as the original); also "uniform".
 
-Packed inputs are refused (a prompt per segment would change every row's layout). Multi-task
-ATTEMPT (target prompts per task, one attention module shared) cannot be a bank of independent
-per-task trees (`experiments.multitask`), so it is refused there with a reason.
+Packed inputs are refused (a prompt per segment would change every row's layout).
+
+Multi-task ATTEMPT (the paper's multi-task setting; `experiments.multitask`): each task has its
+own target prompt, the attention module (`down`, `up`, `norm`) is one for every task
+(`shared_across_tasks`), the sources are frozen and shared. A task's slice of the bank is a
+single-task ATTEMPT tree (the shared attention copied in), so each task's export loads with
+`load_adapter` as a single-task adapter. A bank stacked from separate exports (`serve`) is
+refused (`bank.check_bankable` without the attention shared).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from compacter_jax.peft.methods.prompt import validate_vocab_init
 Array = jax.Array
 INITS = ("source", "vocab", "uniform")
 LN_EPS = 1e-5          # torch.nn.LayerNorm's default, which the original uses
+ATTENTION = ("down", "up", "norm")  # the attention module's parameters (shared multi-task)
 VOCAB_POOL = 5000      # the original samples "vocab" init rows from the first 5,000 ids
 
 
@@ -136,10 +142,12 @@ class AttemptMethod(Method):
     vocab_ids: tuple[int, ...] | None = None
 
     packable: ClassVar[bool] = False
-    bankable: ClassVar[bool] = False
+    bankable: ClassVar[bool] = False  # only with the attention shared (`bank.check_bankable`)
     bank_refusal: ClassVar[str] = (
-        "multi-task ATTEMPT shares one attention module across the tasks' target prompts, and "
-        "a bank holds independent per-task trees; train ATTEMPT single-task per target task")
+        "multi-task ATTEMPT shares one attention module across the tasks' target prompts, so a "
+        "bank must keep it single (shared=peft.bank.shared_paths(method, trainable), as "
+        "experiments.multitask does); a bank of separately trained ATTEMPT adapters is not "
+        "served: load each with peft.load_adapter")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,6 +179,10 @@ class AttemptMethod(Method):
 
     def is_trainable(self, path: tuple[str, ...]) -> bool:
         return is_peft_path(path) and path[-1] != "sources"
+
+    def shared_across_tasks(self, path: tuple[str, ...]) -> bool:
+        # The attention module is one for all tasks; each task has its own target prompt.
+        return self.is_trainable(path) and len(path) > 1 and path[-2] in ATTENTION
 
     def pins_frozen(self, path: tuple[str, ...]) -> bool:
         # The source prompts are read from their exports at every load: an export records

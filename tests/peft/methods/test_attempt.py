@@ -193,3 +193,163 @@ def test_an_export_refuses_source_prompts_that_changed(tmp_path):
     _export(tmp_path / "src1", d_model=d_model, seed=5)        # source 1 re-trained
     with pytest.raises(AdapterFileError, match="attempt's frozen inputs"):
         load_adapter(tmp_path / "attempt")
+
+
+# ------------------------------------------------------------------------ multi-task bank
+
+@pytest.fixture
+def fast_compiles():
+    """XLA skips its slow optimisation passes: compile time dominates these tiny programs."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def two_task_bank(tmp_path_factory):
+    """A 2-task ATTEMPT bank on a tiny T5 (weights drawn with numpy, saved as a checkpoint, no
+    dropout: the train step drops out): the tasks' target prompts differ, the attention (random,
+    so every leaf matters) is one for both. Returns (method, model, params of task 0,
+    trainables, frozen, shared paths, bank, backbone directory)."""
+    from compacter_jax.models import is_backbone_path, param_shapes, save_pretrained
+
+    tmp_path, cfg = tmp_path_factory.mktemp("bank"), TINY.replace(dropout_rate=0.0)
+    rng = np.random.default_rng(11)
+    method = get_method("attempt", sources=("a", "b"), length=L, attn_dim=8)  # set below
+    flat = {p: jnp.asarray(rng.normal(size=x.shape) / math.sqrt(x.shape[-1]), jnp.float32)
+            for p, x in traverse_util.flatten_dict(param_shapes(build_model(cfg, method))).items()}
+    backbone = str(save_pretrained(tmp_path / "t5", cfg, traverse_util.unflatten_dict(
+        {p: x for p, x in flat.items() if is_backbone_path(p)})))
+    paths = tuple(str(save_adapter(tmp_path / f"src{k}", {"encoder": {"prompt": {"embedding": (
+        rng.normal(size=(L, D)).astype(np.float32))}}}, get_method("prompt_tuning", length=L),
+        model=backbone)) for k in range(2))
+    method = method.replace(sources=paths)
+    model = build_model(cfg, method)
+    params = method.prepare(traverse_util.unflatten_dict(flat), cfg)
+    trainable, frozen = method.partition(params)
+    trainable = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, jnp.float32), trainable)
+    other = {"encoder": {"prompt": {**trainable["encoder"]["prompt"], "embedding": jnp.asarray(
+        rng.normal(size=(L, D)), jnp.float32)}}}
+    shared = bank.shared_paths(method, trainable)
+    return (method, model, method.combine(trainable, frozen), [trainable, other], frozen,
+            shared, bank.stack_adapters([trainable, other], shared), backbone)
+
+
+def _batch(vocab, b=4, s=5, t=3, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((b, s), np.int32)
+    mask[1, 3:] = 0
+    dec_mask = np.ones((b, t), np.int32)
+    dec_mask[2, 2:] = 0
+    return {"input_ids": jnp.asarray(rng.integers(2, vocab, (b, s)), jnp.int32),
+            "attention_mask": jnp.asarray(mask),
+            "decoder_input_ids": jnp.asarray(rng.integers(2, vocab, (b, t)), jnp.int32),
+            "decoder_attention_mask": jnp.asarray(dec_mask),
+            "labels": jnp.asarray(rng.integers(2, vocab, (b, t)), jnp.int32),
+            "task_ids": jnp.asarray([0, 1, 1, 0], jnp.int32)}
+
+
+def test_multitask_bank_holds_one_attention_and_a_prompt_per_task(two_task_bank):
+    method, _, _, trainables, _, shared, banked, _ = two_task_bank
+    d = D
+    assert shared == {("encoder", "prompt", *leaf) for leaf in (
+        ("down", "kernel"), ("up", "kernel"), ("norm", "scale"), ("norm", "bias"))}
+    p = banked["encoder"]["prompt"]
+    assert p["embedding"].shape == (2, L, d)                         # a target prompt per task
+    assert p["down"]["kernel"].shape == (d, 8) and p["up"]["kernel"].shape == (8, d)
+    assert p["norm"]["scale"].shape == p["norm"]["bias"].shape == (d,)   # one attention
+    # 2 prompts of 3 x 64, W_down 64 x 8, W_up 8 x 64, LayerNorm 2 x 64.
+    assert sum(x.size for x in jax.tree_util.tree_leaves(banked)) == 2 * 3 * d + 2 * d * 8 + 2 * d
+    assert "sources" not in p                                          # frozen, not banked
+    for k in range(2):                           # a slice is the single-task tree, exactly
+        jax.tree_util.tree_map(np.testing.assert_array_equal,
+                               bank.slice_adapter(banked, k, shared), trainables[k])
+    with pytest.raises(bank.BankError, match="shares one attention module"):
+        bank.make_bank_apply(lambda *a: None, method)                 # not shared: refused
+    moved = {"encoder": {"prompt": {**trainables[1]["encoder"]["prompt"], "norm": {
+        "scale": trainables[1]["encoder"]["prompt"]["norm"]["scale"] + 1,
+        "bias": trainables[1]["encoder"]["prompt"]["norm"]["bias"]}}}}
+    with pytest.raises(bank.BankError, match="norm/scale is shared .* different values"):
+        bank.stack_adapters([trainables[0], moved], shared)
+
+
+def _recording_tx():
+    """An optimizer that keeps the gradient it gets as its state and moves nothing."""
+    import optax
+
+    zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)  # noqa: E731
+    return optax.GradientTransformation(zeros, lambda g, state, params=None: (zeros(g), g))
+
+
+def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(two_task_bank, fast_compiles):
+    """The shared attention's gradient in a joint step equals the sum of the two single-task
+    gradients (each task's loss: its token mean, as a single-task step), each computed here
+    on the plain (unbanked) model; each target prompt gets its own task's gradient only."""
+    from compacter_jax.train import seq2seq_apply_fn
+    from compacter_jax.train.multitask import init_multitask_state, make_multitask_train_step
+
+    method, model, _, trainables, frozen, shared, banked, _ = two_task_bank
+    batch = _batch(model.config.vocab_size)
+    apply = seq2seq_apply_fn(model)
+    step = make_multitask_train_step(
+        bank.make_bank_apply(apply, method, shared), [_recording_tx()] * 2,
+        total_steps=[5, 5], shared=shared, shared_tx=_recording_tx())
+    state = init_multitask_state(banked, [_recording_tx()] * 2, 0, shared=shared,
+                                 shared_tx=_recording_tx())
+    state, _ = jax.jit(step)(state, frozen, batch)
+    got_shared, got_tasks = state.opt_state[-1], state.opt_state[:2]
+
+    def single_task_loss(trainable, sub):
+        logits = apply(method.combine(trainable, frozen), sub, True, None).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        token = -jnp.take_along_axis(logp, sub["labels"][..., None], axis=-1)[..., 0]
+        m = sub["decoder_attention_mask"].astype(jnp.float32)
+        return jnp.sum(token * m) / jnp.sum(m)
+
+    def rows_of(k):
+        rows = np.flatnonzero(np.asarray(batch["task_ids"]) == k)
+        return {key: v[rows] for key, v in batch.items() if key != "task_ids"}
+
+    grad_fn = jax.jit(jax.grad(single_task_loss))       # 2 rows per task: one program
+    grads = [grad_fn(trainables[k], rows_of(k)) for k in range(2)]
+    want = jax.tree_util.tree_map(lambda a, b: a + b, grads[0], grads[1])["encoder"]["prompt"]
+    eps = np.finfo(np.float32).eps
+    for name in ("down", "up", "norm"):
+        for leaf, g in got_shared["encoder"]["prompt"][name].items():
+            w = np.asarray(want[name][leaf])
+            np.testing.assert_allclose(g, w, rtol=100 * eps * math.sqrt(w.size),
+                                       atol=100 * eps * np.abs(w).max(), err_msg=name + leaf)
+    assert np.abs(np.asarray(grads[0]["encoder"]["prompt"]["up"]["kernel"])).max() > 0
+    for k in range(2):
+        g, w = (got_tasks[k]["encoder"]["prompt"]["embedding"],
+                np.asarray(grads[k]["encoder"]["prompt"]["embedding"]))
+        assert got_tasks[k]["encoder"]["prompt"]["down"]["kernel"] is None  # not the task tx's
+        np.testing.assert_allclose(g, w, rtol=100 * eps * math.sqrt(w.size),
+                                   atol=100 * eps * np.abs(w).max())
+
+
+def test_a_task_of_the_bank_exports_as_single_task_attempt(two_task_bank, tmp_path,
+                                                           fast_compiles):
+    """Task k's slice, saved, loads with `load_adapter` as a single-task ATTEMPT adapter (the
+    shared attention copied in) and gives the bank's logits for that task's rows."""
+    from compacter_jax.peft import load_adapter
+    from compacter_jax.train import seq2seq_apply_fn
+
+    method, model, params, _, frozen, shared, banked, backbone = two_task_bank
+    batch = _batch(model.config.vocab_size, seed=1)
+    logits = jax.jit(bank.make_bank_apply(seq2seq_apply_fn(model), method, shared))(
+        banked, frozen, batch)
+    plain = jax.jit(seq2seq_apply_fn(model), static_argnums=(2, 3))   # one program, both tasks
+    for k in range(2):
+        save_adapter(tmp_path / f"task{k}", bank.slice_adapter(banked, k, shared), method,
+                     model=backbone, backbone_params=params)
+        single, loaded = load_adapter(tmp_path / f"task{k}")
+        assert single.hooks == model.hooks and single.config == model.config.replace(
+            dropout_rate=single.config.dropout_rate)           # single-task ATTEMPT, same T5
+        rows = np.flatnonzero(np.asarray(batch["task_ids"]) == k)
+        sub = {key: v[rows] for key, v in batch.items() if key != "task_ids"}
+        want = plain(loaded, sub, True, None)
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(logits[rows], want, rtol=1e-5, atol=1e-5 * scale)
