@@ -238,7 +238,7 @@ def _bank_generate(model, method, max_new_tokens, eos_id, shared, bank, frozen, 
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_generate(model, method, max_new_tokens, eos_id, shared):
+def _compiled_generate(model, method, max_new_tokens, eos_id, shared=frozenset()):
     return jax.jit(functools.partial(_bank_generate, model, method, max_new_tokens, eos_id,
                                      shared))
 
@@ -273,6 +273,8 @@ def bank_greedy_generate(model: T5ForConditionalGeneration, method: Method, bank
     if ids.size and (ids.min() < 0 or ids.max() >= size):
         raise BankError(f"task_ids must lie in 0..{size - 1} (the bank holds {size} adapters), "
                         f"got {sorted(set(ids.tolist()))[:8]}")
-    fn = _compiled_generate(model, method, int(max_new_tokens), int(eos_id), frozenset(shared))
+    # No shared leaves: the 4-argument cache key, the one callers without them use.
+    extra = (frozenset(shared),) if shared else ()
+    fn = _compiled_generate(model, method, int(max_new_tokens), int(eos_id), *extra)
     return fn(bank, frozen, jnp.asarray(ids, jnp.int32), jnp.asarray(input_ids, jnp.int32),
               jnp.asarray(attention_mask, jnp.int32))
