@@ -23,15 +23,6 @@ BATCH = 8
 STEPS = max(TOTALS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """XLA skips its slow optimisation passes: compile time dominates these tiny programs."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 def _optimizers():
     # Clipping at 0.5 is active on the toy's gradients: per-task clipping matters.
     return [make_optimizer(lr, 2, total, clip_norm=0.5) for lr, total in

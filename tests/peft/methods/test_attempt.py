@@ -197,15 +197,6 @@ def test_an_export_refuses_source_prompts_that_changed(tmp_path):
 
 # ------------------------------------------------------------------------ multi-task bank
 
-@pytest.fixture
-def fast_compiles():
-    """XLA skips its slow optimisation passes: compile time dominates these tiny programs."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 @pytest.fixture(scope="module")
 def two_task_bank(tmp_path_factory):
     """A 2-task ATTEMPT bank on a tiny T5 (weights drawn with numpy, saved as a checkpoint, no
@@ -283,7 +274,7 @@ def _recording_tx():
     return optax.GradientTransformation(zeros, lambda g, state, params=None: (zeros(g), g))
 
 
-def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(two_task_bank, fast_compiles):
+def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(two_task_bank):
     """The shared attention's gradient in a joint step equals the sum of the two single-task
     gradients (each task's loss: its token mean, as a single-task step), each computed here
     on the plain (unbanked) model; each target prompt gets its own task's gradient only."""
@@ -330,8 +321,7 @@ def test_joint_gradient_on_the_attention_is_the_sum_of_the_tasks(two_task_bank, 
                                    atol=100 * eps * np.abs(w).max())
 
 
-def test_a_task_of_the_bank_exports_as_single_task_attempt(two_task_bank, tmp_path,
-                                                           fast_compiles):
+def test_a_task_of_the_bank_exports_as_single_task_attempt(two_task_bank, tmp_path):
     """Task k's slice, saved, loads with `load_adapter` as a single-task ATTEMPT adapter (the
     shared attention copied in) and gives the bank's logits for that task's rows."""
     from compacter_jax.peft import load_adapter

@@ -31,15 +31,6 @@ HF = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_
 METHOD = peft.get_method("lst", reduction_factor=4, drop_every=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """XLA skips its slow optimisation passes: compile time dominates these tiny programs."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
     """(HF PyTorch model, its checkpoint directory)."""
