@@ -1,4 +1,4 @@
-"""What the helper tools share (`paper_runs`, `paper_table`, `predict`, `small_scale`,
+"""What the helper tools share (`paper_runs`, `paper_table`, `predict`, `probe`, `small_scale`,
 `train_tokenizer`): argparse, a user's mistake as one `error:` line and exit code 2, and
 comma-separated list flags checked as they are parsed (argparse then names the flag).
 
