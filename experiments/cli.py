@@ -72,6 +72,39 @@ def override_paths(argv: list[str]) -> list[str]:
     return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
 
 
+def _field_type(config, path: str):
+    """The declared type of the config field at dotted `path` (None when there is none)."""
+    *parents, leaf = path.split(".")
+    for key in parents:
+        config = config.get(key) if hasattr(config, "get") else None
+    try:
+        return config.get_type(leaf) if config is not None and leaf in config else None
+    except (AttributeError, KeyError):
+        return None
+
+
+def comma_lists(config, argv: list[str]) -> list[str]:
+    """argv with each `--config.<tuple field>=a,b,c` rewritten as the tuple literal
+    `('a', 'b', 'c')`. ml_collections reads a tuple override with `ast.literal_eval`, which
+    turns `runs/a,runs/b` into one string and refuses `/abs/a,/abs/b` (a syntax error):
+    a comma-separated list of paths is what users type. Values that already parse as a
+    Python literal (`"('a', 'b')"`, `"'a','b'"`) are left alone."""
+    import ast
+
+    out = []
+    for arg in argv:
+        path, sep, value = arg[len("--config."):].partition("=")
+        if arg.startswith("--config.") and sep and "," in value \
+                and _field_type(config, path) is tuple:
+            try:
+                ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parts = tuple(p.strip() for p in value.split(",") if p.strip())
+                arg = f"--config.{path}={parts!r}"
+        out.append(arg)
+    return out
+
+
 def load_config(argument: str):
     """`path.py` or `path.py:arg` -> its `get_config()` / `get_config(arg)` (executed once). A
     relative path is also looked for next to this package, so the CLIs run from any
@@ -116,6 +149,7 @@ def define_flags(default_config: str, workdir_help: str, config_help: str,
                 if (p := spec.unknown_override(config, path)) is not None]
     if problems:
         sys.exit(error("; ".join(problems)))
+    rest = comma_lists(config, rest)
     flags.DEFINE_string("workdir", None, workdir_help)
     config_flags.DEFINE_config_dict("config", config, config_help, lock_config=True,
                                     sys_argv=rest)

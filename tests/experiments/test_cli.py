@@ -88,3 +88,28 @@ def test_every_cli_exits_2_on_a_bad_value_before_it_loads_anything(run, fields, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value, want", [
+    ("/abs/a/adapter,/abs/b-2/adapter", ("/abs/a/adapter", "/abs/b-2/adapter")),  # absl refused it
+    ("runs/a,runs/b", ("runs/a", "runs/b")),        # absl read one string "runs/a,runs/b"
+    ("'/abs/a','/abs/b'", ("/abs/a", "/abs/b")),    # a Python literal: left to absl
+    ("/abs/a", ("/abs/a",)),
+])
+def test_a_comma_separated_tuple_override_is_a_list_of_paths(value, want):
+    """`--config.peft.sources=/abs/a,/abs/b` (the README's ATTEMPT command with absolute
+    paths) reaches the config as a tuple of the paths; str fields are left alone."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from experiments import cli
+    from experiments.configs.glue import get_config
+    from experiments.configs.multitask import get_config as multitask_config
+
+    argv = cli.comma_lists(get_config(), ["prog", f"--config.peft.sources={value}"])
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", get_config(), flag_values=fv, sys_argv=argv)
+    fv(argv)
+    assert fv.config.peft.sources == want
+    kept = ["prog", "--config.tasks=rte,mrpc"]
+    assert cli.comma_lists(multitask_config(), kept) == kept   # tasks is a str field
