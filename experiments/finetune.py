@@ -94,6 +94,10 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
         return None
     if spec_lib.dp_enabled(config):  # per-example clipping needs one example per row
         return None
+    if config.get("source_bucket", 0):
+        raise ValueError(f"--config.source_bucket={config.source_bucket} cuts padded batches, "
+                         f"but {method.name} trains on packed rows here; set "
+                         "--config.packing=False to use it, or leave it 0")
     if not method.packable:
         raise ValueError(f"--config.packing=True: {method.name} does not support packed inputs "
                          "(a soft prompt per segment would change every row); set it False")
@@ -104,6 +108,13 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
                                  num_epochs=num_epochs, multiple_of=num_devices)
 
 
+def padded(config, batch: dict, rows: int) -> dict:
+    """`batch` filled up to `rows` rows, its sources cut to `--config.source_bucket`'s width."""
+    batch = data_lib.pad_batch(batch, rows)
+    bucket = config.get("source_bucket", 0)
+    return data_lib.trim_source(batch, bucket) if bucket else batch
+
+
 def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState,
                   plan: data_lib.PackingPlan | None, *, with_fill: bool = False):
     """(position after, this host's slice of the global batch) from `position` on: the
@@ -112,7 +123,7 @@ def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.Data
     token fill of the *global* batch (`data.fill`), the same on every host."""
     for batch, after in data_lib.train_batches(encoded, config.batch_size, seed=config.seed,
                                                state=position):
-        batch = plan.pack(batch) if plan else data_lib.pad_batch(batch, config.batch_size)
+        batch = plan.pack(batch) if plan else padded(config, batch, config.batch_size)
         mine = data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
         yield (after, mine, data_lib.fill(batch)) if with_fill else (after, mine)
 

@@ -415,6 +415,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise spec_lib.ConfigError("--config.dp.*: multi-task runs do not train with "
                                    "differential privacy; leave --config.dp unset, or train "
                                    "each task with experiments.glue")
+    if config.get("source_bucket", 0):
+        raise spec_lib.ConfigError(f"--config.source_bucket={config.source_bucket}: multi-task "
+                                   "batches keep one source width; leave it 0")
 
 
 if __name__ == "__main__":

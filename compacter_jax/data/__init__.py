@@ -23,6 +23,7 @@ from compacter_jax.data.pipeline import (
     shard_for_host,
     steps_per_epoch,
     train_batches,
+    trim_source,
 )
 from compacter_jax.data.packing import (PackingPlan, bucketed_eval_batches, fill, pack_batch,
                                         plan_packing, unpack_batch)
@@ -49,5 +50,6 @@ __all__ = [
     "decode_predictions", "encode", "epoch_permutation", "eval_batches", "fill", "get_task",
     "limit_eval_rows", "load_paper_splits", "make_batch", "make_source", "pack_batch",
     "pad_batch", "paper_splits", "plan_packing", "shard_for_host", "split_indices", "splits",
-    "steps_per_epoch", "task_names", "torch_randperm", "train_batches", "unpack_batch",
+    "steps_per_epoch", "task_names", "torch_randperm", "train_batches", "trim_source",
+    "unpack_batch",
 ]

@@ -190,6 +190,32 @@ def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> Batch:
             for k, v in batch.items()}
 
 
+SOURCE_COLUMNS = ("input_ids", "attention_mask")
+
+
+def trim_source(batch: Mapping[str, np.ndarray], multiple_of: int) -> Batch:
+    """The batch with its source columns (`input_ids`, `attention_mask` [B, S]) cut to its
+    longest source rounded up to a multiple of `multiple_of` (at most S): the columns cut
+    hold only padding, which every layer masks, so the loss and gradients are those of the
+    full batch while the step computes on fewer positions. One compilation per width seen
+    (at most ceil(S / multiple_of)).
+
+    Args:
+      batch: a padded batch (`make_batch` / `pad_batch`); other columns are kept as they are.
+      multiple_of: the width granularity (> 0), e.g. 32.
+    Returns:
+      The batch, source columns [B, S'] with S' = min(S, multiple_of * ceil(longest /
+      multiple_of)), S' >= multiple_of (>= 1 column even for a batch of empty rows).
+    """
+    if multiple_of <= 0:
+        raise ValueError(f"multiple_of must be positive, got {multiple_of}")
+    mask = batch["attention_mask"]
+    used = np.flatnonzero(mask.any(axis=0))
+    longest = int(used[-1]) + 1 if used.size else 0
+    width = min(mask.shape[1], max(1, -(-longest // multiple_of)) * multiple_of)
+    return {k: (v[:, :width] if k in SOURCE_COLUMNS else v) for k, v in batch.items()}
+
+
 def train_batches(data: EncodedData, batch_size: int, *, seed: int,
                   state: DataState | None = None, num_epochs: int | None = None
                   ) -> Iterator[tuple[Batch, DataState]]:

@@ -62,6 +62,11 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.add_task_prefix = ml_collections.config_dict.placeholder(bool)
     # Several examples per row (same examples per step); None: on when the method supports it.
     c.packing = ml_collections.config_dict.placeholder(bool)
+    # > 0: each padded training batch (packing off, DP) keeps source columns up to its longest
+    # source rounded up to a multiple of N (padding skipped; one compilation per width); 0: all
+    # max_source_length columns. Same loss and gradients (dropout aside: its masks are drawn
+    # per position, so a cut batch draws other ones).
+    c.source_bucket = 0
     # Optimisation (paper §5).
     c.batch_size = 100  # global batch, split over devices and hosts
     c.eval_batch_size = 100

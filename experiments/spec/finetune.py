@@ -99,6 +99,8 @@ def _check_schedule(config) -> None:
         check_int(config, field, minus_one_or_positive, "-1 (the default) or a positive "
                    "integer")
     check_int(config, "warmup_steps", lambda v: v >= 0, "0 or more")
+    check_int(config, "source_bucket", lambda v: v >= 0,
+               "0 (pad sources to max_source_length) or a column multiple, e.g. 32")
     check_int(config, "eval_every", lambda v: v >= -1,
                "-1 (once per epoch), 0 (never) or a number of steps")
     check_int(config, "save_every", lambda v: v >= -1,

@@ -150,3 +150,25 @@ def test_record_expands_answers_only_for_training(tokenizer):
     assert test.references == (("dogs", "Dogs"), ("Sun",))
     with pytest.raises(ValueError, match="no examples"):
         encode("record", [], tokenizer, max_source_length=32, max_target_length=8)
+
+
+def test_trim_source_cuts_only_padding_columns():
+    """Source columns cut to the longest source rounded up to the multiple (capped at S); the
+    kept columns and every other column are the batch's own."""
+    from compacter_jax.data import trim_source
+
+    mask = np.zeros((3, 20), np.int32)
+    mask[0, :5], mask[1, :11] = 1, 1                      # longest source: 11 tokens
+    batch = {"input_ids": np.arange(60, dtype=np.int32).reshape(3, 20) * mask,
+             "attention_mask": mask, "labels": np.ones((3, 4), np.int32)}
+    for multiple, width in [(8, 16), (4, 12), (11, 11), (1, 11), (32, 20)]:
+        out = trim_source(batch, multiple)
+        assert out["input_ids"].shape == out["attention_mask"].shape == (3, width)
+        np.testing.assert_array_equal(out["input_ids"], batch["input_ids"][:, :width])
+        np.testing.assert_array_equal(out["attention_mask"], mask[:, :width])
+        assert out["labels"] is batch["labels"]
+        assert out["attention_mask"].sum() == mask.sum()  # no token dropped
+    empty = trim_source({**batch, "attention_mask": np.zeros_like(mask)}, 8)
+    assert empty["attention_mask"].shape == (3, 8)        # a batch of empty rows keeps a width
+    with pytest.raises(ValueError, match="multiple_of must be positive"):
+        trim_source(batch, 0)

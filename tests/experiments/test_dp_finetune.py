@@ -137,3 +137,53 @@ def test_interrupted_dp_run_resumes_to_the_same_result(shared_data, tmp_path, mo
     b, _ = peft.load_trainable(tmp_path / "resumed" / "adapter")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def _train_records(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "train/loss" in r]
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_source_bucket_gives_the_padded_runs_losses_on_fewer_columns(dp, shared_data,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """`--config.source_bucket=8` on padded batches (packing off; DP's Poisson batches): the
+    same per-step losses (and DP's clipped fractions: the same per-example gradients) as
+    the full-width batches, to float32 rounding, while the batches carry less padding.
+    Dropout off: its masks are drawn per position, so they depend on the width."""
+    from compacter_jax.models import config as model_config
+
+    tiny_t5 = model_config.PRESETS["t5-tiny"]
+    monkeypatch.setitem(model_config.PRESETS, "t5-tiny", tiny_t5.replace(dropout_rate=0.0))
+    overrides = {"task": "sst2", "max_source_length": 64, "packing": False,
+                 **({"dp.epsilon": 8.0} if dp else {})}
+    runs = {}
+    with fast_compiles():
+        for bucket in (0, 8):
+            workdir = tmp_path / f"bucket{bucket}"
+            code = glue.run(tiny(source_bucket=bucket, **overrides), str(workdir))
+            assert code == 0, capsys.readouterr().err[-3000:]
+            runs[bucket] = _train_records(workdir)
+    full, cut = runs[0], runs[8]
+    assert [r["step"] for r in full] == [r["step"] for r in cut] == [1, 2, 3]
+    np.testing.assert_allclose([r["train/loss"] for r in cut], [r["train/loss"] for r in full],
+                               rtol=1e-5)
+    if dp:
+        assert [r["train/clipped_fraction"] for r in cut] == \
+            [r["train/clipped_fraction"] for r in full]
+    # SST-2 sentences are shorter than 64 tokens: the cut batches are less padding.
+    assert all(c["train/source_fill"] > f["train/source_fill"] for c, f in zip(cut, full))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"source_bucket": -8}, r"--config.source_bucket=-8: must be 0 \(pad sources"),
+    ({"source_bucket": 8}, r"--config.source_bucket=8 cuts padded batches, but compacter\+\+ "
+                           r"trains on packed rows"),
+])
+def test_bad_source_bucket_exits_2(overrides, message, shared_data, tmp_path, capsys):
+    code = glue.run(tiny(**overrides), str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert re.search(message, errors[0]), errors[0]
