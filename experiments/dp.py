@@ -137,9 +137,8 @@ def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.Data
         if rows > plan.rows:
             log.warning("DP step %d: %d examples sampled, more than the %d padded rows; this "
                         "step uses %d rows (a new compilation)", step, len(idx), plan.rows, rows)
-        batch = data_lib.pad_batch(data_lib.make_batch(encoded, idx), rows)
-        if config.get("source_bucket", 0):  # `example_mask` below keeps its rows
-            batch = data_lib.trim_source(batch, config.source_bucket)
+        batch = data_lib.pad_batch(data_lib.make_batch(encoded, idx), rows,
+                                   source_multiple=config.get("source_bucket", 0))
         batch["example_mask"] = (np.arange(rows) < len(idx)).astype(np.int32)
         mine = data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
         yield position, mine, data_lib.fill(batch)

@@ -108,13 +108,6 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
                                  num_epochs=num_epochs, multiple_of=num_devices)
 
 
-def padded(config, batch: dict, rows: int) -> dict:
-    """`batch` filled up to `rows` rows, its sources cut to `--config.source_bucket`'s width."""
-    batch = data_lib.pad_batch(batch, rows)
-    bucket = config.get("source_bucket", 0)
-    return data_lib.trim_source(batch, bucket) if bucket else batch
-
-
 def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState,
                   plan: data_lib.PackingPlan | None, *, with_fill: bool = False):
     """(position after, this host's slice of the global batch) from `position` on: the
@@ -123,7 +116,8 @@ def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.Data
     token fill of the *global* batch (`data.fill`), the same on every host."""
     for batch, after in data_lib.train_batches(encoded, config.batch_size, seed=config.seed,
                                                state=position):
-        batch = plan.pack(batch) if plan else padded(config, batch, config.batch_size)
+        batch = plan.pack(batch) if plan else data_lib.pad_batch(
+            batch, config.batch_size, source_multiple=config.get("source_bucket", 0))
         mine = data_lib.shard_for_host(batch, jax.process_index(), jax.process_count())
         yield (after, mine, data_lib.fill(batch)) if with_fill else (after, mine)
 

@@ -178,16 +178,20 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return -(-num_rows // batch_size)
 
 
-def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> Batch:
+def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int, *,
+              source_multiple: int = 0) -> Batch:
     """A batch of fewer than `batch_size` rows filled up with empty rows (every id and mask 0:
-    they add no loss and no tokens), so the train step keeps one static shape."""
+    they add no loss and no tokens), so the train step keeps one static shape;
+    `source_multiple` > 0 also cuts its source columns (`trim_source`)."""
     rows = next(iter(batch.values())).shape[0]
     if rows > batch_size:
         raise ValueError(f"batch has {rows} rows, more than batch_size={batch_size}")
     if rows == batch_size:
-        return dict(batch)
-    return {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}
+        batch = dict(batch)
+    else:
+        batch = {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
+                 for k, v in batch.items()}
+    return trim_source(batch, source_multiple) if source_multiple else batch
 
 
 SOURCE_COLUMNS = ("input_ids", "attention_mask")
