@@ -72,6 +72,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     c.eval_batch_size = 100
     # None: the paper's rate for the method (`Method.learning_rate`).
     c.learning_rate = ml_collections.config_dict.placeholder(float)
+    c.learning_rate_scale = 1.0  # multiplies the method's rate when learning_rate is unset
     c.warmup_steps = 500
     c.weight_decay = 0.0
     c.clip_norm = 1.0

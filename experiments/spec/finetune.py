@@ -110,6 +110,8 @@ def _check_schedule(config) -> None:
     check_float(config, "learning_rate", lambda v: 0 < v <= FLOAT32_MAX,
                  "a positive finite float32 (e.g. 3e-3); leave it unset for the method's "
                  "rate", optional=True)
+    check_float(config, "learning_rate_scale", lambda v: 0 < v <= 1e4,
+                 "a positive number (1.0: the method's rate as it is)")
     check_float(config, "weight_decay", lambda v: v >= 0, "0 or more")
     check_float(config, "clip_norm", lambda v: v >= 0, "0 (no clipping) or more")
     check_choice(config, "optimizer", OPTIMIZERS)
@@ -224,7 +226,7 @@ class FineTuneSpec:
 
     Attributes:
       method: the preset with the `--config.peft.*` overrides.
-      learning_rate: the config's, or (None) the method's.
+      learning_rate: the config's, or (None) the method's times `learning_rate_scale`.
       add_task_prefix: the config's, or (None) the method's rule.
       clip_norm: the global gradient clip; None when 0 or under DP (which clips each
         example's gradient instead).
@@ -271,8 +273,8 @@ def finetune_spec(config) -> FineTuneSpec:
     dp = dp_enabled(config)
     return FineTuneSpec(
         method=method,
-        learning_rate=(method.learning_rate if config.learning_rate is None
-                       else config.learning_rate),
+        learning_rate=(method.learning_rate * config.get("learning_rate_scale", 1.0)
+                       if config.learning_rate is None else config.learning_rate),
         add_task_prefix=(method.task_prefix if config.add_task_prefix is None
                          else config.add_task_prefix),
         clip_norm=config.clip_norm if config.clip_norm > 0 and not dp else None,

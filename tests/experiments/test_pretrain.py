@@ -110,27 +110,45 @@ def _readme_record(readme: Path) -> dict:
     return json.loads(blocks[0])
 
 
-@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
-                    reason=f"no shipped checkpoint at {SHIPPED}")
-def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t5_vocab):
+def _shipped_record() -> dict:
+    if not (SHIPPED / "model.safetensors").is_file():
+        pytest.skip(f"no shipped checkpoint at {SHIPPED}")
+    return _readme_record(SHIPPED / "README.md")
+
+
+def test_shipped_checkpoint_is_complete_and_matches_its_record():
     from compacter_jax.tokenizer import load_tokenizer
 
-    record = _readme_record(SHIPPED / "README.md")
+    record = _shipped_record()
     size = sum(f.stat().st_size for f in SHIPPED.iterdir())
-    # The checkpoint carries the tokenizer it was trained with (the model's own, issue 17).
+    # The checkpoint carries the tokenizer it was trained with (the model's own, issue 17):
+    # trained on the corpus (pretrain.py:mix), its size is the model's vocabulary exactly.
     assert size < 64 * 2**20 and (SHIPPED / "spiece.model").is_file()
-    assert len(load_tokenizer(str(SHIPPED))) <= json.loads(
-        (SHIPPED / "config.json").read_text())["vocab_size"]
+    vocab_size = json.loads((SHIPPED / "config.json").read_text())["vocab_size"]
+    assert len(load_tokenizer(str(SHIPPED))) == record["tokenizer_size"] == vocab_size
     model, params = from_pretrained(str(SHIPPED))
     assert param_count(params) == record["parameters"]
-    # Rebuild the held-out text the README names and check it is that very text.
-    docs = corpus_documents(make_source("files", data_dir=shared_data),
-                            data_seed=record["corpus"]["data_seed"],
-                            heldout_fraction=record["config"]["heldout_fraction"])
+    assert model.config.d_model == record["config"]["model"]["d_model"]
+
+
+@pytest.mark.long  # rebuilds the whole decontaminated corpus (GLUE text + text/*.zip): ~1 min
+def test_shipped_checkpoint_heldout_loss_recomputes(shared_data):
+    from compacter_jax.tokenizer import load_tokenizer
+
+    record = _shipped_record()
+    config = get_config()
+    config.update_from_flattened_dict({k: v for k, v in _flatten(record["config"]).items()
+                                       if k in _flatten(config.to_dict())})
+    config.data_dir = str(shared_data)
+    model, params = from_pretrained(str(SHIPPED))
+    # Rebuild the held-out text the README names, in the shipped tokenizer, and check it is
+    # that very text.
+    tokenizer = load_tokenizer(str(SHIPPED))
+    docs = pretrain.build_documents(config)
     assert list(docs.tasks) == record["corpus"]["tasks"]
-    spec = SpanCorruption(**{k: record["span_corruption"][k] for k in
-                             ("inputs_length", "noise_density", "mean_noise_span_length")})
-    chunks = chunk_documents(docs.heldout_texts, load_tokenizer(t5_vocab), spec.tokens_length)
+    spec = pretrain.span_corruption_spec(config, tokenizer)
+    assert spec.inputs_length == record["span_corruption"]["inputs_length"]
+    chunks = chunk_documents(docs.heldout_texts, tokenizer, spec.tokens_length)
     assert chunks_fingerprint(chunks) == record["corpus"]["heldout_sha256"], (
         "the held-out text changed (data files or paper splits differ from the run's)")
     loss = pretrain.heldout_loss(pretrain.make_heldout_loss(model), params, eval_batches(
@@ -138,9 +156,30 @@ def test_shipped_checkpoint_loads_and_its_heldout_loss_recomputes(shared_data, t
     assert loss["tokens"] == record["heldout_tokens"]
     # The same float32 arithmetic, recompiled for this CPU (AVX2 and AVX-512 order sums
     # differently): each token's loss moves by a few eps32 * sqrt(d_ff) of its size, and so
-    # does their mean (~8e-5 for d_ff 1024 and a loss of 5.2).
+    # does their mean.
     bound = 4 * np.finfo(np.float32).eps * np.sqrt(record["config"]["model"]["d_ff"])
     assert loss["loss"] == pytest.approx(record["heldout_loss"], rel=bound)
+    # Issue 18's first target: the decoder reads its encoder (pairing each held-out target with
+    # another chunk's inputs costs >= 0.5 nats), as the record says.
+    diagnostics = pretrain.heldout_diagnostics(
+        pretrain.make_token_losses(model), params,
+        eval_batches(chunks, record["eval_batch_size"], spec,
+                     seed=record["heldout_corruption_seed"]), spec)
+    recorded = record["heldout_diagnostics"]
+    for key in ("loss", "mismatched_inputs_loss"):
+        assert diagnostics[key] == pytest.approx(recorded[key], rel=bound)
+    assert diagnostics["mismatched_inputs_loss"] - diagnostics["loss"] >= 0.5
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested record as ConfigDict's flattened keys."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @pytest.mark.long  # ~15 s idle (a tokenizer, the corpus, two compiled shapes); the pieces
