@@ -105,7 +105,10 @@ def packing_plan(config, method: peft.Method, encoded: data_lib.EncodedData, num
         raise ValueError("--config.per_example_dropout=True draws one key per row, which packing "
                          "shares between examples; set --config.packing=False to use it")
     return data_lib.plan_packing(encoded, config.batch_size, seed=config.seed,
-                                 num_epochs=num_epochs, multiple_of=num_devices)
+                                 num_epochs=num_epochs, multiple_of=num_devices,
+                                 max_buckets=config.packing_row_buckets,
+                                 tight_targets=config.packing_target_buckets > 0,
+                                 max_target_buckets=max(1, config.packing_target_buckets))
 
 
 def train_batches(config, encoded: data_lib.EncodedData, position: data_lib.DataState,
@@ -276,6 +279,7 @@ def build_model(config, spec: spec_lib.FineTuneSpec, task: data_lib.Task) -> dic
     model, params, model_name = load_model(config, method, init_rng, resolved=resolved,
                                            vocab_size=vocab_size)
     check_tokenizer_fits(tokenizer, model)
+    learning_rate = spec.learning_rate_for(resolved[1])
     # What the export records so that load_adapter refuses any other backbone.
     backbone_sha256 = peft.backbone_fingerprint(params, method)
     trainable, frozen = method.partition(params)
@@ -286,12 +290,14 @@ def build_model(config, spec: spec_lib.FineTuneSpec, task: data_lib.Task) -> dic
     n_total = n_trainable + peft.count(frozen)
     if masks is not None:  # report non-zeros: pruned weights are not trained
         n_trainable = sparsity_lib.trained_count(trainable, masks)
-    log.info("model %s, method %s: %s trainable of %s params (%.3f%%)", model_name, method.name,
-             f"{n_trainable:,}", f"{n_total:,}", 100 * n_trainable / n_total)
+    log.info("model %s, method %s: %s trainable of %s params (%.3f%%), learning rate %g",
+             model_name, method.name, f"{n_trainable:,}", f"{n_total:,}",
+             100 * n_trainable / n_total, learning_rate)
     return dict(task=task, method=method, tokenizer=tokenizer, encoded=encoded, model=model,
                 model_name=model_name, trainable=trainable, frozen=frozen, masks=masks,
                 counts=(n_trainable, n_total), vocab_size=vocab_size,
-                backbone_sha256=backbone_sha256, init_rng=init_rng, add_prefix=add_prefix)
+                backbone_sha256=backbone_sha256, init_rng=init_rng, add_prefix=add_prefix,
+                learning_rate=learning_rate)
 
 
 def build(config, spec: spec_lib.FineTuneSpec, workdir: Path) -> FineTuning:
@@ -308,7 +314,7 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path) -> FineTuning:
     dp_plan = (dp_run.make_plan(config, len(encoded["train"]), total_steps,
                                 strategy.num_devices) if spec.dp else None)
     # Under DP each example's gradient is clipped (dp.clip_norm); no second, global clip.
-    tx, schedule = make_optimizer(spec.learning_rate, config.warmup_steps,
+    tx, schedule = make_optimizer(parts["learning_rate"], config.warmup_steps,
                                   total_steps, weight_decay=config.weight_decay,
                                   clip_norm=spec.clip_norm,
                                   optimizer=config.optimizer)
@@ -328,7 +334,7 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path) -> FineTuning:
     return FineTuning(**parts, strategy=strategy, total_steps=total_steps, per_epoch=per_epoch,
                       eval_every=spec.eval_period(per_epoch),
                       save_every=spec.save_period(per_epoch), plan=plan, dp_plan=dp_plan,
-                      tx=tx, learning_rate=spec.learning_rate, train_step=train_step,
+                      tx=tx, train_step=train_step,
                       evaluator=evaluator)
 
 

@@ -144,7 +144,8 @@ def joint_packing_plan(config, method: peft.Method, runs: list[TaskRun],
         return None
     return joint_lib.joint_packing_plan(
         [r.encoded["train"] for r in runs], [r.total_steps for r in runs], config.batch_size,
-        seed=config.seed, task_plans=plans, multiple_of=num_devices)
+        seed=config.seed, task_plans=plans, multiple_of=num_devices,
+        max_buckets=config.packing_row_buckets)
 
 
 # ------------------------------------------------------------------------- the run
@@ -209,10 +210,11 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
     """Tasks and their data, one backbone and adapter init (as each single-task run with this
     seed draws them), K optimizers (own schedule length each), the joint step, the packing
     plan and the evaluators."""
-    method, learning_rate, add_prefix = spec.method, spec.learning_rate, spec.add_task_prefix
+    method, add_prefix = spec.method, spec.add_task_prefix
     if type(method).shared_across_tasks is peft.Method.shared_across_tasks:
         bank_lib.check_bankable(method)  # early: no leaf is shared, so none can save it
     resolved = finetune.resolve_model(config)
+    learning_rate = spec.learning_rate_for(resolved[1])
     tokenizer = finetune.load_tokenizer_for(config, *resolved)
     runs = prepare_tasks(config, spec, names, tokenizer)
     init_rng = jax.random.PRNGKey(config.seed)

@@ -6,7 +6,11 @@
 
 Three groups of runs, each an `experiments.glue` run with the paper's recipe (configs/glue.py
 :paper: the method's learning rate, AdamW, linear warm-up and decay, clipping 1.0) except for
-the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps):
+the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps) and
+`--lr-scale`, which multiplies every frozen-backbone method's rate (full fine-tuning keeps
+the paper's): on the 256-wide t5-mini-glue the adapters need about 10x the paper's rates to
+leave the label prior within a few thousand steps (docs/small_scale.md). `--tasks` and
+`--methods` select a slice of the grid:
 
 * main: full fine-tuning, Adapter, Pfeiffer, Adapter-LowRank, PHM-Adapter, Compacter,
   Compacter++, BitFit, prompt tuning and LoRA, SparseAdapter (and Large-Sparse) and DSEE on
@@ -14,7 +18,8 @@ the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps):
 * low_resource: full fine-tuning and Compacter++ with 100 / 500 / 1000 / 2000 / 4000 training
   examples (the original's subsamples) on SST-2 and MRPC;
 * control: the same runs as `main` for full fine-tuning and Compacter++ on a randomly
-  initialised T5 of the same shape (saved once under WORKDIR_ROOT/random-backbone).
+  initialised T5 of the same shape and the backbone's tokenizer (saved once under
+  WORKDIR_ROOT/random-backbone).
 
 `--report` writes, for each group and backbone, the tables of `experiments.paper_table`
 (test scores at the best validation checkpoint) under `--out` (default docs/small_scale/).
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +40,7 @@ from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_par
                                   save_pretrained)
 from experiments import paper_table, tool_cli
 from experiments.paper_runs import run_all
+from experiments.train_tokenizer import SPIECE
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "checkpoints" / "t5-mini-glue"
@@ -50,12 +57,15 @@ METHOD_FLAGS = {"phm_adapter": ["--config.peft.n=8"]}
 
 
 def random_backbone(backbone: Path, root: Path, seed: int = 0) -> Path:
-    """A randomly initialised T5 with `backbone`'s config.json, saved once under `root`."""
+    """A randomly initialised T5 with `backbone`'s config.json and tokenizer (its
+    spiece.model, when it has one), saved once under `root`."""
     out = root / "random-backbone"
     if not (out / "model.safetensors").is_file():
         config = T5Config.from_hf_dict(json.loads((backbone / "config.json").read_text()))
         model = T5ForConditionalGeneration(config)
         save_pretrained(out, config, init_params(model, jax.random.PRNGKey(seed)))
+    if (backbone / SPIECE).is_file() and not (out / SPIECE).is_file():
+        shutil.copyfile(backbone / SPIECE, out / SPIECE)
     return out
 
 
@@ -68,6 +78,8 @@ def _command(workdir: Path, model: Path, task: str, method: str, args,
              f"--config.warmup_steps={max(1, args.steps // 10)}",
              f"--config.eval_every={max(1, args.steps // 2)}", "--config.log_every=20",
              *METHOD_FLAGS.get(method, [])]
+    if method != "full" and args.lr_scale != 1.0:
+        flags.append(f"--config.learning_rate_scale={args.lr_scale}")
     if train_samples:
         flags.append(f"--config.train_samples={train_samples}")
     cmd = [sys.executable, "-m", "experiments.glue", "--config",
@@ -82,16 +94,17 @@ def plan(args) -> list[tuple[str, list[str]]]:
     cmds = []
     if "main" in args.groups:
         cmds += [_command(root / "main" / task / method, backbone, task, method, args)
-                 for task in TASKS for method in METHODS]
+                 for task in args.tasks for method in args.methods]
     if "low_resource" in args.groups:
         cmds += [_command(root / "low_resource" / task / method / f"train{n}", backbone, task,
                           method, args, n)
-                 for task in LOW_RESOURCE_TASKS for method in LOW_RESOURCE_METHODS
+                 for task in LOW_RESOURCE_TASKS if task in args.tasks
+                 for method in LOW_RESOURCE_METHODS if method in args.methods
                  for n in LOW_RESOURCE_SIZES]
     if "control" in args.groups:
         control = root / "random-backbone"
         cmds += [_command(root / "control" / task / method, control, task, method, args)
-                 for task in TASKS for method in CONTROL_METHODS]
+                 for task in args.tasks for method in CONTROL_METHODS if method in args.methods]
     return cmds
 
 
@@ -123,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=tool_cli.positive_int, default=200,
                    help="steps per run (the cap)")
     p.add_argument("--batch", type=tool_cli.positive_int, default=32)
+    p.add_argument("--lr-scale", type=tool_cli.positive_float, default=1.0,
+                   help="multiplies the paper's rate of every method but full fine-tuning")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   type=tool_cli.csv_list(str, TASKS.__contains__,
+                                          f"tasks of {', '.join(TASKS)}", "sst2,rte"))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   type=tool_cli.csv_list(str, METHODS.__contains__,
+                                          f"methods of {', '.join(METHODS)}", "full,compacter++"))
     p.add_argument("--eval-batch", type=tool_cli.positive_int, default=100)
     p.add_argument("--run", action="store_true", help="run the commands (finished ones skip)")
     p.add_argument("--report", action="store_true", help="write the tables and the figure")

@@ -76,6 +76,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse `type`: a positive finite number, else an error argparse names the flag in."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not positive_finite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def positive_finite(value: float, limit: float = float("inf")) -> bool:
     """0 < value <= limit and finite."""
     return math.isfinite(value) and 0 < value <= limit

@@ -89,8 +89,8 @@ else:
 # Everything below takes the backbone as a name: a directory with HF's `config.json`,
 # `model.safetensors` and the tokenizer's `spiece.model`, or a Hub id (`t5-base`,
 # `google/t5-v1_1-base`, ...: downloaded into the HF cache on first use). Here we make a random
-# `t5-tiny` and save it as such a directory, exactly like a real checkpoint, with the T5
-# vocabulary of the embedded backbone as its tokenizer. (Saving matters: `random:t5-tiny`
+# `t5-tiny` and save it as such a directory, exactly like a real checkpoint, with the
+# embedded backbone's tokenizer (its own 8,100-entry vocabulary). (Saving matters: `random:t5-tiny`
 # would draw new weights on every load, and an adapter only makes sense on the backbone it was
 # trained with.)
 

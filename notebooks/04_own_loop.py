@@ -66,7 +66,8 @@ print("trainable groups:", sorted(trainable))
 # and `decoder_attention_mask`; the loss needs the `labels`. `cj.make_batch` builds that dict
 # from text pairs with a T5 tokenizer (`pack=True` gives the packed form, several examples per
 # row). The tokenizer here is the one shipped with the embedded backbone (`t5-mini-glue`: the
-# T5 SentencePiece vocabulary), so the notebook needs no data folder.
+# 8,100-entry SentencePiece vocabulary it was pretrained with), so the notebook needs no data
+# folder.
 
 # %%
 sources = ["rte sentence1: A cat sat on the mat. sentence2: A cat is sitting.",

@@ -102,8 +102,8 @@ def joint_train_batches(trains: Sequence[pipeline.EncodedData], total_steps: Seq
 
 def joint_packing_plan(trains: Sequence[pipeline.EncodedData], total_steps: Sequence[int],
                        batch_size: int, *, seed: int,
-                       task_plans: Sequence[packing_lib.PackingPlan], multiple_of: int = 1
-                       ) -> packing_lib.PackingPlan:
+                       task_plans: Sequence[packing_lib.PackingPlan], multiple_of: int = 1,
+                       max_buckets: int = 4) -> packing_lib.PackingPlan:
     """Packed shapes for every joint batch of a run.
 
     Widths: the widest of the tasks' own plans; row buckets: `fit_row_buckets` over the rows
@@ -114,6 +114,7 @@ def joint_packing_plan(trains: Sequence[pipeline.EncodedData], total_steps: Sequ
       trains / total_steps / batch_size / seed: as `joint_train_batches`.
       task_plans: each task's single-task plan (`plan_packing`).
       multiple_of: the devices the rows are split over.
+      max_buckets: at most this many row counts (one compiled train step each).
     """
     source_length = max(p.max_source_length for p in task_plans)
     target_length = max(p.packed_target_length for p in task_plans)
@@ -131,7 +132,8 @@ def joint_packing_plan(trains: Sequence[pipeline.EncodedData], total_steps: Sequ
             max_source_length=source_length, packed_target_length=target_length,
             groups=np.concatenate([np.full(len(s), k) for k, (s, _) in active]))
         counts.append(layout.num_rows)
-    buckets = packing_lib.fit_row_buckets(counts, multiple_of=multiple_of)
+    buckets = packing_lib.fit_row_buckets(counts, max_buckets=max_buckets,
+                                          multiple_of=multiple_of)
     tight = sorted({t for p in task_plans for t in p.target_buckets})
     targets = packing_lib.fit_row_buckets(tight) if tight else ()
     return packing_lib.PackingPlan(source_length, target_length, buckets, targets)

@@ -12,12 +12,23 @@ from compacter_jax import peft
 from compacter_jax.data.sources import SOURCE_KINDS
 from compacter_jax.models import hf_io
 from compacter_jax.models.config import is_random
+from compacter_jax.paths import checkpoints_dir
+from compacter_jax.peft.methods.full import FullFineTuning
 from compacter_jax.train.optim import OPTIMIZERS
 from experiments.evaluation import EVAL_MODES
 from experiments.spec.fields import (FLOAT32_MAX, ConfigError, check_choice, check_float,
                                      check_int, flag, minus_one_or_positive, positive)
 
 STRATEGIES = ("jit", "pmap")
+# The embedded backbone (256 wide, 30M tokens of pretraining): at the paper's rates the methods
+# that add or pick a few weights stay at the label prior for thousands of steps; at 10x
+# Compacter++ learns SST-2 (docs/small_scale.md). The default `learning_rate_scale` there,
+# for methods whose paper rate is below EMBEDDED_RATE_CEILING (not prompt tuning's 3e-2 / 3e-1
+# or ATTEMPT's, already that large) other than full fine-tuning (which learns at its own);
+# 1 on any other model.
+EMBEDDED_MODEL = "t5-mini-glue"
+EMBEDDED_LEARNING_RATE_SCALE = 10.0
+EMBEDDED_RATE_CEILING = 3e-2
 DTYPES = ("float32", "bfloat16")
 _ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$")
 
@@ -99,6 +110,10 @@ def _check_schedule(config) -> None:
         check_int(config, field, minus_one_or_positive, "-1 (the default) or a positive "
                    "integer")
     check_int(config, "warmup_steps", lambda v: v >= 0, "0 or more")
+    check_int(config, "packing_row_buckets", lambda v: v >= 1, "a positive integer (the "
+              "row counts a packed batch may have; 4 is the default)")
+    check_int(config, "packing_target_buckets", lambda v: v >= 0, "0 (one target length) or "
+              "a positive integer (4 is the default)")
     check_int(config, "source_bucket", lambda v: v >= 0,
                "0 (pad sources to max_source_length) or a column multiple, e.g. 32")
     check_int(config, "eval_every", lambda v: v >= -1,
@@ -111,7 +126,8 @@ def _check_schedule(config) -> None:
                  "a positive finite float32 (e.g. 3e-3); leave it unset for the method's "
                  "rate", optional=True)
     check_float(config, "learning_rate_scale", lambda v: 0 < v <= 1e4,
-                 "a positive number (1.0: the method's rate as it is)")
+                 "a positive number (1.0: the method's rate as it is); leave it unset for "
+                 "the backbone's", optional=True)
     check_float(config, "weight_decay", lambda v: v >= 0, "0 or more")
     check_float(config, "clip_norm", lambda v: v >= 0, "0 (no clipping) or more")
     check_choice(config, "optimizer", OPTIMIZERS)
@@ -226,7 +242,9 @@ class FineTuneSpec:
 
     Attributes:
       method: the preset with the `--config.peft.*` overrides.
-      learning_rate: the config's, or (None) the method's times `learning_rate_scale`.
+      base_learning_rate: the config's learning rate, or (None) the method's.
+      learning_rate_scale: multiplies the method's rate (not an explicit one); None = the
+        backbone's (`learning_rate_for`).
       add_task_prefix: the config's, or (None) the method's rule.
       clip_norm: the global gradient clip; None when 0 or under DP (which clips each
         example's gradient instead).
@@ -238,7 +256,8 @@ class FineTuneSpec:
     """
 
     method: peft.Method
-    learning_rate: float
+    base_learning_rate: float
+    learning_rate_scale: float | None
     add_task_prefix: bool
     clip_norm: float | None
     epochs: int | None
@@ -247,6 +266,19 @@ class FineTuneSpec:
     save_every: int | None
     devices: int | None
     dp: bool
+
+    def learning_rate_for(self, model_folder: Path | None) -> float:
+        """The run's peak rate on the backbone in `model_folder` (None: a `random:` preset):
+        an explicit `learning_rate` as it is; else the method's times `learning_rate_scale`,
+        whose default is EMBEDDED_LEARNING_RATE_SCALE on the embedded t5-mini-glue (for the
+        methods it helps, see above) and 1 on any other backbone."""
+        if self.learning_rate_scale is not None:
+            return self.base_learning_rate * self.learning_rate_scale
+        embedded = (model_folder is not None and model_folder.resolve()
+                    == (checkpoints_dir() / EMBEDDED_MODEL).resolve())
+        scaled = (embedded and not isinstance(self.method, FullFineTuning)
+                  and self.base_learning_rate < EMBEDDED_RATE_CEILING)
+        return self.base_learning_rate * (EMBEDDED_LEARNING_RATE_SCALE if scaled else 1.0)
 
     def schedule(self, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
         """(total steps, epochs): `epochs` epochs (the paper's when unset), capped at
@@ -273,8 +305,10 @@ def finetune_spec(config) -> FineTuneSpec:
     dp = dp_enabled(config)
     return FineTuneSpec(
         method=method,
-        learning_rate=(method.learning_rate * config.get("learning_rate_scale", 1.0)
-                       if config.learning_rate is None else config.learning_rate),
+        base_learning_rate=(method.learning_rate if config.learning_rate is None
+                            else config.learning_rate),
+        learning_rate_scale=(config.get("learning_rate_scale")
+                             if config.learning_rate is None else 1.0),
         add_task_prefix=(method.task_prefix if config.add_task_prefix is None
                          else config.add_task_prefix),
         clip_norm=config.clip_norm if config.clip_norm > 0 and not dp else None,

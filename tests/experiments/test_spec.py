@@ -4,8 +4,11 @@ the fix, and every sentinel (-1 / "" / 0 / None) is resolved there."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from compacter_jax import data as data_lib
+from compacter_jax import peft
 from experiments import finetune, multitask, pretrain, spec
 from experiments.configs import glue as glue_config
 from experiments.configs import multitask as multitask_config
@@ -118,10 +121,11 @@ def test_pretraining_sentinels_are_resolved():
 
 
 def test_finetuning_sentinels_are_resolved():
-    c = glue(task="rte", learning_rate=None, add_task_prefix=None, epochs=-1, max_steps=-1,
-             eval_every=-1, save_every=-1, num_devices=-1, clip_norm=1.0)
+    c = glue(task="rte", learning_rate=None, learning_rate_scale=None, add_task_prefix=None,
+             epochs=-1, max_steps=-1, eval_every=-1, save_every=-1, num_devices=-1,
+             clip_norm=1.0)
     s = spec.finetune_spec(c)
-    assert s.learning_rate == s.method.learning_rate and s.add_task_prefix is False
+    assert s.learning_rate_for(None) == s.method.learning_rate and s.add_task_prefix is False
     assert (s.epochs, s.max_steps, s.eval_every, s.save_every, s.devices) == (None,) * 5
     assert s.schedule(task_is_small=True, steps_per_epoch=5) == (100, 20)
     assert s.schedule(task_is_small=False, steps_per_epoch=5) == (15, 3)
@@ -130,8 +134,71 @@ def test_finetuning_sentinels_are_resolved():
     c.dp.noise_multiplier = None
     s = spec.finetune_spec(c)
     assert s.schedule(True, 5) == (7, 2) and (s.eval_period(5), s.save_period(5)) == (0, 5)
-    assert s.learning_rate == 0.1 and s.clip_norm is None
+    assert s.learning_rate_for(None) == 0.1 and s.clip_norm is None
     c.update(dict(epochs=-1, max_steps=7, clip_norm=1.0))
     c.dp.noise_multiplier = 1.0  # DP clips each example's gradient: no global clip
     s = spec.finetune_spec(c)
     assert s.schedule(True, 5) == (7, 20) and s.dp and s.clip_norm is None
+
+
+def test_learning_rate_scale_is_the_backbones_unless_set(tmp_path):
+    # Unset (the quick config, make run): 10x the method's rate on the embedded t5-mini-glue
+    # (by name or by its folder), the method's own on any other model; the paper's recipe and
+    # an explicit scale apply to every model; an explicit learning_rate is taken as it is.
+    from compacter_jax.paths import checkpoints_dir
+
+    embedded = checkpoints_dir() / "t5-mini-glue"
+    quick = spec.finetune_spec(glue(task="sst2", method="compacter++"))
+    assert quick.base_learning_rate == 3e-3 and quick.learning_rate_scale is None
+    assert quick.learning_rate_for(embedded) == pytest.approx(3e-2, rel=1e-12)
+    link = tmp_path / "mini"
+    link.symlink_to(embedded)
+    assert quick.learning_rate_for(link) == pytest.approx(3e-2, rel=1e-12)
+    assert quick.learning_rate_for(tmp_path) == quick.learning_rate_for(None) == 3e-3
+    paper = glue_config.get_config("paper")
+    paper.model, paper.num_devices = "random:t5-tiny", 1
+    assert spec.finetune_spec(paper).learning_rate_for(embedded) == 3e-3
+    scaled = spec.finetune_spec(glue(learning_rate_scale=2.0))
+    assert scaled.learning_rate_for(None) == scaled.learning_rate_for(embedded) == 6e-3
+    fixed = spec.finetune_spec(glue(learning_rate=1e-4, learning_rate_scale=2.0))
+    assert fixed.learning_rate_for(embedded) == 1e-4
+    # Full fine-tuning learns at its own rate there; prompt tuning's is already 3e-2 / 3e-1.
+    for method, rate in [("full", 3e-4), ("prompt_tuning", 3e-2), ("prompt_tuning_vocab", 3e-1),
+                         ("lora", 10 * peft.get_method("lora").learning_rate)]:
+        got = spec.finetune_spec(glue(method=method)).learning_rate_for(embedded)
+        assert got == pytest.approx(rate, rel=1e-12), method
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"learning_rate_scale": 0.0}, r"--config.learning_rate_scale=0.0: must be a positive"),
+    ({"packing_row_buckets": 0}, r"--config.packing_row_buckets=0: must be a positive"),
+    ({"packing_target_buckets": -1}, r"--config.packing_target_buckets=-1: must be 0 \(one"),
+])
+def test_bad_rate_scale_and_packing_shapes_are_refused(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        finetune.check_config(glue(**fields))
+
+
+def test_packing_shape_fields_bound_the_plans_shapes():
+    """`packing_row_buckets` / `packing_target_buckets` reach `plan_packing`: at most N row
+    counts, and 0 target buckets = one target length for every batch."""
+    rng = np.random.default_rng(0)
+    n, width = 400, 48
+    src = rng.integers(4, width + 1, n)
+    tgt = rng.integers(1, 4, n)
+    data = data_lib.EncodedData(
+        data_lib.get_task("sst2"), np.ones((n, width), np.int32),
+        (np.arange(width) < src[:, None]).astype(np.int32), np.ones((n, 4), np.int32),
+        (np.arange(4) < tgt[:, None]).astype(np.int32), (0,) * n, (None,) * n, 0, 0)
+    method = peft.get_method("compacter++")
+    wide = finetune.packing_plan(glue(), method, data, num_epochs=2, num_devices=1)
+    narrow = finetune.packing_plan(glue(packing_row_buckets=1, packing_target_buckets=0),
+                                   method, data, num_epochs=2, num_devices=1)
+    default = finetune.packing_plan(glue_config.get_config("paper"), method, data,
+                                    num_epochs=2, num_devices=1)
+    assert len(default.row_buckets) > 2 and len(default.target_buckets) > 0
+    assert len(wide.row_buckets) <= 2 and wide.target_buckets == ()  # the quick config's
+    assert len(narrow.row_buckets) == 1 and narrow.target_buckets == ()
+    shapes = {narrow.pack(b)["labels"].shape
+              for b, _ in data_lib.train_batches(data, 32, seed=42, num_epochs=2)}
+    assert len(shapes) == 1
