@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 import jax
 
+from compacter_jax.atomic import atomic_write
 from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_params,
                                   save_pretrained)
 from experiments import paper_table, tool_cli
@@ -65,7 +65,7 @@ def random_backbone(backbone: Path, root: Path, seed: int = 0) -> Path:
         model = T5ForConditionalGeneration(config)
         save_pretrained(out, config, init_params(model, jax.random.PRNGKey(seed)))
     if (backbone / SPIECE).is_file() and not (out / SPIECE).is_file():
-        shutil.copyfile(backbone / SPIECE, out / SPIECE)
+        atomic_write(out / SPIECE, (backbone / SPIECE).read_bytes())  # no torn tokenizer
     return out
 
 
