@@ -9,8 +9,9 @@ Three groups of runs, each an `experiments.glue` run with the paper's recipe (co
 the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps) and
 `--lr-scale`, which multiplies every frozen-backbone method's rate (full fine-tuning keeps
 the paper's): on the 256-wide t5-mini-glue the adapters need about 10x the paper's rates to
-leave the label prior within a few thousand steps (docs/small_scale.md). `--tasks` and
-`--methods` select a slice of the grid:
+leave the label prior within a few thousand steps (docs/small_scale.md). `--tasks`,
+`--methods` and `--sizes` select a slice of the grid; `--seeds` repeats it (training seeds:
+initialisation, dropout, data order; the splits and subsamples keep the data seed):
 
 * main: full fine-tuning, Adapter, Pfeiffer, Adapter-LowRank, PHM-Adapter, Compacter,
   Compacter++, BitFit, prompt tuning and LoRA, SparseAdapter (and Large-Sparse) and DSEE on
@@ -22,7 +23,9 @@ leave the label prior within a few thousand steps (docs/small_scale.md). `--task
   WORKDIR_ROOT/random-backbone).
 
 `--report` writes, for each group and backbone, the tables of `experiments.paper_table`
-(test scores at the best validation checkpoint) under `--out` (default docs/small_scale/).
+(test scores at the best validation checkpoint; with several seeds, the seed with the best
+validation score) and `seeds.md` / `seeds.csv` (mean and standard deviation over the seeds of
+the validation and test scores) under `--out` (default docs/small_scale/).
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from compacter_jax.atomic import atomic_write
 from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_params,
                                   save_pretrained)
 from experiments import paper_table, tool_cli
+from experiments.configs import glue as glue_config
 from experiments.paper_runs import run_all
 from experiments.train_tokenizer import SPIECE
 
@@ -54,6 +59,8 @@ LOW_RESOURCE_METHODS = ("full", "compacter++")
 CONTROL_METHODS = ("full", "compacter++")
 # d_model 256 is not divisible by the paper's n = 12 for PHM-Adapter: the nearest divisor.
 METHOD_FLAGS = {"phm_adapter": ["--config.peft.n=8"]}
+# The recipe's own training seed: its runs keep the seed-less workdir (the grid's first seed).
+DEFAULT_SEED = glue_config.get_config("paper").seed
 
 
 def random_backbone(backbone: Path, root: Path, seed: int = 0) -> Path:
@@ -70,7 +77,9 @@ def random_backbone(backbone: Path, root: Path, seed: int = 0) -> Path:
 
 
 def _command(workdir: Path, model: Path, task: str, method: str, args,
-             train_samples: int | None = None) -> tuple[str, list[str]]:
+             train_samples: int | None = None, seed: int = DEFAULT_SEED) -> tuple[str, list[str]]:
+    if seed != DEFAULT_SEED:
+        workdir = workdir / f"seed{seed}"
     flags = [f"--config.model={model}", "--config.fallback_model=", f"--config.task={task}",
              f"--config.method={method}", "--config.source=files",
              f"--config.max_steps={args.steps}", f"--config.batch_size={args.batch}",
@@ -82,6 +91,8 @@ def _command(workdir: Path, model: Path, task: str, method: str, args,
         flags.append(f"--config.learning_rate_scale={args.lr_scale}")
     if train_samples:
         flags.append(f"--config.train_samples={train_samples}")
+    if seed != DEFAULT_SEED:
+        flags.append(f"--config.seed={seed}")
     cmd = [sys.executable, "-m", "experiments.glue", "--config",
            f"{ROOT / 'experiments' / 'configs' / 'glue.py'}:paper", "--workdir", str(workdir),
            *flags]
@@ -92,19 +103,23 @@ def plan(args) -> list[tuple[str, list[str]]]:
     """(workdir, command) of every run of the selected groups."""
     root, backbone = Path(args.workdir_root), Path(args.backbone)
     cmds = []
-    if "main" in args.groups:
-        cmds += [_command(root / "main" / task / method, backbone, task, method, args)
-                 for task in args.tasks for method in args.methods]
-    if "low_resource" in args.groups:
-        cmds += [_command(root / "low_resource" / task / method / f"train{n}", backbone, task,
-                          method, args, n)
-                 for task in LOW_RESOURCE_TASKS if task in args.tasks
-                 for method in LOW_RESOURCE_METHODS if method in args.methods
-                 for n in LOW_RESOURCE_SIZES]
-    if "control" in args.groups:
-        control = root / "random-backbone"
-        cmds += [_command(root / "control" / task / method, control, task, method, args)
-                 for task in args.tasks for method in CONTROL_METHODS if method in args.methods]
+    for seed in args.seeds:
+        if "main" in args.groups:
+            cmds += [_command(root / "main" / task / method, backbone, task, method, args,
+                              seed=seed)
+                     for task in args.tasks for method in args.methods]
+        if "low_resource" in args.groups:
+            cmds += [_command(root / "low_resource" / task / method / f"train{n}", backbone,
+                              task, method, args, n, seed)
+                     for task in LOW_RESOURCE_TASKS if task in args.tasks
+                     for method in LOW_RESOURCE_METHODS if method in args.methods
+                     for n in args.sizes]
+        if "control" in args.groups:
+            control = root / "random-backbone"
+            cmds += [_command(root / "control" / task / method, control, task, method, args,
+                              seed=seed)
+                     for task in args.tasks for method in CONTROL_METHODS
+                     if method in args.methods]
     return cmds
 
 
@@ -119,8 +134,52 @@ def report(args) -> dict[str, Path]:
             print(f"warning: left out (shown as missing): {why}", file=sys.stderr)
         if runs:
             files = paper_table.write_all(runs, out / group, unreadable)
+            records = seed_records(runs)
+            files["seeds.csv"] = paper_table.write_csv(out / group / "seeds.csv", records)
+            files["seeds.md"] = atomic_write(out / group / "seeds.md", seeds_markdown(records))
             written.update({f"{group}/{k}": v for k, v in files.items()})
     return written
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def seed_records(runs) -> list[dict]:
+    """One record per (task, method, training examples, backbone): the number of seeds and
+    the mean and sample standard deviation of their validation and test scores (the test
+    score as `paper_table`: the task's metrics averaged, at each run's best validation step).
+    Runs never evaluated are left out."""
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        if run.validation_score is not None and run.test_score is not None:
+            key = (run.task, run.method, run.train_samples or 0, run.model)
+            groups.setdefault(key, []).append(run)
+    records = []
+    for (task, method, n, model), members in sorted(groups.items()):
+        val_mean, val_sd = _mean_sd([r.validation_score for r in members])
+        test_mean, test_sd = _mean_sd([r.test_score for r in members])
+        records.append({
+            "task": task, "method": method, "train_samples": n or "", "model": model,
+            "seeds": ",".join(str(r.run_config.get("seed", "")) for r in members),
+            "n": len(members), "validation_mean": val_mean, "validation_sd": val_sd,
+            "test_mean": test_mean, "test_sd": test_sd})
+    return records
+
+
+def seeds_markdown(records) -> str:
+    """The records as a markdown table (mean ± sample sd; sd blank for a single seed)."""
+    def cell(mean, sd):
+        return f"{mean:.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
+    lines = ["| task | method | train examples | backbone | seeds | validation | test |",
+             "|---|---|---:|---|---|---:|---:|"]
+    lines += [f"| {r['task']} | {r['method']} | {r['train_samples'] or 'all'} | "
+              f"{Path(r['model']).name} | {r['seeds']} | "
+              f"{cell(r['validation_mean'], r['validation_sd'])} | "
+              f"{cell(r['test_mean'], r['test_sd'])} |" for r in records]
+    return ("Mean ± sample standard deviation over the training seeds (validation: each run's "
+            "best validation score; test: at that step).\n\n" + "\n".join(lines) + "\n")
 
 
 GROUPS = ("main", "low_resource", "control")
@@ -144,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS),
                    type=tool_cli.csv_list(str, METHODS.__contains__,
                                           f"methods of {', '.join(METHODS)}", "full,compacter++"))
+    p.add_argument("--sizes", default=",".join(map(str, LOW_RESOURCE_SIZES)),
+                   type=tool_cli.csv_list(int, lambda n: n > 0, "positive integers",
+                                          "100,500"),
+                   help="training examples of the low_resource group")
+    p.add_argument("--seeds", default=str(DEFAULT_SEED),
+                   type=tool_cli.csv_list(int, lambda n: 0 <= n < 2**32,
+                                          "unsigned 32-bit integers", "42,1,2"),
+                   help="training seeds (the recipe's own, first, keeps the seed-less workdir)")
     p.add_argument("--eval-batch", type=tool_cli.positive_int, default=100)
     p.add_argument("--run", action="store_true", help="run the commands (finished ones skip)")
     p.add_argument("--report", action="store_true", help="write the tables and the figure")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 import jax
 
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.models.config import PRESETS
-from experiments import small_scale
+from experiments import paper_table, small_scale
 
 
 def _flags(cmd: list[str]) -> dict[str, str]:
@@ -46,3 +49,54 @@ def test_random_backbone_has_the_shape_and_the_tokenizer_of_the_backbone(tmp_pat
         (backbone / "config.json").read_text())
     assert (out / "spiece.model").read_bytes() == b"the backbone's own vocabulary"
     assert T5Config.from_hf_dict(json.loads((out / "config.json").read_text())) == config
+
+
+def test_sizes_and_seeds_reach_the_commands_and_the_recipe_seed_keeps_its_workdir(tmp_path):
+    args = small_scale.build_parser().parse_args([
+        "--groups", "low_resource,control", "--tasks", "mrpc", "--methods", "compacter++",
+        "--sizes", "100,2000", "--seeds", f"{small_scale.DEFAULT_SEED},7",
+        "--workdir-root", str(tmp_path)])
+    runs = {workdir[len(str(tmp_path)) + 1:]: _flags(cmd)
+            for workdir, cmd in small_scale.plan(args)}
+    assert sorted(runs) == sorted([
+        "low_resource/mrpc/compacter++/train100", "low_resource/mrpc/compacter++/train2000",
+        "control/mrpc/compacter++", "low_resource/mrpc/compacter++/train100/seed7",
+        "low_resource/mrpc/compacter++/train2000/seed7", "control/mrpc/compacter++/seed7"])
+    for workdir, flags in runs.items():
+        assert flags.get("config.seed") == ("7" if workdir.endswith("seed7") else None)
+        if "train" in workdir:
+            assert flags["config.train_samples"] == workdir.split("/")[3][len("train"):]
+    with pytest.raises(SystemExit):
+        small_scale.build_parser().parse_args(["--sizes", "100,0"])
+    with pytest.raises(SystemExit):
+        small_scale.build_parser().parse_args(["--seeds", "-1"])
+
+
+def _summary(path, seed, validation, accuracy, train_samples=-1, method="compacter++"):
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({
+        "task": "mrpc", "method": method, "model": "/m/t5-mini-glue", "trainable_params": 1,
+        "total_params": 2, "best_validation_score": validation,
+        "test": {"accuracy": accuracy, "f1": accuracy + 2.0},
+        "config": {"seed": seed, "train_samples": train_samples}}))
+
+
+def test_seed_records_give_mean_and_sample_sd_over_seeds(tmp_path):
+    for seed, val, acc in ((42, 70.0, 60.0), (1, 74.0, 66.0), (2, 72.0, 69.0)):
+        _summary(tmp_path / f"s{seed}", seed, val, acc)
+    _summary(tmp_path / "small", 42, 65.0, 50.0, train_samples=100)
+    _summary(tmp_path / "full", 42, 80.0, 75.0, method="full")
+    runs, unreadable = paper_table.read_runs(tmp_path)
+    assert not unreadable
+    records = {(r["method"], r["train_samples"]): r for r in small_scale.seed_records(runs)}
+    three = records[("compacter++", "")]
+    tests = np.array([60.0, 66.0, 69.0]) + 1.0  # MRPC's score: mean of accuracy and F1
+    assert three["n"] == 3 and sorted(three["seeds"].split(",")) == ["1", "2", "42"]
+    assert three["validation_mean"] == pytest.approx(72.0)
+    assert three["validation_sd"] == pytest.approx(2.0)  # sqrt(((-2)^2 + 2^2 + 0) / 2)
+    assert three["test_mean"] == pytest.approx(tests.mean())
+    assert three["test_sd"] == pytest.approx(np.sqrt(((tests - tests.mean()) ** 2).sum() / 2))
+    assert records[("compacter++", 100)]["validation_sd"] is None
+    assert records[("full", "")]["n"] == 1
+    table = small_scale.seeds_markdown(small_scale.seed_records(runs))
+    assert "| mrpc | compacter++ | all | t5-mini-glue | " in table and "72.0 ± 2.0" in table
