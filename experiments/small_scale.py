@@ -7,8 +7,9 @@
 Three groups of runs, each an `experiments.glue` run with the paper's recipe (configs/glue.py
 :paper: the method's learning rate, AdamW, linear warm-up and decay, clipping 1.0) except for
 the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps) and
-`--lr-scale`, which multiplies every frozen-backbone method's rate (full fine-tuning keeps
-the paper's): on the 256-wide t5-mini-glue the adapters need about 10x the paper's rates to
+`--lr-scale`, which multiplies the rate of the methods the embedded backbone's default scale
+is for (`experiments.spec.finetune.backbone_scale_applies`: every frozen-backbone method
+whose paper rate is below 3e-2; full fine-tuning and prompt tuning keep the paper's): on the 256-wide t5-mini-glue the adapters need about 10x the paper's rates to
 leave the label prior within a few thousand steps (docs/small_scale.md). `--tasks`,
 `--methods` and `--sizes` select a slice of the grid; `--seeds` repeats it (training seeds:
 initialisation, dropout, data order; the splits and subsamples keep the data seed):
@@ -39,12 +40,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from compacter_jax import peft
 from compacter_jax.atomic import atomic_write
 from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_params,
                                   save_pretrained)
 from experiments import paper_table, tool_cli
 from experiments.configs import glue as glue_config
 from experiments.paper_runs import run_all
+from experiments.spec.finetune import backbone_scale_applies
 from experiments.train_tokenizer import SPIECE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +90,8 @@ def _command(workdir: Path, model: Path, task: str, method: str, args,
              f"--config.warmup_steps={max(1, args.steps // 10)}",
              f"--config.eval_every={max(1, args.steps // 2)}", "--config.log_every=20",
              *METHOD_FLAGS.get(method, [])]
-    if method != "full" and args.lr_scale != 1.0:
+    preset = peft.get_method(method)
+    if args.lr_scale != 1.0 and backbone_scale_applies(preset, preset.learning_rate):
         flags.append(f"--config.learning_rate_scale={args.lr_scale}")
     if train_samples:
         flags.append(f"--config.train_samples={train_samples}")
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per run (the cap)")
     p.add_argument("--batch", type=tool_cli.positive_int, default=32)
     p.add_argument("--lr-scale", type=tool_cli.positive_float, default=1.0,
-                   help="multiplies the paper's rate of every method but full fine-tuning")
+                   help="multiplies the paper's rate of the frozen-backbone methods below 3e-2")
     p.add_argument("--tasks", default=",".join(TASKS),
                    type=tool_cli.csv_list(str, TASKS.__contains__,
                                           f"tasks of {', '.join(TASKS)}", "sst2,rte"))

@@ -236,6 +236,15 @@ def unset_below_one(value: int) -> int | None:
     return value if value > 0 else None
 
 
+def backbone_scale_applies(method: peft.Method, base_learning_rate: float) -> bool:
+    """Whether a small backbone's learning-rate scale is meant for `method` at this rate: a
+    frozen-backbone method (not full fine-tuning, which learns at its own rate) whose rate is
+    below EMBEDDED_RATE_CEILING (prompt tuning's 3e-2 / 3e-1 and ATTEMPT's are already that
+    large)."""
+    return (not isinstance(method, FullFineTuning)
+            and base_learning_rate < EMBEDDED_RATE_CEILING)
+
+
 @dataclasses.dataclass(frozen=True)
 class FineTuneSpec:
     """A fine-tuning (or multi-task) config, checked, with its sentinels resolved.
@@ -276,8 +285,7 @@ class FineTuneSpec:
             return self.base_learning_rate * self.learning_rate_scale
         embedded = (model_folder is not None and model_folder.resolve()
                     == (checkpoints_dir() / EMBEDDED_MODEL).resolve())
-        scaled = (embedded and not isinstance(self.method, FullFineTuning)
-                  and self.base_learning_rate < EMBEDDED_RATE_CEILING)
+        scaled = embedded and backbone_scale_applies(self.method, self.base_learning_rate)
         return self.base_learning_rate * (EMBEDDED_LEARNING_RATE_SCALE if scaled else 1.0)
 
     def schedule(self, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:

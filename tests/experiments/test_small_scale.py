@@ -21,18 +21,22 @@ def _flags(cmd: list[str]) -> dict[str, str]:
 
 def test_slices_and_the_rate_scale_reach_the_commands(tmp_path):
     args = small_scale.build_parser().parse_args([
-        "--groups", "main,control", "--tasks", "sst2,rte", "--methods", "full,compacter++,lora",
+        "--groups", "main,control", "--tasks", "sst2,rte",
+        "--methods", "full,compacter++,lora,prompt_tuning",
         "--lr-scale", "10", "--steps", "300", "--workdir-root", str(tmp_path)])
     cmds = small_scale.plan(args)
     runs = {tuple(workdir.split("/")[-3:]): _flags(cmd) for workdir, cmd in cmds}
     assert sorted(runs) == sorted(
-        [("main", t, m) for t in ("sst2", "rte") for m in ("full", "compacter++", "lora")]
+        [("main", t, m) for t in ("sst2", "rte")
+         for m in ("full", "compacter++", "lora", "prompt_tuning")]
         + [("control", t, m) for t in ("sst2", "rte") for m in ("full", "compacter++")])
     for (group, task, method), flags in runs.items():
         assert flags["config.task"] == task and flags["config.method"] == method
         assert flags["config.max_steps"] == "300" and flags["config.warmup_steps"] == "30"
-        # Full fine-tuning keeps the paper's rate; every frozen-backbone method is scaled.
-        assert flags.get("config.learning_rate_scale") == (None if method == "full" else "10.0")
+        # The embedded backbone's rule (spec): full fine-tuning keeps the paper's rate, and so
+        # does prompt tuning (3e-1, already large); the other frozen-backbone methods scale.
+        scaled = method not in ("full", "prompt_tuning")
+        assert flags.get("config.learning_rate_scale") == ("10.0" if scaled else None)
     default = small_scale.plan(small_scale.build_parser().parse_args(
         ["--groups", "main", "--workdir-root", str(tmp_path)]))
     assert len(default) == len(small_scale.TASKS) * len(small_scale.METHODS)
