@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -43,6 +42,7 @@ from compacter_jax.data.corpus import (PretrainingCorpus, corpus_documents, pret
 from compacter_jax.data.denoising import denoise_eval_batches, mixture_batches
 from compacter_jax.data.span_corruption import (NUM_SENTINELS, SpanCorruption, eval_batches,
                                                  first_sentinel_id)
+from compacter_jax.atomic import atomic_write
 from compacter_jax.host import param_count
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.tokenizer import load_tokenizer
@@ -319,7 +319,7 @@ def export(config, workdir: Path, run: Pretraining, directory: Path, host_params
     if config.tokenizer:
         spm = (workdir / "tokenizer" if config.tokenizer == "train"
                else Path(config.tokenizer)) / SPIECE
-        shutil.copyfile(spm, directory / SPIECE)
+        atomic_write(directory / SPIECE, spm.read_bytes())  # never a torn tokenizer
 
 
 def evaluate(config, run: Pretraining, params) -> tuple[dict[str, float], dict[str, float]]:
