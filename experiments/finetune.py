@@ -13,7 +13,6 @@ import itertools
 import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,16 @@ import optax
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
-from compacter_jax.models import hf_io
-from compacter_jax.models.config import is_random
-from compacter_jax.models.hf_io import ModelNotCachedError
-from compacter_jax.tokenizer import tokenizer_for_model
 from compacter_jax.peft import sparsity as sparsity_lib
 from compacter_jax.train import step as step_lib
 from compacter_jax.train import (Checkpointer, MetricsBuffer, TrainState, due, make_optimizer,
                                  make_strategy, make_train_step, mean_metrics, seq2seq_apply_fn)
+from experiments import backbone
 from experiments import dp as dp_run
 from experiments import multihost, reporting
 from experiments import run as run_lib
 from experiments import spec as spec_lib
 from experiments import workdir as workdir_lib
-from experiments.configs.glue import DEFAULT_MODEL
 from experiments.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -161,71 +156,6 @@ def peft_overrides(config) -> dict[str, Any]:
     return {k: v for k, v in config.peft.items() if v is not None}
 
 
-def resolve_model(config, *, fallback_from: str | None = DEFAULT_MODEL
-                  ) -> tuple[str, Path | None]:
-    """(name, local folder or None for `random:`) of the model to train: `config.model`,
-    downloaded from the Hub into the HF cache when it is a Hub id not there yet. Only when
-    `config.model` is `fallback_from` (the default t5-base of `make run`), it is not cached and
-    the Hub cannot be reached (HF_HUB_OFFLINE=1, no connection) is `config.fallback_model`
-    used instead, with a banner saying so. Any other failure raises: a model the user names,
-    a repo that does not exist or is gated, a local path without config.json."""
-    try:
-        return config.model, hf_io.model_dir(config.model)
-    except ModelNotCachedError as e:
-        if not config.fallback_model or config.model != fallback_from:
-            raise
-        name = config.fallback_model
-        banner = "!" * 78
-        what = ("randomly initialised weights: scores mean nothing" if is_random(name)
-                else "a far smaller backbone than the one asked for (for t5-mini-glue, pretrained "
-                     "here on 2 CPU cores: see docs/small_scale.md)")
-        warnings.warn(f"\n{banner}\nTHE HUB CANNOT BE REACHED: {e}\nFALLING BACK TO {name}: "
-                      f"{what}.\n{banner}", stacklevel=2)
-        return name, hf_io.model_dir(name)
-
-
-def load_tokenizer_for(config, name: str, folder: Path | None):
-    """The run's tokenizer: `config.tokenizer` when set (an explicit override, e.g. the shared
-    T5 vocabulary), else the model's own (`spiece.model` of its folder or Hub repo), else the
-    shared vocabulary (`random:` presets); checked against the model's vocab_size."""
-    vocab_size = hf_io.load_config(str(folder) if folder else name).vocab_size
-    return tokenizer_for_model(folder, config.tokenizer or None, vocab_size=vocab_size,
-                               model=name)
-
-
-def load_model(config, method: peft.Method, rng, *, fallback_from: str | None = DEFAULT_MODEL,
-               resolved: tuple[str, Path | None] | None = None, vocab_size: int | None = None):
-    """(model, params, name): the model of `resolve_model(config)` (or `resolved`, its result),
-    with the method. Layers are scanned when asked and the method places the same modules in
-    every block. `vocab_size`: the vocabulary cut to its first entries (HF
-    `resize_token_embeddings`; see `tokenizer_vocab_size`)."""
-    name, folder = resolved or resolve_model(config, fallback_from=fallback_from)
-    scan = config.scan_layers and method.hooks().uniform_over_layers()
-    if config.scan_layers and not scan:
-        log.info("%s places its modules in some blocks only: layers are not scanned",
-                 method.name)
-    kwargs = dict(rng=rng, dtype=config.dtype, scan_layers=scan, remat=config.remat,
-                  vocab_size=vocab_size)
-    model, params = peft.from_pretrained(str(folder) if folder else name, method, **kwargs)
-    return model, params, name
-
-
-def tokenizer_vocab_size(config, tokenizer) -> int | None:
-    """len(tokenizer) when `resize_vocab_to_tokenizer` (the original's
-    `model.resize_token_embeddings(len(tokenizer))`), else None (the checkpoint's size)."""
-    return len(tokenizer) if config.get("resize_vocab_to_tokenizer", False) else None
-
-
-def check_tokenizer_fits(tokenizer, model) -> None:
-    """Refuses a tokenizer with ids the model has no embedding row for (they would be looked
-    up out of range), naming both sizes."""
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the model's "
-                         f"vocabulary only {model.config.vocab_size}: ids >= "
-                         f"{model.config.vocab_size} have no embedding; use the model's own "
-                         "tokenizer (--config.tokenizer)")
-
-
 def schedule_length(config, task_is_small: bool, steps_per_epoch: int) -> tuple[int, int]:
     """(total steps, epochs) from epochs / max_steps (`spec.FineTuneSpec.schedule`)."""
     return spec_lib.finetune_spec(config).schedule(task_is_small, steps_per_epoch)
@@ -271,14 +201,14 @@ def build_model(config, spec: spec_lib.FineTuneSpec, task: data_lib.Task) -> dic
     init for SparseAdapter). The backbone, if random, is a function of the seed alone, so an
     exported adapter can be put back onto the same random weights (`init_seed`)."""
     method, add_prefix = spec.method, spec.add_task_prefix
-    resolved = resolve_model(config)  # downloads a Hub model; the fallback's banner
-    tokenizer = load_tokenizer_for(config, *resolved)
+    resolved = backbone.resolve_model(config)  # downloads a Hub model; the fallback's banner
+    tokenizer = backbone.load_tokenizer_for(config, *resolved)
     encoded = load_data(config, task, tokenizer, add_prefix)
     init_rng = jax.random.PRNGKey(config.seed)
-    vocab_size = tokenizer_vocab_size(config, tokenizer)
-    model, params, model_name = load_model(config, method, init_rng, resolved=resolved,
+    vocab_size = backbone.tokenizer_vocab_size(config, tokenizer)
+    model, params, model_name = backbone.load_model(config, method, init_rng, resolved=resolved,
                                            vocab_size=vocab_size)
-    check_tokenizer_fits(tokenizer, model)
+    backbone.check_tokenizer_fits(tokenizer, model)
     learning_rate = spec.learning_rate_for(resolved[1])
     # What the export records so that load_adapter refuses any other backbone.
     backbone_sha256 = peft.backbone_fingerprint(params, method)

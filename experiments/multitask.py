@@ -49,7 +49,7 @@ from compacter_jax.train import (Checkpointer, MetricsBuffer, due,
                                  make_optimizer, make_strategy, mean_metrics, seq2seq_apply_fn)
 from compacter_jax.train.multitask import (init_multitask_state, make_multitask_train_step,
                                            slice_tree)
-from experiments import cli, finetune, multihost, reporting
+from experiments import backbone, cli, finetune, multihost, reporting
 from experiments import run as run_lib
 from experiments import spec as spec_lib
 from experiments.evaluation import Evaluator
@@ -213,15 +213,15 @@ def build(config, spec: spec_lib.FineTuneSpec, workdir: Path, names: list[str]) 
     method, add_prefix = spec.method, spec.add_task_prefix
     if type(method).shared_across_tasks is peft.Method.shared_across_tasks:
         bank_lib.check_bankable(method)  # early: no leaf is shared, so none can save it
-    resolved = finetune.resolve_model(config)
+    resolved = backbone.resolve_model(config)
     learning_rate = spec.learning_rate_for(resolved[1])
-    tokenizer = finetune.load_tokenizer_for(config, *resolved)
+    tokenizer = backbone.load_tokenizer_for(config, *resolved)
     runs = prepare_tasks(config, spec, names, tokenizer)
     init_rng = jax.random.PRNGKey(config.seed)
-    vocab_size = finetune.tokenizer_vocab_size(config, tokenizer)
-    model, params, model_name = finetune.load_model(config, method, init_rng, resolved=resolved,
+    vocab_size = backbone.tokenizer_vocab_size(config, tokenizer)
+    model, params, model_name = backbone.load_model(config, method, init_rng, resolved=resolved,
                                                     vocab_size=vocab_size)
-    finetune.check_tokenizer_fits(tokenizer, model)
+    backbone.check_tokenizer_fits(tokenizer, model)
     trainable, frozen = method.partition(params)
     del params
     shared = bank_lib.shared_paths(method, trainable)

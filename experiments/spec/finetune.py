@@ -211,7 +211,7 @@ def check_model_config(config, method: peft.Method | None = None) -> None:
     model path or file fails before data are loaded, and checks that `method` fits a `random:` preset. (A checkpoint's
     config.json may not describe its weights: the loader compares them first, so a wrong
     d_model is reported as a shape mismatch, not as a method that does not fit.) An uncached
-    Hub id is left to the loader, which may fall back (`experiments.finetune.load_model`).
+    Hub id is left to the loader, which may fall back (`experiments.backbone.load_model`).
 
     Raises:
       ConfigError naming the path, the file and the field.

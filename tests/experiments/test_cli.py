@@ -72,14 +72,14 @@ def test_every_cli_exits_2_on_a_bad_value_before_it_loads_anything(run, fields, 
     """`cli.run`, the command after flag parsing, for the runs other than glue (whose cases
     are tests/experiments/test_glue_cli_errors.py): one `error:` line, exit 2, nothing loaded
     and the workdir never claimed."""
-    from experiments import cli, finetune, multitask, pretrain
+    from experiments import backbone, cli, multitask, pretrain
     from experiments.configs import multitask as multitask_config
     from experiments.configs import pretrain as pretrain_config
 
     def refuse(*args, **kwargs):
         raise AssertionError("loaded something before the config was checked")
     monkeypatch.setattr(pretrain, "build_documents", refuse)
-    monkeypatch.setattr(finetune, "resolve_model", refuse)
+    monkeypatch.setattr(backbone, "resolve_model", refuse)
     module, config = {"pretrain": (pretrain, pretrain_config.get_config("tiny")),
                       "multitask": (multitask, multitask_config.get_config())}[run]
     config.update(fields)

@@ -16,7 +16,7 @@ from compacter_jax import peft
 from compacter_jax.models.hf_io import ModelNotCachedError
 from compacter_jax.train import NonFiniteLossError
 from compacter_jax.train.checkpoint import Checkpointer, NonFiniteStateError, nonfinite_leaves
-from experiments import finetune
+from experiments import backbone, finetune
 from tiny_runs import fast_compiles, reference_run, tiny_config
 
 
@@ -96,10 +96,10 @@ def test_only_the_default_model_falls_back(monkeypatch, tmp_path):
     rng = jax.random.PRNGKey(0)
     default = tiny_config(model="t5-base", fallback_model="random:t5-tiny")
     with pytest.warns(UserWarning, match="FALLING BACK TO random:t5-tiny"):
-        _, _, name = finetune.load_model(default, method, rng)
+        _, _, name = backbone.load_model(default, method, rng)
     assert name == "random:t5-tiny"
     for model, error in (("t5-large", ModelNotCachedError), (str(tmp_path), FileNotFoundError),
                          (str(tmp_path / "missing"), FileNotFoundError)):
         with pytest.raises(error):
-            finetune.load_model(tiny_config(model=model, fallback_model="random:t5-tiny"),
+            backbone.load_model(tiny_config(model=model, fallback_model="random:t5-tiny"),
                                 method, rng)

@@ -18,7 +18,7 @@ from tiny_runs import fast_compiles, tiny_config
 from compacter_jax.models import from_pretrained
 from compacter_jax.models.hf_io import ModelNotCachedError
 from compacter_jax.paths import checkpoints_dir
-from experiments import finetune, glue
+from experiments import backbone, glue
 from experiments.configs.glue import DEFAULT_MODEL, get_config
 
 
@@ -65,8 +65,8 @@ def test_default_model_online_resolves_to_the_served_model(data_without_vocab, t
         point_client_at(monkeypatch, fake.endpoint, tmp_path / "hf", offline=False)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback banner
-            name, folder = finetune.resolve_model(config)
-        tokenizer = finetune.load_tokenizer_for(config, name, folder)
+            name, folder = backbone.resolve_model(config)
+        tokenizer = backbone.load_tokenizer_for(config, name, folder)
         model, params = from_pretrained(str(folder))  # what load_model reads, hooks aside
     assert name == "t5-base" and folder.parent.parent.name == "models--google-t5--t5-base"
     assert tokenizer.name_or_path == str(folder)  # the served spiece.model
@@ -98,13 +98,13 @@ def test_default_model_offline_resolves_to_the_embedded_backbone_and_its_tokeniz
     config = _config(data_without_vocab)
     with pytest.warns(UserWarning, match=r"(?s)THE HUB CANNOT BE REACHED: .*'google-t5/t5-base'"
                                          r".*HF_HUB_OFFLINE=1.*FALLING BACK TO t5-mini-glue"):
-        name, folder = finetune.resolve_model(config)
+        name, folder = backbone.resolve_model(config)
     assert (name, folder) == ("t5-mini-glue", checkpoints_dir() / "t5-mini-glue")
-    tokenizer = finetune.load_tokenizer_for(config, name, folder)
+    tokenizer = backbone.load_tokenizer_for(config, name, folder)
     assert tokenizer.name_or_path == str(folder)
     for named in ("t5-large", "google-t5/t5-base"):  # a model the user names never falls back
         with pytest.raises(ModelNotCachedError):
-            finetune.resolve_model(tiny_config(model=named, fallback_model="t5-mini-glue"))
+            backbone.resolve_model(tiny_config(model=named, fallback_model="t5-mini-glue"))
 
 
 @pytest.mark.long

@@ -14,7 +14,7 @@ from compacter_jax import peft
 from compacter_jax.models import greedy_generate
 from compacter_jax.models.config import PRESETS
 from compacter_jax.serve import Predictor
-from experiments import finetune
+from experiments import backbone, finetune
 from experiments.configs import glue, paper
 from experiments.spec import ConfigError, validate_config
 
@@ -38,11 +38,11 @@ def test_bad_values_are_refused_naming_the_flag():
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
     model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=32_100))
-    finetune.check_tokenizer_fits(range(32_100), model)
+    backbone.check_tokenizer_fits(range(32_100), model)
     with pytest.raises(ValueError, match="32101 entries but the model's vocabulary only 32100"):
-        finetune.check_tokenizer_fits(range(32_101), model)
-    assert finetune.tokenizer_vocab_size(tiny_config(), range(7)) is None
-    assert finetune.tokenizer_vocab_size(tiny_config(resize_vocab_to_tokenizer=True),
+        backbone.check_tokenizer_fits(range(32_101), model)
+    assert backbone.tokenizer_vocab_size(tiny_config(), range(7)) is None
+    assert backbone.tokenizer_vocab_size(tiny_config(resize_vocab_to_tokenizer=True),
                                          range(7)) == 7
 
 
@@ -54,14 +54,14 @@ def test_load_model_cuts_the_vocabulary_before_the_method(monkeypatch):
     config = tiny_config(model="random:t5-micro", method="bitfit")
     config.peft.reduction_factor = None  # tiny_config's is for adapters
     method = peft.get_method("bitfit")
-    model, params, _ = finetune.load_model(config, method, jax.random.PRNGKey(0), vocab_size=80)
+    model, params, _ = backbone.load_model(config, method, jax.random.PRNGKey(0), vocab_size=80)
     assert model.config.vocab_size == 80 and params["shared"]["embedding"].shape == (80, 64)
     bias = [v for k, v in jax.tree_util.tree_flatten_with_path(method.partition(params)[0])[0]
             if "lm_head" in jax.tree_util.keystr(k)]
     assert [b.shape for b in bias] == [(80,)]
-    finetune.check_tokenizer_fits(range(80), model)
+    backbone.check_tokenizer_fits(range(80), model)
     with pytest.raises(ValueError, match="81 entries"):
-        finetune.check_tokenizer_fits(range(81), model)
+        backbone.check_tokenizer_fits(range(81), model)
 
 
 @pytest.mark.long
