@@ -31,6 +31,7 @@ import functools
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -140,16 +141,31 @@ def _config_name(summary: Mapping[str, Any]) -> str:
     return paper.config_name(axes, lr, dp_epsilon=dp_epsilon) if lr else "preset"
 
 
+def summary_paths(runs_dir: Path) -> list[Path]:
+    """Every summary.json below `runs_dir`, sorted, following linked folders (a grid gathered
+    from several disks by symlinks), each real folder once."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(runs_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        if SUMMARY_FILE in files:
+            found.append(Path(folder) / SUMMARY_FILE)
+    return sorted(found)
+
+
 def find_runs(runs_dir: Path) -> list[RunResult]:
     """Every run below `runs_dir` (sorted by path); ValueError at the first unreadable one."""
-    return [load_run(p) for p in sorted(Path(runs_dir).rglob(SUMMARY_FILE))]
+    return [load_run(p) for p in summary_paths(runs_dir)]
 
 
 def read_runs(runs_dir: Path) -> tuple[list[RunResult], list[str]]:
     """(every readable run below `runs_dir`, one "PATH: why" per summary.json that is not):
     a torn or foreign file leaves its run out (a blank, as a missing run) but not the rest."""
     runs, unreadable = [], []
-    for path in sorted(Path(runs_dir).rglob(SUMMARY_FILE)):
+    for path in summary_paths(runs_dir):
         try:
             runs.append(load_run(path))
         except ValueError as e:

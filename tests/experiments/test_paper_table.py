@@ -254,3 +254,19 @@ def test_a_failed_table_write_keeps_the_old_file_and_no_temporary(tmp_path, monk
     with pytest.raises(OSError, match="injected"):
         paper_table.write_csv(out, [{"method": "lora", "test_score": 2.5}])
     assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["selection.csv"]
+
+
+def test_runs_behind_linked_folders_are_found_once_and_a_link_loop_ends(tmp_path):
+    def summary(folder, method):
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({
+            "task": "rte", "method": method, "model": "m", "trainable_params": 1,
+            "total_params": 2, "best_validation_score": 50.0, "test": {"accuracy": 50.0}}))
+    summary(tmp_path / "grid" / "rte" / "full", "full")
+    summary(tmp_path / "elsewhere" / "rte" / "lora", "lora")  # e.g. another disk
+    (tmp_path / "grid" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "grid" / "rte" / "loop").symlink_to(tmp_path / "grid", target_is_directory=True)
+    runs, unreadable = paper_table.read_runs(tmp_path / "grid")
+    assert not unreadable
+    assert sorted(r.method for r in runs) == ["full", "lora"]
+    assert [r.method for r in paper_table.find_runs(tmp_path / "grid")] == ["lora", "full"]
