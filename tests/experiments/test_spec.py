@@ -9,7 +9,7 @@ import pytest
 
 from compacter_jax import data as data_lib
 from compacter_jax import peft
-from experiments import finetune, multitask, pretrain, spec
+from experiments import backbone, finetune, multitask, pretrain, spec
 from experiments.configs import glue as glue_config
 from experiments.configs import multitask as multitask_config
 from experiments.configs import pretrain as pretrain_config
@@ -21,7 +21,7 @@ def nothing_loads(monkeypatch):
     """Fails the test if a run gets as far as a backbone, a tokenizer or a corpus."""
     def refuse(*args, **kwargs):
         raise AssertionError("loaded something before the config was checked")
-    for module, name in [(finetune, "resolve_model"), (pretrain, "build_documents"),
+    for module, name in [(backbone, "resolve_model"), (pretrain, "build_documents"),
                          (pretrain, "build_tokenizer")]:
         monkeypatch.setattr(module, name, refuse)
 
