@@ -9,8 +9,9 @@ Three groups of runs, each an `experiments.glue` run with the paper's recipe (co
 the caps a 2-core CPU needs (`--steps`, `--batch`, warm-up 10% of the steps) and
 `--lr-scale`, which multiplies the rate of the methods the embedded backbone's default scale
 is for (`experiments.spec.finetune.backbone_scale_applies`: every frozen-backbone method
-whose paper rate is below 3e-2; full fine-tuning and prompt tuning keep the paper's): on the 256-wide t5-mini-glue the adapters need about 10x the paper's rates to
-leave the label prior within a few thousand steps (docs/small_scale.md). `--tasks`,
+whose paper rate is below 3e-2; full fine-tuning and prompt tuning keep the paper's): on the
+256-wide t5-mini-glue the adapters need about 10x the paper's rates to leave the label prior
+within a few thousand steps (docs/small_scale.md). `--tasks`,
 `--methods` and `--sizes` select a slice of the grid; `--seeds` repeats it (training seeds:
 initialisation, dropout, data order; the splits and subsamples keep the data seed):
 
@@ -60,6 +61,7 @@ LOW_RESOURCE_TASKS = ("sst2", "mrpc")
 LOW_RESOURCE_SIZES = (100, 500, 1000, 2000, 4000)
 LOW_RESOURCE_METHODS = ("full", "compacter++")
 CONTROL_METHODS = ("full", "compacter++")
+RANDOM_BACKBONE = "random-backbone"  # the control's backbone, under --workdir-root
 # d_model 256 is not divisible by the paper's n = 12 for PHM-Adapter: the nearest divisor.
 METHOD_FLAGS = {"phm_adapter": ["--config.peft.n=8"]}
 # The recipe's own training seed: its runs keep the seed-less workdir (the grid's first seed).
@@ -69,7 +71,7 @@ DEFAULT_SEED = glue_config.get_config("paper").seed
 def random_backbone(backbone: Path, root: Path, seed: int = 0) -> Path:
     """A randomly initialised T5 with `backbone`'s config.json and tokenizer (its
     spiece.model, when it has one), saved once under `root`."""
-    out = root / "random-backbone"
+    out = root / RANDOM_BACKBONE
     if not (out / "model.safetensors").is_file():
         config = T5Config.from_hf_dict(json.loads((backbone / "config.json").read_text()))
         model = T5ForConditionalGeneration(config)
@@ -106,6 +108,7 @@ def _command(workdir: Path, model: Path, task: str, method: str, args,
 def plan(args) -> list[tuple[str, list[str]]]:
     """(workdir, command) of every run of the selected groups."""
     root, backbone = Path(args.workdir_root), Path(args.backbone)
+    control = root / RANDOM_BACKBONE
     cmds = []
     for seed in args.seeds:
         if "main" in args.groups:
@@ -119,7 +122,6 @@ def plan(args) -> list[tuple[str, list[str]]]:
                      for method in LOW_RESOURCE_METHODS if method in args.methods
                      for n in args.sizes]
         if "control" in args.groups:
-            control = root / "random-backbone"
             cmds += [_command(root / "control" / task / method, control, task, method, args,
                               seed=seed)
                      for task in args.tasks for method in CONTROL_METHODS
