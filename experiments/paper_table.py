@@ -257,12 +257,24 @@ def measured_rows(best: Mapping[tuple, RunResult], tasks: Sequence[str]) -> list
                                   if (method, t, None) in chosen}) for method in order]
 
 
+def method_title(method: str, models: Iterable[str]) -> str:
+    """The display name of `method` run on `models`: the paper's title, except that full
+    fine-tuning is named after its backbone (the paper's "T5-base (full)" only on T5-base)."""
+    if method != "full":
+        return paper.METHOD_TITLES.get(method, method)
+    names = sorted({Path(m.rstrip("/")).name for m in models})
+    if not names or names == [Path(paper.PAPER_MODEL).name]:
+        return paper.METHOD_TITLES["full"]
+    return f"Full fine-tuning ({', '.join(names)})"
+
+
 def measured_row(method: str, runs: Mapping[str, RunResult]) -> Row:
     """The row of `method` from its chosen run per task."""
     cells = {t: {m: r.test[m] for m in data_lib.get_task(t).metric_names}
              for t, r in runs.items() if task_score(t, r.test) is not None}
     pcts = [percent_trained(r) for r in runs.values()]
-    return Row(method, "ours", cells, (min(pcts), max(pcts)))
+    return Row(method, "ours", cells, (min(pcts), max(pcts)),
+               title=method_title(method, (r.model for r in runs.values())))
 
 
 def paper_rows(methods: Sequence[str]) -> list[Row]:
@@ -431,7 +443,7 @@ def plot_low_resource(points: Sequence[RunResult], path: Path) -> Path:
                 continue
             ax.plot(*zip(*[(r.train_samples, r.test_score) for r in runs]), marker="o",
                     color=color[key], label=paper_dp.title(key[0], runs) if key[1] else
-                    paper.METHOD_TITLES.get(key[0], key[0]))
+                    method_title(key[0], (r.model for r in runs)))
         sizes = sorted({r.train_samples for r in mine})
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(s) for s in sizes])

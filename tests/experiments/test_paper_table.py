@@ -10,6 +10,7 @@ a random backbone. Compiles are shared through JAX's persistent compilation cach
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -169,6 +170,21 @@ def test_select_best_takes_the_highest_validation_per_method_task_and_size():
                          ("bitfit", "rte", None)}
     assert best[("compacter", "rte", None)].config == "rf16_n4_lr3e-3"
     assert best[("compacter", "rte", 100)].validation_score == 10.0
+
+
+def test_full_fine_tuning_is_named_after_its_backbone():
+    # "T5-base (full)" is the paper's row: other backbones' full fine-tuning says which it was.
+    assert paper_table.method_title("full", ["t5-base"]) == "T5-base (full)"
+    assert paper_table.method_title("full", ["google-t5/t5-base"]) == "T5-base (full)"
+    assert (paper_table.method_title("full", ["/x/checkpoints/t5-mini-glue/"])
+            == "Full fine-tuning (t5-mini-glue)")
+    assert (paper_table.method_title("full", ["/r/random-backbone", "t5-base"])
+            == "Full fine-tuning (random-backbone, t5-base)")
+    assert paper_table.method_title("compacter++", ["/x/t5-mini-glue"]) == "Compacter++"
+    mini = dataclasses.replace(result(method="full"), model="/x/t5-mini-glue")
+    row = paper_table.measured_rows({("full", "rte", None): mini}, ["rte"])[0]
+    md = paper_table.markdown_table([row], ["rte"])
+    assert md_row(md, "Full fine-tuning (t5-mini-glue)")[1:3] == ["50.000", "60.00"]  # % trained, RTE
 
 
 def test_averages_are_over_values_and_over_task_scores():
