@@ -45,7 +45,7 @@ from compacter_jax import peft
 from compacter_jax.atomic import atomic_write
 from compacter_jax.models import (T5Config, T5ForConditionalGeneration, init_params,
                                   save_pretrained)
-from experiments import paper_table, tool_cli
+from experiments import paper_table, run_results, tool_cli
 from experiments.configs import glue as glue_config
 from experiments.paper_runs import run_all
 from experiments.spec.finetune import backbone_scale_applies
@@ -135,7 +135,7 @@ def report(args) -> dict[str, Path]:
     for group in args.groups:
         if not (root / group).is_dir():
             continue
-        runs, unreadable = paper_table.read_runs(root / group)
+        runs, unreadable = run_results.read_runs(root / group)
         for why in unreadable:
             print(f"warning: left out (shown as missing): {why}", file=sys.stderr)
         if runs:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 
 import jax
 import numpy as np
@@ -20,7 +19,8 @@ import pytest
 
 from experiments import finetune, paper, paper_table
 from experiments.configs.glue import get_config
-from experiments.paper_table import Row, RunResult
+from experiments.paper_table import Row
+from experiments.run_results import RunResult
 
 
 def tiny_config(method, learning_rate, train_samples=-1):
@@ -158,20 +158,6 @@ def result(method="compacter", task="rte", config="rf32_n4_lr3e-3", validation=5
                      run_config={})
 
 
-def test_select_best_takes_the_highest_validation_per_method_task_and_size():
-    runs = [result(config="rf32_n4_lr3e-3", validation=70.0),
-            result(config="rf16_n4_lr3e-3", validation=72.5),
-            result(config="rf8_n4_lr3e-3", validation=None),       # never evaluated
-            result(config="rf8_n8_lr3e-3", validation=72.5),       # a tie: the first name wins
-            result(config="rf32_n4_lr3e-3", validation=10.0, train_samples=100),
-            result(method="bitfit", config="lr3e-4", validation=1.0)]
-    best = paper_table.select_best(runs)
-    assert set(best) == {("compacter", "rte", None), ("compacter", "rte", 100),
-                         ("bitfit", "rte", None)}
-    assert best[("compacter", "rte", None)].config == "rf16_n4_lr3e-3"
-    assert best[("compacter", "rte", 100)].validation_score == 10.0
-
-
 def test_full_fine_tuning_is_named_after_its_backbone():
     # "T5-base (full)" is the paper's row: other backbones' full fine-tuning says which it was.
     assert paper_table.method_title("full", ["t5-base"]) == "T5-base (full)"
@@ -202,14 +188,7 @@ def test_averages_are_over_values_and_over_task_scores():
     assert round(np.mean(values), 2) == 86.47
 
 
-def test_bad_summaries_and_mixed_backbones_are_named(tmp_path, capsys):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "summary.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"a/summary.json: not a readable summary"):
-        paper_table.find_runs(tmp_path)
-    (tmp_path / "a" / "summary.json").write_text(json.dumps({"task": "rte"}))
-    with pytest.raises(ValueError, match=r"missing \['method', 'model'"):
-        paper_table.find_runs(tmp_path)
+def test_mixed_backbones_are_named(tmp_path, capsys):
     for name, model in (("a", "t5-base"), ("b", "random:t5-small")):
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "summary.json").write_text(json.dumps(
@@ -218,12 +197,6 @@ def test_bad_summaries_and_mixed_backbones_are_named(tmp_path, capsys):
     assert paper_table.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "several backbones (random:t5-small, t5-base)" in capsys.readouterr().err
     assert paper_table.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-
-
-def test_task_score_needs_every_metric():
-    assert paper_table.task_score("mrpc", {"accuracy": 80.0}) is None
-    assert paper_table.task_score("mrpc", {"accuracy": 80.0, "f1": 90.0}) == 85.0
-    assert math.isclose(paper_table.task_score("stsb", {"pearson": 1.0, "spearmanr": 2.0}), 1.5)
 
 
 def test_a_torn_summary_is_left_out_with_a_warning_not_the_whole_table(tmp_path, capsys):
@@ -271,18 +244,3 @@ def test_a_failed_table_write_keeps_the_old_file_and_no_temporary(tmp_path, monk
         paper_table.write_csv(out, [{"method": "lora", "test_score": 2.5}])
     assert out.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["selection.csv"]
 
-
-def test_runs_behind_linked_folders_are_found_once_and_a_link_loop_ends(tmp_path):
-    def summary(folder, method):
-        folder.mkdir(parents=True)
-        (folder / "summary.json").write_text(json.dumps({
-            "task": "rte", "method": method, "model": "m", "trainable_params": 1,
-            "total_params": 2, "best_validation_score": 50.0, "test": {"accuracy": 50.0}}))
-    summary(tmp_path / "grid" / "rte" / "full", "full")
-    summary(tmp_path / "elsewhere" / "rte" / "lora", "lora")  # e.g. another disk
-    (tmp_path / "grid" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    (tmp_path / "grid" / "rte" / "loop").symlink_to(tmp_path / "grid", target_is_directory=True)
-    runs, unreadable = paper_table.read_runs(tmp_path / "grid")
-    assert not unreadable
-    assert sorted(r.method for r in runs) == ["full", "lora"]
-    assert [r.method for r in paper_table.find_runs(tmp_path / "grid")] == ["lora", "full"]

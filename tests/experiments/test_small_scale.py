@@ -12,7 +12,7 @@ import jax
 
 from compacter_jax.models import T5Config, T5ForConditionalGeneration, init_params, save_pretrained
 from compacter_jax.models.config import PRESETS
-from experiments import paper_table, small_scale
+from experiments import run_results, small_scale
 
 
 def _flags(cmd: list[str]) -> dict[str, str]:
@@ -90,7 +90,7 @@ def test_seed_records_give_mean_and_sample_sd_over_seeds(tmp_path):
         _summary(tmp_path / f"s{seed}", seed, val, acc)
     _summary(tmp_path / "small", 42, 65.0, 50.0, train_samples=100)
     _summary(tmp_path / "full", 42, 80.0, 75.0, method="full")
-    runs, unreadable = paper_table.read_runs(tmp_path)
+    runs, unreadable = run_results.read_runs(tmp_path)
     assert not unreadable
     records = {(r["method"], r["train_samples"]): r for r in small_scale.seed_records(runs)}
     three = records[("compacter++", "")]
