@@ -43,9 +43,9 @@ from compacter_jax.atomic import atomic_write
 from compacter_jax.models.config import is_random
 from compacter_jax.params import report
 from experiments import paper, paper_dp, tool_cli
+from experiments.configs import paper as paper_config
 from experiments.run_results import (SUMMARY_FILE, RunResult, read_runs, select_best,
                                      task_score)
-from experiments.configs import paper as paper_config
 
 TABLES = {"table1": ("GLUE", paper.GLUE_TASKS), "table2": ("SuperGLUE", paper.SUPERGLUE_TASKS)}
 

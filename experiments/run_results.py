@@ -24,6 +24,7 @@ from experiments import paper, paper_dp
 
 SUMMARY_FILE = "summary.json"
 
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """One finished run, as its summary.json tells.
