@@ -19,7 +19,7 @@ initialisation, dropout, data order; the splits and subsamples keep the data see
   Compacter++, BitFit, prompt tuning and LoRA, SparseAdapter (and Large-Sparse) and DSEE on
   SST-2, MRPC, CoLA, STS-B and RTE;
 * low_resource: full fine-tuning and Compacter++ with 100 / 500 / 1000 / 2000 / 4000 training
-  examples (the original's subsamples) on SST-2 and MRPC;
+  examples (the original's subsamples) on SST-2 and STS-B;
 * control: the same runs as `main` for full fine-tuning and Compacter++ on a randomly
   initialised T5 of the same shape and the backbone's tokenizer (saved once under
   WORKDIR_ROOT/random-backbone).
@@ -57,7 +57,9 @@ METHODS = ("full", "adapter", "pfeiffer", "lowrank", "phm_adapter", "compacter",
            "bitfit", "prompt_tuning", "lora", "lst", "sparse_adapter", "large_sparse_adapter",
            "dsee")
 TASKS = ("sst2", "mrpc", "cola", "stsb", "rte")
-LOW_RESOURCE_TASKS = ("sst2", "mrpc")
+# SST-2 and STS-B: the two tasks on which both methods learn on t5-mini-glue with all the data
+# (on MRPC, CoLA and RTE they stay at or near the majority label; docs/small_scale.md).
+LOW_RESOURCE_TASKS = ("sst2", "stsb")
 LOW_RESOURCE_SIZES = (100, 500, 1000, 2000, 4000)
 LOW_RESOURCE_METHODS = ("full", "compacter++")
 CONTROL_METHODS = ("full", "compacter++")

@@ -57,15 +57,15 @@ def test_random_backbone_has_the_shape_and_the_tokenizer_of_the_backbone(tmp_pat
 
 def test_sizes_and_seeds_reach_the_commands_and_the_recipe_seed_keeps_its_workdir(tmp_path):
     args = small_scale.build_parser().parse_args([
-        "--groups", "low_resource,control", "--tasks", "mrpc", "--methods", "compacter++",
+        "--groups", "low_resource,control", "--tasks", "stsb", "--methods", "compacter++",
         "--sizes", "100,2000", "--seeds", f"{small_scale.DEFAULT_SEED},7",
         "--workdir-root", str(tmp_path)])
     runs = {workdir[len(str(tmp_path)) + 1:]: _flags(cmd)
             for workdir, cmd in small_scale.plan(args)}
     assert sorted(runs) == sorted([
-        "low_resource/mrpc/compacter++/train100", "low_resource/mrpc/compacter++/train2000",
-        "control/mrpc/compacter++", "low_resource/mrpc/compacter++/train100/seed7",
-        "low_resource/mrpc/compacter++/train2000/seed7", "control/mrpc/compacter++/seed7"])
+        "low_resource/stsb/compacter++/train100", "low_resource/stsb/compacter++/train2000",
+        "control/stsb/compacter++", "low_resource/stsb/compacter++/train100/seed7",
+        "low_resource/stsb/compacter++/train2000/seed7", "control/stsb/compacter++/seed7"])
     for workdir, flags in runs.items():
         assert flags.get("config.seed") == ("7" if workdir.endswith("seed7") else None)
         if "train" in workdir:
