@@ -323,27 +323,37 @@ def plot_low_resource(points: Sequence[RunResult], path: Path) -> Path:
 # ------------------------------------------------------------------------------ the CLI
 
 
-def _selection_records(runs: Sequence[RunResult], best: Mapping[tuple, RunResult]):
+def _workdir(run: RunResult, runs_root: Path | None) -> str:
+    """The run's directory, relative to `runs_root` when under it (tables that travel)."""
+    workdir = Path(run.workdir)
+    if runs_root is not None and workdir.is_relative_to(runs_root):
+        return workdir.relative_to(runs_root).as_posix()
+    return str(workdir)
+
+
+def _selection_records(runs: Sequence[RunResult], best: Mapping[tuple, RunResult],
+                       runs_root: Path | None):
     chosen = {id(r) for r in best.values()}
     return [{"method": r.method, "task": r.task, "train_samples": r.train_samples or "",
              "config": r.config, "validation_score": _num(r.validation_score),
              "test_score": _num(r.test_score), "selected": id(r) in chosen,
              "dp_epsilon": r.privacy["epsilon"] if r.privacy else "",
              "dp_delta": r.privacy["delta"] if r.privacy else "",
-             "workdir": str(r.workdir)} for r in runs]
+             "workdir": _workdir(r, runs_root)} for r in runs]
 
 
 def write_all(runs: Sequence[RunResult], out: Path, unreadable: Sequence[str] = (),
-              low_resource_dp: bool = False) -> dict[str, Path]:
+              low_resource_dp: bool = False, runs_root: Path | None = None) -> dict[str, Path]:
     """Writes the tables, selection.csv and the low-resource figure; returns name -> path.
     `unreadable` ("PATH: why" of summaries left out) is noted under every table. DP runs are
     selected per privacy level apart from the others (`experiments.paper_dp`) and join the
-    figure only with `low_resource_dp`."""
+    figure only with `low_resource_dp`. The csv files name each run's directory relative to
+    `runs_root` when it is under it."""
     out.mkdir(parents=True, exist_ok=True)
     best = select_best(r for r in runs if not paper_dp.is_private(r))
     best_dp = paper_dp.select_best(runs, select_best)
     written = {"selection.csv": write_csv(out / "selection.csv", _selection_records(
-        runs, {**best, **best_dp}))}
+        runs, {**best, **best_dp}, runs_root))}
     for name, (title, tasks) in TABLES.items():
         table_runs = [r for r in runs if r.task in tasks and r.train_samples is None]
         if name != "table1" and not table_runs:
@@ -364,7 +374,7 @@ def write_all(runs: Sequence[RunResult], out: Path, unreadable: Sequence[str] = 
              "config": r.config, "validation_score": r.validation_score,
              "test_score": "" if r.test_score is None else r.test_score,
              "dp_epsilon": r.privacy["epsilon"] if r.privacy else "",
-             "workdir": str(r.workdir)} for r in points])
+             "workdir": _workdir(r, runs_root)} for r in points])
     return written
 
 
@@ -395,7 +405,8 @@ def chosen_runs(runs_dir: Path, out: Path,
 
 def run(args: argparse.Namespace) -> int:
     runs, unreadable = chosen_runs(args.runs_dir, args.out, args.model)
-    written = write_all(runs, args.out, unreadable, low_resource_dp=args.low_resource_dp)
+    written = write_all(runs, args.out, unreadable, low_resource_dp=args.low_resource_dp,
+                        runs_root=args.runs_dir)
     print(written["table1.md"].read_text())
     for name, path in written.items():
         print(f"wrote {path}", file=sys.stderr)

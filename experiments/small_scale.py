@@ -141,7 +141,7 @@ def report(args) -> dict[str, Path]:
         for why in unreadable:
             print(f"warning: left out (shown as missing): {why}", file=sys.stderr)
         if runs:
-            files = paper_table.write_all(runs, out / group, unreadable)
+            files = paper_table.write_all(runs, out / group, unreadable, runs_root=root / group)
             records = seed_records(runs)
             files["seeds.csv"] = paper_table.write_csv(out / group / "seeds.csv", records)
             files["seeds.md"] = atomic_write(out / group / "seeds.md", seeds_markdown(records))
