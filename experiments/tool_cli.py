@@ -1,6 +1,7 @@
-"""What the helper tools share (`paper_runs`, `paper_table`, `predict`, `probe`, `small_scale`,
-`train_tokenizer`): argparse, a user's mistake as one `error:` line and exit code 2, and
-comma-separated list flags checked as they are parsed (argparse then names the flag).
+"""What the helper tools share (`by_length`, `paper_runs`, `paper_table`, `predict`, `probe`,
+`small_scale`, `train_tokenizer`): argparse, a user's mistake as one `error:` line and exit
+code 2, and comma-separated list flags checked as they are parsed (argparse then names the
+flag).
 
 The training CLIs (`glue`, `multitask`, `pretrain`) parse ml_collections configs with absl
 (`experiments.cli`); a helper tool takes a few plain flags, so argparse is enough. The exit-2

@@ -11,7 +11,8 @@ import pytest
 
 from experiments import tool_cli
 
-HELPER_TOOLS = ("paper_runs", "paper_table", "predict", "probe", "small_scale", "train_tokenizer")
+HELPER_TOOLS = ("by_length", "paper_runs", "paper_table", "predict", "probe", "small_scale",
+                "train_tokenizer")
 
 
 def test_csv_list_converts_checks_and_names_the_bad_item():
