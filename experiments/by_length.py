@@ -8,7 +8,7 @@ Each RUN is an `experiments.glue` workdir; it holds `summary.json` (the task) an
 split's at the run's last evaluation, the test split's at its best validation step). The rows
 are put in buckets by the number of words of the example's own text (`text_words`: the task
 prefix and field names such as "sentence:" left out) between `--edges` ([0, 5), [5, 10),
-[10, 20), [20, inf) by default), and each bucket is scored with the task's metrics
+[10, 20), [20, inf) by default, and "all" rows), and each bucket is scored with the task's metrics
 (`data.compute_metrics` on the generated texts). The runs named together (e.g. the seeds of one
 configuration) are reported as mean ± sample standard deviation. Printed as a markdown table;
 `--out` writes {name: {bucket: {"rows", "score", "sd", "runs"}}} as JSON, atomically.
@@ -43,10 +43,13 @@ def text_words(source: str, task: str) -> int:
     return sum(not w.endswith(":") for w in words)
 
 
+ALL = "all"  # the bucket of every row: the run's own score on the split
+
+
 def bucket_names(edges: Sequence[int]) -> list[str]:
-    """"[0, 5)", ..., "[20, inf)" for edges (5, 10, 20)."""
+    """"[0, 5)", ..., "[20, inf)", "all" for edges (5, 10, 20)."""
     bounds = [0, *edges, math.inf]
-    return [f"[{lo}, {hi})" for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [f"[{lo}, {hi})" for lo, hi in zip(bounds[:-1], bounds[1:])] + [ALL]
 
 
 def bucket_scores(rows: Sequence[dict], task: str, edges: Sequence[int]) -> dict[str, dict]:
@@ -58,13 +61,14 @@ def bucket_scores(rows: Sequence[dict], task: str, edges: Sequence[int]) -> dict
       edges: increasing bucket boundaries in words.
 
     Returns:
-      {bucket name: {"rows": int, "score": float or None (an empty bucket)}}.
+      {bucket name: {"rows": int, "score": float or None (an empty bucket)}}, the last
+      bucket, "all", every row.
     """
     lengths = np.array([text_words(r["source"], task) for r in rows])
     which = np.searchsorted(np.asarray(edges), lengths, side="right")
     out = {}
     for k, name in enumerate(bucket_names(edges)):
-        picked = [r for r, b in zip(rows, which) if b == k]
+        picked = rows if name == ALL else [r for r, b in zip(rows, which) if b == k]
         score = (data_lib.compute_metrics(task, [r["prediction"] for r in picked],
                                           [r["reference"] for r in picked])["score"]
                  if picked else None)
@@ -109,7 +113,7 @@ def compare(named_runs: dict[str, list[Path]], split: str,
 def markdown(result: dict[str, dict]) -> str:
     """One row per name, one column per bucket: "score ± sd (rows)"."""
     buckets = list(next(iter(result.values())))
-    lines = ["| run | " + " | ".join(f"{b} words" for b in buckets) + " |",
+    lines = ["| run | " + " | ".join(b if b == ALL else f"{b} words" for b in buckets) + " |",
              "|---|" + "---:|" * len(buckets)]
     for name, by_bucket in result.items():
         cells = []

@@ -34,12 +34,13 @@ def test_bucket_scores_are_each_buckets_accuracy():
             + [_row(5, "0", 0), _row(9, "1", 0)]               # [5, 10): 1 of 2
             + [_row(30, "1", 1)] * 5)                          # [20, inf): 5 of 5
     scores = by_length.bucket_scores(rows, "sst2", [5, 10, 20])
-    assert list(scores) == ["[0, 5)", "[5, 10)", "[10, 20)", "[20, inf)"]
-    assert [s["rows"] for s in scores.values()] == [4, 2, 0, 5]
+    assert list(scores) == ["[0, 5)", "[5, 10)", "[10, 20)", "[20, inf)", "all"]
+    assert [s["rows"] for s in scores.values()] == [4, 2, 0, 5, 11]
     assert scores["[0, 5)"]["score"] == pytest.approx(75.0)
     assert scores["[5, 10)"]["score"] == pytest.approx(50.0)
     assert scores["[10, 20)"]["score"] is None                  # empty, not 0
     assert scores["[20, inf)"]["score"] == pytest.approx(100.0)
+    assert scores["all"]["score"] == pytest.approx(100 * 9 / 11)
 
 
 def test_compare_averages_the_runs_named_together(tmp_path):
@@ -71,7 +72,7 @@ def test_cli_writes_json_and_names_bad_input(tmp_path, capsys):
     out = tmp_path / "by_length.json"
     assert by_length.main([f"one={run}", "--edges", "10", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| one | 100.0 (1) | 0.0 (1) |" in table
+    assert "| one | 100.0 (1) | 0.0 (1) | 50.0 (2) |" in table
     assert json.loads(out.read_text())["one"]["[10, inf)"]["score"] == 0.0
 
     assert by_length.main([str(run)]) == 2                      # no NAME=
