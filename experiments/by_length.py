@@ -33,17 +33,17 @@ from compacter_jax.atomic import atomic_write
 from experiments import tool_cli
 from experiments.run_results import SUMMARY_FILE
 
+ALL = "all"  # the bucket of every row: the run's own score on the split
+
 
 def text_words(source: str, task: str) -> int:
     """Words of an example's own text in a model input such as "sst2 sentence: a fine film":
-    whitespace tokens other than field names ("sentence:") and a leading task prefix."""
+    whitespace tokens other than field names ("sentence:") and a leading task prefix (the
+    original's task name, `Task.prefix`)."""
     words = source.split()
-    if words and words[0] == task:
+    if words and words[0] == data_lib.get_task(task).prefix:
         words = words[1:]
     return sum(not w.endswith(":") for w in words)
-
-
-ALL = "all"  # the bucket of every row: the run's own score on the split
 
 
 def bucket_names(edges: Sequence[int]) -> list[str]:

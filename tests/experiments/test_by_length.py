@@ -25,6 +25,8 @@ def _write_run(path, rows, task="sst2"):
 def test_text_words_leaves_out_the_task_prefix_and_field_names():
     assert by_length.text_words("sst2 sentence: a fine film . ", "sst2") == 4
     assert by_length.text_words("sentence1: a b sentence2: c", "rte") == 3
+    # The prefix is the original's task name, not always the registry's.
+    assert by_length.text_words("superglue-cb premise: it rains hypothesis: wet", "cb") == 3
     # The task's name inside the text is a word of the text.
     assert by_length.text_words("sentence: sst2 is a task", "sst2") == 4
 
