@@ -31,7 +31,7 @@ import numpy as np
 from compacter_jax import data as data_lib
 from compacter_jax.atomic import atomic_write
 from experiments import tool_cli
-from experiments.run_results import SUMMARY_FILE
+from experiments.run_results import SUMMARY_FILE, load_run
 
 ALL = "all"  # the bucket of every row: the run's own score on the split
 
@@ -78,13 +78,13 @@ def bucket_scores(rows: Sequence[dict], task: str, edges: Sequence[int]) -> dict
 
 def read_predictions(run: Path, split: str) -> tuple[str, list[dict]]:
     """(the run's task, its `split` predictions rows). Raises FileNotFoundError naming the
-    missing file."""
+    missing file, ValueError (`run_results.load_run`) naming an unreadable summary."""
     summary, predictions = run / SUMMARY_FILE, run / "predictions" / f"{split}.jsonl"
     for path in (summary, predictions):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: RUN must be a finished "
                                     "experiments.glue workdir")
-    task = json.loads(summary.read_text())["task"]
+    task = load_run(summary).task
     with open(predictions) as f:
         return task, [json.loads(line) for line in f if line.strip()]
 
@@ -98,12 +98,12 @@ def compare(named_runs: dict[str, list[Path]], split: str,
         read = [read_predictions(run, split) for run in runs]
         if len({task for task, _ in read}) > 1:
             raise ValueError(f"{name}: runs of different tasks ({', '.join(map(str, runs))})")
-        per_run = [(task, bucket_scores(rows, task, edges)) for task, rows in read]
+        per_run = [bucket_scores(rows, task, edges) for task, rows in read]
         result[name] = {}
         for bucket in bucket_names(edges):
-            scores = [b[bucket]["score"] for _, b in per_run if b[bucket]["score"] is not None]
+            scores = [b[bucket]["score"] for b in per_run if b[bucket]["score"] is not None]
             result[name][bucket] = {
-                "rows": per_run[0][1][bucket]["rows"],
+                "rows": per_run[0][bucket]["rows"],
                 "score": float(np.mean(scores)) if scores else None,
                 "sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
                 "runs": len(scores)}

@@ -16,7 +16,9 @@ def _row(words: int, prediction: str, reference: int) -> dict:
 
 def _write_run(path, rows, task="sst2"):
     (path / "predictions").mkdir(parents=True)
-    (path / "summary.json").write_text(json.dumps({"task": task}))
+    (path / "summary.json").write_text(json.dumps({  # the fields experiments.glue writes
+        "task": task, "method": "compacter++", "model": "t5-mini-glue",
+        "trainable_params": 1, "total_params": 2}))
     (path / "predictions" / "validation.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -61,6 +63,7 @@ def test_compare_averages_the_runs_named_together(tmp_path):
         accuracies.setdefault("short", []).append(100 * np.mean(preds[~long] == refs[~long]))
         accuracies.setdefault("long", []).append(100 * np.mean(preds[long] == refs[long]))
     result = by_length.compare({"m": named}, "validation", [10])["m"]
+    # float64 means and sds of percentages (<= 100): rounding is ~1e-13, far below 1e-9.
     for bucket, key in (("[0, 10)", "short"), ("[10, inf)", "long")):
         assert result[bucket]["score"] == pytest.approx(np.mean(accuracies[key]), abs=1e-9)
         assert result[bucket]["sd"] == pytest.approx(np.std(accuracies[key], ddof=1), abs=1e-9)
